@@ -1,0 +1,36 @@
+# The targets are the README's commands. Each sets up what it needs (virtualenv, packages, Kafka jars).
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+ROUNDS ?= 20
+
+.PHONY: demo test lint chaos bench simulator clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/paystream demo
+
+lint: $(STAMP)
+	$(BIN)/ruff check src tests
+	$(BIN)/ruff format --check src tests
+	$(BIN)/mypy
+
+test: lint
+	$(BIN)/python -m pytest -m "not chaos or smoke" -p no:cacheprovider
+
+chaos: $(STAMP)
+	PAYSTREAM_CHAOS_ROUNDS=$(ROUNDS) $(BIN)/python -m pytest -m chaos -p no:cacheprovider
+
+bench: $(STAMP)
+	$(BIN)/paystream bench
+
+simulator: $(STAMP)
+	$(BIN)/paystream simulator
+
+clean:
+	rm -rf $(VENV) .paystream

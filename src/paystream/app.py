@@ -1,0 +1,167 @@
+"""Composition root: open resources, run the consumer and the outbox relay in one TaskGroup."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+import aiohttp
+import psycopg
+import psycopg_pool
+from aiohttp import web
+
+from paystream.config import Settings
+from paystream.consumer import BatchConsumer
+from paystream.errors import ConfigurationError
+from paystream.gateway import Gateway
+from paystream.kafka import KafkaConsumer
+from paystream.migrations import migrate
+from paystream.model import PaymentType
+from paystream.outbox import LogClient, OutboxRelay, ReportFailed
+from paystream.pipeline import BatchResult, Pipeline
+from paystream.web import make_app
+
+log = logging.getLogger(__name__)
+
+
+def redacted(url: str) -> str:
+    """A database URL without its password, for messages."""
+    parts = urlsplit(url)
+    host = parts.hostname or "localhost"
+    return f"{parts.scheme}://{parts.username or ''}@{host}:{parts.port or 5432}{parts.path}"
+
+
+@contextlib.asynccontextmanager
+async def open_pool(
+    settings: Settings, max_size: int = 10
+) -> AsyncIterator[psycopg_pool.AsyncConnectionPool]:
+    """A connection pool that is up to date with our migrations, or a one-sentence error."""
+    pool = psycopg_pool.AsyncConnectionPool(
+        settings.database_url,
+        min_size=1,
+        max_size=max_size,
+        timeout=5.0,
+        open=False,
+        check=psycopg_pool.AsyncConnectionPool.check_connection,
+        kwargs={"application_name": "paystream", "connect_timeout": 5},
+    )
+    try:
+        await pool.open(wait=True, timeout=15.0)
+    except psycopg_pool.PoolTimeout as exc:
+        await pool.close()
+        raise ConfigurationError(
+            f"Cannot connect to the database at {redacted(settings.database_url)}; "
+            "check PAYSTREAM_DATABASE_URL and that the server is running."
+        ) from exc
+    try:
+        async with pool.connection() as conn:
+            applied = await migrate(conn)
+        if applied:
+            log.info("applied migrations %s", applied)
+        yield pool
+    finally:
+        await pool.close()
+
+
+def topic_types(settings: Settings) -> dict[str, PaymentType]:
+    return {settings.online_topic: PaymentType.ONLINE, settings.offline_topic: PaymentType.OFFLINE}
+
+
+@dataclass(slots=True)
+class Totals:
+    """Running counts for progress displays."""
+
+    batches: int = 0
+    stored: int = 0
+    kept: int = 0
+    redelivered: int = 0
+
+    def add(self, result: BatchResult) -> None:
+        self.batches += 1
+        self.stored += result.stored
+        self.kept += result.kept
+        self.redelivered += result.redelivered
+
+
+async def run_processor(
+    settings: Settings,
+    stop: asyncio.Event,
+    *,
+    totals: Totals | None = None,
+    serve_web: bool = True,
+) -> None:
+    """Run until `stop` is set; then finish in-flight batches, commit, and return."""
+    totals = totals or Totals()
+    async with (
+        open_pool(settings, max_size=settings.batches_in_flight + 4) as pool,
+        aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=settings.gateway_max_in_flight + 32)
+        ) as session,
+    ):
+        gateway = Gateway(
+            session,
+            settings.gateway_url,
+            max_in_flight=settings.gateway_max_in_flight,
+            timeout_s=settings.gateway_timeout_s,
+            attempts=settings.gateway_attempts,
+            budget_s=settings.gateway_budget_s,
+        )
+        log_client = LogClient(session, settings.log_url, settings.log_timeout_s)
+        relay = OutboxRelay(
+            pool, log_client, claim_batch=settings.outbox_batch, idle_s=settings.outbox_idle_s
+        )
+        pipeline = Pipeline(pool, gateway, topic_types(settings), on_kept=relay.wake)
+
+        async def report_database_error(description: str) -> None:
+            try:
+                await log_client.send(None, "database", description)
+            except ReportFailed as exc:
+                log.warning("direct database-error report failed: %s", exc)
+
+        kafka = KafkaConsumer(
+            settings.kafka_bootstrap_servers,
+            settings.group_id,
+            [settings.online_topic, settings.offline_topic],
+        )
+        consumer = BatchConsumer(
+            kafka,
+            pipeline,
+            batch_size=settings.batch_size,
+            batches_in_flight=settings.batches_in_flight,
+            db_retry_max_s=settings.db_retry_max_s,
+            report_database_error=report_database_error,
+            on_batch=totals.add,
+        )
+        await kafka.start()
+        runner = None
+        try:
+            if serve_web:
+                runner = web.AppRunner(
+                    make_app(lambda: {"database": consumer.database_ok}), access_log=None
+                )
+                await runner.setup()
+                await web.TCPSite(runner, settings.web_host, settings.web_port).start()
+                log.info("metrics and health on http://%s:%d", settings.web_host, settings.web_port)
+            async with asyncio.TaskGroup() as group:
+                group.create_task(consumer.run(stop))
+                group.create_task(relay.run(stop))
+        finally:
+            if runner is not None:
+                await runner.cleanup()
+            await kafka.close()
+
+
+async def check_database(url: str) -> None:
+    """Fail fast with one sentence when the database URL is unusable."""
+    try:
+        conn = await psycopg.AsyncConnection.connect(url, connect_timeout=5)
+    except psycopg.OperationalError as exc:
+        raise ConfigurationError(
+            f"Cannot connect to the database at {redacted(url)}; "
+            "check PAYSTREAM_DATABASE_URL and that the server is running."
+        ) from exc
+    await conn.close()

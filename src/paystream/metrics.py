@@ -1,0 +1,24 @@
+"""Prometheus metrics. Labels carry types and outcomes, never payment data."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+RECORDS = Counter("paystream_records_total", "Kafka records processed", ["topic"])
+STORED = Counter("paystream_payments_stored_total", "Payments stored", ["payment_type"])
+KEPT = Counter("paystream_records_kept_total", "Records kept instead of stored", ["reason"])
+REDELIVERED = Counter(
+    "paystream_records_redelivered_total", "Records seen again whose outcome was already durable"
+)
+REPORTS = Counter("paystream_reports_total", "Error reports sent to the log service", ["outcome"])
+BATCH_SIZE = Histogram(
+    "paystream_batch_records",
+    "Records per processed batch",
+    buckets=(1, 5, 10, 50, 100, 250, 500, 1000, 2500, 5000),
+)
+BATCH_SECONDS = Histogram("paystream_batch_seconds", "Time to process one batch end to end")
+GATEWAY_CALLS = Counter("paystream_gateway_calls_total", "Gateway calls by outcome", ["outcome"])
+GATEWAY_SECONDS = Histogram("paystream_gateway_seconds", "Gateway call latency")
+DB_FAILURES = Counter("paystream_database_failures_total", "Batch transactions that failed")
+OUTBOX_DEPTH = Gauge("paystream_outbox_depth", "Kept records not yet reported to the log service")
+CONSUMER_LAG = Gauge("paystream_consumer_lag", "Records behind the end", ["topic", "partition"])

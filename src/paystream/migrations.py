@@ -1,0 +1,54 @@
+"""Versioned SQL migrations, applied at start-up. Safe when several instances start at once."""
+
+from __future__ import annotations
+
+import re
+from importlib import resources
+
+from psycopg import AsyncConnection
+from psycopg.rows import TupleRow
+
+_LOCK_KEY = 0x7061_7973  # "pays": one advisory lock serialises concurrent migrators
+_NAME = re.compile(r"^(\d+)_[\w-]+\.sql$")
+
+
+def _migrations() -> list[tuple[int, str, str]]:
+    folder = resources.files("paystream") / "sql"
+    found = []
+    for entry in folder.iterdir():
+        match = _NAME.match(entry.name)
+        if match:
+            found.append((int(match.group(1)), entry.name, entry.read_text()))
+    return sorted(found)
+
+
+async def migrate(conn: AsyncConnection[TupleRow]) -> list[str]:
+    """Apply the migrations this database lacks, each in its own transaction. Returns their names.
+
+    Never touches the retailer's tables; ours live in the `paystream` schema.
+    """
+    applied_now = []
+    await conn.set_autocommit(True)
+    await conn.execute("SELECT pg_advisory_lock(%s)", (_LOCK_KEY,))
+    try:
+        await conn.execute("CREATE SCHEMA IF NOT EXISTS paystream")
+        await conn.execute(
+            "CREATE TABLE IF NOT EXISTS paystream.schema_migrations ("
+            " version integer PRIMARY KEY, name text NOT NULL,"
+            " applied_at timestamptz NOT NULL DEFAULT now())"
+        )
+        cursor = await conn.execute("SELECT version FROM paystream.schema_migrations")
+        done = {row[0] for row in await cursor.fetchall()}
+        for version, name, sql in _migrations():
+            if version in done:
+                continue
+            async with conn.transaction():
+                await conn.execute(sql.encode())
+                await conn.execute(
+                    "INSERT INTO paystream.schema_migrations (version, name) VALUES (%s, %s)",
+                    (version, name),
+                )
+            applied_now.append(name)
+    finally:
+        await conn.execute("SELECT pg_advisory_unlock(%s)", (_LOCK_KEY,))
+    return applied_now

@@ -1,0 +1,94 @@
+"""What a payment is and what can become of a Kafka record. Pure values, no I/O."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+
+class PaymentType(StrEnum):
+    ONLINE = "online"
+    OFFLINE = "offline"
+
+
+class ErrorType(StrEnum):
+    """The log service's closed set of error types."""
+
+    DATABASE = "database"
+    NETWORK = "network"
+    OTHER = "other"
+
+
+class Reason(StrEnum):
+    """Why a record was kept instead of stored; each maps to one error type."""
+
+    MALFORMED = "malformed"
+    INVALID = "invalid"
+    WRONG_TOPIC = "wrong_topic"
+    DUPLICATE = "duplicate"
+    DECLINED = "declined"
+    GATEWAY_UNAVAILABLE = "gateway_unavailable"
+    UNKNOWN_ACCOUNT = "unknown_account"
+    DATABASE_REJECTED = "database_rejected"
+
+    @property
+    def error_type(self) -> ErrorType:
+        return _ERROR_TYPES[self]
+
+
+_ERROR_TYPES = {
+    Reason.MALFORMED: ErrorType.OTHER,
+    Reason.INVALID: ErrorType.OTHER,
+    Reason.WRONG_TOPIC: ErrorType.OTHER,
+    Reason.DUPLICATE: ErrorType.OTHER,
+    Reason.DECLINED: ErrorType.NETWORK,
+    Reason.GATEWAY_UNAVAILABLE: ErrorType.NETWORK,
+    Reason.UNKNOWN_ACCOUNT: ErrorType.DATABASE,
+    Reason.DATABASE_REJECTED: ErrorType.DATABASE,
+}
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RecordId:
+    """A Kafka record's identity. The timestamp tells records apart if a topic is recreated."""
+
+    topic: str
+    partition: int
+    offset: int
+    timestamp_ms: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Record:
+    """One record as read from Kafka."""
+
+    id: RecordId
+    value: bytes | None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Payment:
+    payment_id: str
+    account_id: int
+    payment_type: PaymentType
+    credit_card: str | None
+    amount: int
+
+    @property
+    def content(self) -> tuple[int, str, str | None, int]:
+        """The fields compared when the same payment_id arrives twice."""
+        return (self.account_id, self.payment_type.value, self.credit_card, self.amount)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Kept:
+    """A record that was not stored: why, in words safe to log (never card data)."""
+
+    record: Record
+    payment_id: str | None
+    reason: Reason
+    description: str
+
+    @property
+    def error_type(self) -> ErrorType:
+        return self.reason.error_type

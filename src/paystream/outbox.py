@@ -1,0 +1,126 @@
+"""Relay kept records to the log service: claim, send, mark; retry later with back-off.
+
+Reports are rows of paystream.kept_records, written in the same transaction as the outcome, so a
+log-service outage only delays them. Rows are claimed with SKIP LOCKED: several instances relay
+without sending a report twice (a crash between send and mark may repeat one: at least once).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+import aiohttp
+import psycopg
+import psycopg_pool
+
+from paystream import store
+from paystream.metrics import OUTBOX_DEPTH, REPORTS
+
+log = logging.getLogger(__name__)
+
+
+class ReportFailed(Exception):
+    """The log service did not take the report; the message says how."""
+
+
+class LogClient:
+    def __init__(self, session: aiohttp.ClientSession, base_url: str, timeout_s: float) -> None:
+        self._session = session
+        self._url = base_url.rstrip("/") + "/log"
+        self._timeout = aiohttp.ClientTimeout(total=timeout_s)
+
+    async def send(self, payment_id: str | None, error_type: str, description: str) -> None:
+        # The statement's model calls the field `error`, its curl example `error_type`: send both.
+        body = {
+            "payment_id": payment_id,
+            "error_type": error_type,
+            "error": error_type,
+            "error_description": description,
+        }
+        try:
+            async with self._session.post(self._url, json=body, timeout=self._timeout) as response:
+                await response.read()
+                if not 200 <= response.status < 300:
+                    raise ReportFailed(f"log service answered HTTP {response.status}")
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            raise ReportFailed(f"log service unreachable ({type(exc).__name__})") from exc
+
+
+class OutboxRelay:
+    def __init__(
+        self,
+        pool: psycopg_pool.AsyncConnectionPool,
+        client: LogClient,
+        *,
+        claim_batch: int,
+        idle_s: float,
+        max_in_flight: int = 32,
+    ) -> None:
+        self._pool = pool
+        self._client = client
+        self._claim_batch = claim_batch
+        self._idle_s = idle_s
+        self._wake = asyncio.Event()
+        self._slots = asyncio.Semaphore(max_in_flight)
+
+    def wake(self) -> None:
+        """New kept records are durable: relay without waiting for the idle timer."""
+        self._wake.set()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        pause_s = self._idle_s
+        while not stop.is_set():
+            try:
+                delivered, failed = await self.relay_once()
+            except (psycopg.OperationalError, psycopg_pool.PoolTimeout) as exc:
+                log.warning("outbox: database unavailable (%s)", type(exc).__name__)
+                delivered, failed = 0, 1
+            if delivered and not failed:
+                pause_s = self._idle_s
+                continue  # there may be more due right now
+            # Idle, or the log service is failing: wait, longer after each failing round.
+            pause_s = min(pause_s * 2, 30.0) if failed else self._idle_s
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(_first(self._wake, stop), timeout=pause_s)
+
+    async def relay_once(self) -> tuple[int, int]:
+        """Deliver one claimed batch of due reports. Returns (delivered, failed)."""
+        async with self._pool.connection() as conn, conn.transaction():
+            reports = await store.claim_reports(conn, self._claim_batch)
+            if not reports:
+                OUTBOX_DEPTH.set(0)
+                return 0, 0
+            outcomes = await asyncio.gather(*(self._send(r) for r in reports))
+            delivered = [r.id for r, error in zip(reports, outcomes, strict=True) if error is None]
+            failed = [
+                (r.id, error)
+                for r, error in zip(reports, outcomes, strict=True)
+                if error is not None
+            ]
+            await store.mark_reported(conn, delivered)
+            if failed:
+                await store.mark_report_failed(conn, [i for i, _ in failed], failed[0][1])
+            OUTBOX_DEPTH.set(await store.outbox_depth(conn))
+        return len(delivered), len(failed)
+
+    async def _send(self, report: store.Report) -> str | None:
+        async with self._slots:
+            try:
+                await self._client.send(report.payment_id, report.error_type, report.description)
+            except ReportFailed as exc:
+                REPORTS.labels(outcome="failed").inc()
+                return str(exc)
+        REPORTS.labels(outcome="delivered").inc()
+        return None
+
+
+async def _first(*events: asyncio.Event) -> None:
+    waiters = [asyncio.create_task(e.wait()) for e in events]
+    try:
+        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waiters:
+            waiter.cancel()

@@ -1,0 +1,301 @@
+"""One batch of Kafka records: decode → validate online payments concurrently → one transaction.
+
+The transaction is the only place outcomes become durable, and the caller commits Kafka offsets
+only after it. Inside it, per-partition advisory locks serialise the (rare) overlap of two owners
+of a partition during a rebalance, and the re-check of which records already have an outcome makes
+a redelivered record a no-op. Every write is idempotent, so order between batches does not matter.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import psycopg
+import psycopg_pool
+
+from paystream import store
+from paystream.codec import DecodeError, decode
+from paystream.errors import DatabaseUnavailable, GatewayUnavailable
+from paystream.gateway import Approved, Declined, Gateway, Verdict
+from paystream.metrics import KEPT, REDELIVERED, STORED
+from paystream.model import Kept, Payment, PaymentType, Reason, Record, RecordId
+
+log = logging.getLogger(__name__)
+
+# Raised by a statement because of the data in it: retrying the same data cannot succeed.
+_DATA_ERRORS = (psycopg.errors.DataError, psycopg.errors.IntegrityError)
+
+
+@dataclass(slots=True)
+class BatchResult:
+    stored: int = 0
+    kept: int = 0
+    redelivered: int = 0
+    kept_reasons: dict[Reason, int] = field(default_factory=dict)
+
+    def add(self, other: BatchResult) -> None:
+        self.stored += other.stored
+        self.kept += other.kept
+        self.redelivered += other.redelivered
+        for reason, count in other.kept_reasons.items():
+            self.kept_reasons[reason] = self.kept_reasons.get(reason, 0) + count
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class _Candidate:
+    """A record whose payment may be stored. `validated` is False when the gateway was skipped
+    because the payment_id was already stored: such a record can only end as a duplicate."""
+
+    record: Record
+    payment: Payment
+    validated: bool
+
+
+@dataclass(slots=True)
+class _Prepared:
+    """Outcomes decided before the transaction."""
+
+    candidates: list[_Candidate] = field(default_factory=list)
+    kept: list[Kept] = field(default_factory=list)
+
+    @classmethod
+    def of(cls, items: Sequence[_Candidate | Kept]) -> _Prepared:
+        return cls(
+            candidates=[i for i in items if isinstance(i, _Candidate)],
+            kept=[i for i in items if isinstance(i, Kept)],
+        )
+
+    def records(self) -> list[RecordId]:
+        return [c.record.id for c in self.candidates] + [k.record.id for k in self.kept]
+
+
+def _difference(new: Payment, existing: tuple[int, str, str | None, int]) -> str:
+    names = ("account_id", "payment_type", "credit_card", "amount")
+    differing = [n for n, a, b in zip(names, new.content, existing, strict=True) if a != b]
+    if not differing:
+        return "identical content"
+    return "different " + ", ".join(differing)  # field names only, never card data
+
+
+def _where(record_id: RecordId | None) -> str:
+    if record_id is None:
+        return "an earlier payment"
+    return f"record {record_id.topic}/{record_id.partition}@{record_id.offset}"
+
+
+class Pipeline:
+    def __init__(
+        self,
+        pool: psycopg_pool.AsyncConnectionPool,
+        gateway: Gateway,
+        topic_types: dict[str, PaymentType],
+        *,
+        on_kept: Callable[[], None] = lambda: None,
+    ) -> None:
+        self._pool = pool
+        self._gateway = gateway
+        self._topic_types = topic_types
+        self._on_kept = on_kept
+
+    async def process(self, records: Sequence[Record], *, replay: bool = False) -> BatchResult:
+        """Make every record's outcome durable. Raises DatabaseUnavailable (retry the batch).
+
+        With `replay`, the records are kept ones being re-driven: their kept rows are updated
+        (resolved when the payment is now stored) instead of counting as an outcome already.
+        """
+        try:
+            async with self._pool.connection() as conn:
+                await conn.set_autocommit(True)
+                prepared = await self._prepare(conn, records, replay=replay)
+            result = await self._write(prepared, replay=replay)
+        except (psycopg.OperationalError, psycopg_pool.PoolTimeout) as exc:
+            raise DatabaseUnavailable(f"database unavailable: {type(exc).__name__}") from exc
+        if result.kept:
+            self._on_kept()
+        return result
+
+    async def _prepare(
+        self, conn: store.Conn, records: Sequence[Record], *, replay: bool
+    ) -> _Prepared:
+        done = await store.processed_records(conn, [r.id for r in records], kept=not replay)
+        prepared = _Prepared()
+        online: list[tuple[Record, Payment]] = []
+        for record in records:
+            if record.id in done:
+                REDELIVERED.inc()
+                continue
+            decoded = decode(record.value, self._topic_types[record.id.topic])
+            match decoded:
+                case DecodeError(reason=reason, description=description, payment_id=pid):
+                    prepared.kept.append(
+                        Kept(record=record, payment_id=pid, reason=reason, description=description)
+                    )
+                case Payment(payment_type=PaymentType.OFFLINE):
+                    prepared.candidates.append(
+                        _Candidate(record=record, payment=decoded, validated=True)
+                    )
+                case Payment():
+                    online.append((record, decoded))
+        if online:
+            # A payment already stored can only end as a duplicate: spare the gateway the call.
+            stored = await store.stored_payment_ids(conn, [p.payment_id for _, p in online])
+            to_validate = [(r, p) for r, p in online if p.payment_id not in stored]
+            prepared.candidates.extend(
+                _Candidate(record=r, payment=p, validated=False)
+                for r, p in online
+                if p.payment_id in stored
+            )
+            await self._validate(to_validate, prepared)
+        return prepared
+
+    async def _validate(self, online: list[tuple[Record, Payment]], prepared: _Prepared) -> None:
+        """Ask the gateway once per distinct payment in the batch, all concurrently."""
+        verdicts: dict[Payment, asyncio.Task[Verdict | GatewayUnavailable]] = {}
+
+        async def ask(record: Record) -> Verdict | GatewayUnavailable:
+            try:
+                return await self._gateway.validate(record.value or b"")
+            except GatewayUnavailable as exc:
+                return exc
+
+        async with asyncio.TaskGroup() as group:
+            for record, payment in online:
+                if payment not in verdicts:
+                    verdicts[payment] = group.create_task(ask(record))
+        for record, payment in online:
+            match verdicts[payment].result():
+                case Approved():
+                    prepared.candidates.append(
+                        _Candidate(record=record, payment=payment, validated=True)
+                    )
+                case Declined(status=status):
+                    prepared.kept.append(
+                        Kept(
+                            record=record,
+                            payment_id=payment.payment_id,
+                            reason=Reason.DECLINED,
+                            description=f"gateway declined the payment (HTTP {status})",
+                        )
+                    )
+                case GatewayUnavailable() as exc:
+                    prepared.kept.append(
+                        Kept(
+                            record=record,
+                            payment_id=payment.payment_id,
+                            reason=Reason.GATEWAY_UNAVAILABLE,
+                            description=f"gateway unavailable after retries: {exc}",
+                        )
+                    )
+
+    async def _write(self, prepared: _Prepared, *, replay: bool) -> BatchResult:
+        """One transaction; on a data error, split the batch until the bad record is isolated."""
+        try:
+            async with self._pool.connection() as conn, conn.transaction():
+                return await self._write_in(conn, prepared, replay=replay)
+        except _DATA_ERRORS as exc:
+            items: list[_Candidate | Kept] = [*prepared.candidates, *prepared.kept]
+            if len(items) == 1:
+                return await self._reject(items[0], exc, replay=replay)
+            log.warning("batch hit %s; isolating the record", type(exc).__name__)
+            middle = len(items) // 2
+            result = BatchResult()
+            for part in (items[:middle], items[middle:]):
+                result.add(await self._write(_Prepared.of(part), replay=replay))
+            return result
+
+    async def _reject(
+        self, item: _Candidate | Kept, exc: Exception, *, replay: bool
+    ) -> BatchResult:
+        """A single record the database refuses: keep it as a database error (no values echoed)."""
+        pid = item.payment.payment_id if isinstance(item, _Candidate) else item.payment_id
+        sqlstate = getattr(exc, "sqlstate", None) or "unknown"
+        kept = Kept(
+            record=item.record,
+            payment_id=pid,
+            reason=Reason.DATABASE_REJECTED,
+            description=f"database rejected the record ({type(exc).__name__}, SQLSTATE {sqlstate})",
+        )
+        async with self._pool.connection() as conn, conn.transaction():
+            return await self._write_in(conn, _Prepared(kept=[kept]), replay=replay)
+
+    async def _write_in(
+        self, conn: store.Conn, prepared: _Prepared, *, replay: bool
+    ) -> BatchResult:
+        result = BatchResult()
+        await store.lock_partitions(conn, {(r.topic, r.partition) for r in prepared.records()})
+        # Authoritative re-check under the locks: another owner may have finished these.
+        done = await store.processed_records(conn, prepared.records(), kept=not replay)
+        result.redelivered = len(done)
+        candidates = [c for c in prepared.candidates if c.record.id not in done]
+        kept = [k for k in prepared.kept if k.record.id not in done]
+
+        known = await store.lock_accounts(conn, [c.payment.account_id for c in candidates])
+        first: dict[str, _Candidate] = {}
+        others: list[_Candidate] = []
+        for candidate in candidates:
+            payment = candidate.payment
+            if payment.account_id not in known:
+                kept.append(
+                    Kept(
+                        record=candidate.record,
+                        payment_id=payment.payment_id,
+                        reason=Reason.UNKNOWN_ACCOUNT,
+                        description=f"account {payment.account_id} does not exist",
+                    )
+                )
+            elif candidate.validated and payment.payment_id not in first:
+                first[payment.payment_id] = candidate
+            else:
+                others.append(candidate)
+
+        inserted = await store.insert_payments(conn, [c.payment for c in first.values()])
+        inserted_ids = {i.payment_id for i in inserted}
+        await store.insert_origins(conn, [(pid, first[pid].record.id) for pid in inserted_ids])
+        await store.stamp_accounts(conn, inserted)
+        for i in inserted:
+            STORED.labels(payment_type=first[i.payment_id].payment.payment_type.value).inc()
+        result.stored = len(inserted)
+
+        losers = [c for pid, c in first.items() if pid not in inserted_ids] + others
+        existing = await store.existing_payments(conn, [c.payment.payment_id for c in losers])
+        for candidate in losers:
+            payment = candidate.payment
+            found = existing.get(payment.payment_id)
+            if found is not None and found.origin == candidate.record.id:
+                result.redelivered += 1
+            elif found is not None:
+                kept.append(
+                    Kept(
+                        record=candidate.record,
+                        payment_id=payment.payment_id,
+                        reason=Reason.DUPLICATE,
+                        description=(
+                            f"payment_id already stored from {_where(found.origin)}"
+                            f" ({_difference(payment, found.content)})"
+                        ),
+                    )
+                )
+            else:
+                # Skipped the gateway because the id was stored, but that row is gone now.
+                kept.append(
+                    Kept(
+                        record=candidate.record,
+                        payment_id=payment.payment_id,
+                        reason=Reason.GATEWAY_UNAVAILABLE,
+                        description="not validated: the stored payment it duplicated was removed",
+                    )
+                )
+
+        if replay:
+            await store.resolve_kept(conn, [first[pid].record.id for pid in inserted_ids])
+            await store.update_kept(conn, kept)
+        else:
+            await store.insert_kept(conn, kept)
+        for k in kept:
+            KEPT.labels(reason=k.reason.value).inc()
+            result.kept_reasons[k.reason] = result.kept_reasons.get(k.reason, 0) + 1
+        result.kept = len(kept)
+        return result

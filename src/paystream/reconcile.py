@@ -1,0 +1,180 @@
+"""The acceptance oracle of DESIGN §3, checked against the simulator's ledger.
+
+Given what was sent (and what must become of each record), the final database state, the reports
+the log service received and the consumer group's committed offsets, count what was lost or
+doubled. Used by `paystream demo`, the end-to-end tests and the fault-injection suite.
+"""
+
+from __future__ import annotations
+
+import base64
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import orjson
+import psycopg
+from confluent_kafka import Consumer, TopicPartition
+
+
+@dataclass(slots=True, kw_only=True)
+class Reconciliation:
+    records: int = 0
+    payments: int = 0
+    stored: int = 0
+    kept: dict[str, int] = field(default_factory=dict)
+    reported: int = 0
+    lost: int = 0
+    doubled: int = 0
+    wrong_type: int = 0
+    unreported: int = 0
+    duplicate_reports: int = 0
+    bad_account_dates: int = 0
+    uncommitted: int = 0
+    seconds: float = 0.0
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not (
+            self.lost
+            or self.doubled
+            or self.wrong_type
+            or self.unreported
+            or self.bad_account_dates
+            or self.uncommitted
+        )
+
+    def as_json(self) -> dict[str, Any]:
+        return {**asdict(self), "ok": self.ok, "problems": self.problems[:50]}
+
+
+def committed_lag(bootstrap: str, group_id: str, topics: list[str]) -> int:
+    """Records between the group's committed offsets and the end of the topics (0: caught up)."""
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group_id})
+    try:
+        metadata = consumer.list_topics(timeout=10)
+        partitions = [
+            TopicPartition(topic, p) for topic in topics for p in metadata.topics[topic].partitions
+        ]
+        lag = 0
+        for tp in consumer.committed(partitions, timeout=10):
+            low, high = consumer.get_watermark_offsets(tp, timeout=10, cached=False)
+            lag += high - (tp.offset if tp.offset >= 0 else low)
+        return lag
+    finally:
+        consumer.close()
+
+
+def _fields(value: bytes) -> tuple[int, str, str | None, int]:
+    document = orjson.loads(value)
+    return (
+        document["account_id"],
+        document["payment_type"],
+        document.get("credit_card"),
+        int(document["amount"]),
+    )
+
+
+def reconcile(
+    conn: psycopg.Connection[Any],
+    ledger: list[dict[str, Any]],
+    logs: list[dict[str, Any]],
+    uncommitted: int,
+) -> Reconciliation:
+    """Compare the final state with the ledger. `conn` reads the processor's database."""
+    result = Reconciliation(records=len(ledger), uncommitted=uncommitted)
+    payments = {
+        pid: (account, ptype, card, int(amount))
+        for pid, account, ptype, card, amount in conn.execute(
+            "SELECT payment_id, account_id, payment_type, credit_card, amount FROM payments"
+        )
+    }
+    origins = {
+        (t, p, o): pid
+        for pid, t, p, o in conn.execute(
+            'SELECT payment_id, topic, "partition", "offset" FROM paystream.payment_origins'
+        )
+    }
+    kept_rows = {
+        (t, p, o): (etype, pid, reported)
+        for t, p, o, etype, pid, reported in conn.execute(
+            'SELECT topic, "partition", "offset", error_type, payment_id, reported_at IS NOT NULL'
+            " FROM paystream.kept_records"
+        )
+    }
+    result.kept = dict(Counter(etype for etype, _, _ in kept_rows.values()))
+    result.stored = len(payments)
+
+    # 1. every valid payment is stored exactly once, with the fields of one of its records
+    valid: dict[str, list[tuple[int, str, str | None, int]]] = {}
+    for entry in ledger:
+        if entry["expect"] == "store":
+            valid.setdefault(entry["payment_id"], []).append(
+                _fields(base64.b64decode(entry["value_b64"]))
+            )
+    result.payments = len({e["payment_id"] for e in ledger if e["payment_id"]})
+    for pid, versions in valid.items():
+        if pid not in payments:
+            result.lost += 1
+            result.problems.append(f"valid payment {pid} is not stored")
+        elif payments[pid] not in versions:
+            result.wrong_type += 1
+            result.problems.append(f"payment {pid} is stored with fields it never arrived with")
+    # 2. nothing else is stored
+    for pid in payments.keys() - valid.keys():
+        result.doubled += 1
+        result.problems.append(f"payment {pid} is stored but should not be")
+
+    # 4. every record that was not stored is kept with the right type, and reported
+    for entry in ledger:
+        key = (entry["topic"], entry["partition"], entry["offset"])
+        if entry["offset"] is None:
+            result.lost += 1
+            result.problems.append(f"record {entry['kind']} was never delivered to Kafka")
+            continue
+        stored_here = origins.get(key) == entry["payment_id"] and entry["payment_id"] in payments
+        kept = kept_rows.get(key)
+        if stored_here and kept is not None:
+            result.doubled += 1
+            result.problems.append(f"record {key} is both stored and kept")
+        elif stored_here:
+            if entry["expect"] != "store":
+                result.doubled += 1
+                result.problems.append(f"record {key} ({entry['kind']}) was stored")
+        elif kept is None:
+            result.lost += 1
+            result.problems.append(f"record {key} ({entry['kind']}) is neither stored nor kept")
+        else:
+            expected = "other" if entry["expect"] == "store" else entry["expect"]
+            if kept[0] != expected:
+                result.wrong_type += 1
+                result.problems.append(
+                    f"record {key} ({entry['kind']}) kept as {kept[0]}, expected {expected}"
+                )
+
+    # reports: each kept row delivered at least once, duplicates counted apart
+    want = Counter((pid, etype) for etype, pid, _ in kept_rows.values())
+    got = Counter((log.get("payment_id"), log.get("error_type")) for log in logs)
+    result.reported = sum(min(got[k], n) for k, n in want.items())
+    result.unreported = sum(max(0, n - got[k]) for k, n in want.items())
+    result.duplicate_reports = sum(max(0, n - want[k]) for k, n in got.items())
+    if result.unreported:
+        result.problems.append(f"{result.unreported} kept records were never reported")
+
+    # 3. account dates equal the newest stored payment
+    row = conn.execute(
+        """
+        SELECT count(*) FROM accounts a
+        WHERE a.last_payment_date IS DISTINCT FROM
+            (SELECT max(created_on) FROM payments p WHERE p.account_id = a.account_id)
+        """
+    ).fetchone()
+    result.bad_account_dates = int(row[0]) if row else 0
+    if result.bad_account_dates:
+        result.problems.append(
+            f"{result.bad_account_dates} accounts have a wrong last_payment_date"
+        )
+    if uncommitted:
+        result.problems.append(f"committed offsets are {uncommitted} records short of the end")
+    return result

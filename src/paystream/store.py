@@ -1,0 +1,409 @@
+"""The SQL paystream runs. Every function takes a connection; none opens a transaction."""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+
+from psycopg import AsyncConnection
+from psycopg.rows import TupleRow
+
+from paystream.model import Kept, Payment, Record, RecordId
+
+Conn = AsyncConnection[TupleRow]
+
+
+def _columns(ids: Sequence[RecordId]) -> tuple[list[str], list[int], list[int], list[int]]:
+    return (
+        [i.topic for i in ids],
+        [i.partition for i in ids],
+        [i.offset for i in ids],
+        [i.timestamp_ms for i in ids],
+    )
+
+
+async def lock_partitions(conn: Conn, partitions: Iterable[tuple[str, int]]) -> None:
+    """Serialise writers of the same partitions (two owners overlap during a rebalance).
+
+    Locks are taken in one global order, so two batches can never deadlock on them.
+    """
+    keys = sorted(
+        {(zlib.crc32(topic.encode()) - 2**31, partition) for topic, partition in partitions}
+    )
+    if keys:
+        await conn.execute(
+            "SELECT pg_advisory_xact_lock(k1, k2) FROM unnest(%s::int[], %s::int[]) AS t(k1, k2)",
+            ([k[0] for k in keys], [k[1] for k in keys]),
+        )
+
+
+async def processed_records(
+    conn: Conn, ids: Sequence[RecordId], *, kept: bool = True
+) -> set[RecordId]:
+    """Which of these records already have a durable outcome: stored, or (with `kept`) kept."""
+    if not ids:
+        return set()
+    cursor = await conn.execute(
+        """
+        WITH batch(topic, "partition", "offset", kafka_ts) AS (
+            SELECT * FROM unnest(%s::text[], %s::int[], %s::bigint[], %s::bigint[])
+        )
+        SELECT topic, "partition", "offset", kafka_ts
+        FROM paystream.payment_origins JOIN batch USING (topic, "partition", "offset", kafka_ts)
+        UNION ALL
+        SELECT topic, "partition", "offset", kafka_ts
+        FROM paystream.kept_records JOIN batch USING (topic, "partition", "offset", kafka_ts)
+        WHERE %s
+        """,
+        (*_columns(ids), kept),
+    )
+    return {
+        RecordId(topic=t, partition=p, offset=o, timestamp_ms=ts)
+        for t, p, o, ts in await cursor.fetchall()
+    }
+
+
+async def stored_payment_ids(conn: Conn, payment_ids: Sequence[str]) -> set[str]:
+    if not payment_ids:
+        return set()
+    cursor = await conn.execute(
+        "SELECT payment_id FROM payments WHERE payment_id = ANY(%s::varchar[])",
+        (list(payment_ids),),
+    )
+    return {row[0] for row in await cursor.fetchall()}
+
+
+async def lock_accounts(conn: Conn, account_ids: Iterable[int]) -> set[int]:
+    """Lock the accounts a batch may stamp, in account order; returns those that exist."""
+    wanted = sorted(set(account_ids))
+    if not wanted:
+        return set()
+    cursor = await conn.execute(
+        "SELECT account_id FROM accounts WHERE account_id = ANY(%s::int[])"
+        " ORDER BY account_id FOR UPDATE",
+        (wanted,),
+    )
+    return {row[0] for row in await cursor.fetchall()}
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Inserted:
+    payment_id: str
+    account_id: int
+    created_on: datetime
+
+
+async def insert_payments(conn: Conn, payments: Sequence[Payment]) -> list[Inserted]:
+    """Insert; a payment_id already present is skipped. Rows go in id order to avoid deadlocks."""
+    if not payments:
+        return []
+    cursor = await conn.execute(
+        """
+        INSERT INTO payments (payment_id, account_id, payment_type, credit_card, amount)
+        SELECT * FROM unnest(%s::varchar[], %s::int[], %s::varchar[], %s::varchar[], %s::numeric[])
+        ORDER BY 1
+        ON CONFLICT (payment_id) DO NOTHING
+        RETURNING payment_id, account_id, created_on
+        """,
+        (
+            [p.payment_id for p in payments],
+            [p.account_id for p in payments],
+            [p.payment_type.value for p in payments],
+            [p.credit_card for p in payments],
+            [p.amount for p in payments],
+        ),
+    )
+    return [
+        Inserted(payment_id=r[0], account_id=r[1], created_on=r[2]) for r in await cursor.fetchall()
+    ]
+
+
+async def insert_origins(conn: Conn, origins: Sequence[tuple[str, RecordId]]) -> None:
+    """Remember which record each new payment came from (replacing a stale row left by a purge)."""
+    if not origins:
+        return
+    topics, partitions, offsets, stamps = _columns([record_id for _, record_id in origins])
+    await conn.execute(
+        """
+        INSERT INTO paystream.payment_origins (payment_id, topic, "partition", "offset", kafka_ts)
+        SELECT * FROM unnest(%s::varchar[], %s::text[], %s::int[], %s::bigint[], %s::bigint[])
+        ORDER BY 1
+        ON CONFLICT (payment_id) DO UPDATE SET
+            topic = EXCLUDED.topic, "partition" = EXCLUDED."partition",
+            "offset" = EXCLUDED."offset", kafka_ts = EXCLUDED.kafka_ts, stored_at = now()
+        """,
+        ([pid for pid, _ in origins], topics, partitions, offsets, stamps),
+    )
+
+
+async def stamp_accounts(conn: Conn, inserted: Sequence[Inserted]) -> None:
+    """last_payment_date only moves forward, to the newest stored payment's created_on."""
+    if not inserted:
+        return
+    await conn.execute(
+        """
+        UPDATE accounts AS a SET last_payment_date = GREATEST(a.last_payment_date, s.latest)
+        FROM (
+            SELECT account_id, max(created_on) AS latest
+            FROM unnest(%s::int[], %s::timestamp[]) AS t(account_id, created_on)
+            GROUP BY account_id
+        ) AS s
+        WHERE a.account_id = s.account_id
+        """,
+        ([i.account_id for i in inserted], [i.created_on for i in inserted]),
+    )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Existing:
+    content: tuple[int, str, str | None, int]
+    origin: RecordId | None
+
+
+async def existing_payments(conn: Conn, payment_ids: Sequence[str]) -> dict[str, Existing]:
+    if not payment_ids:
+        return {}
+    cursor = await conn.execute(
+        """
+        SELECT p.payment_id, p.account_id, p.payment_type, p.credit_card, p.amount,
+               o.topic, o."partition", o."offset", o.kafka_ts
+        FROM payments AS p LEFT JOIN paystream.payment_origins AS o USING (payment_id)
+        WHERE p.payment_id = ANY(%s::varchar[])
+        """,
+        (list(set(payment_ids)),),
+    )
+    found = {}
+    for pid, account, ptype, card, amount, topic, partition, offset, ts in await cursor.fetchall():
+        origin = (
+            None
+            if topic is None
+            else RecordId(topic=topic, partition=partition, offset=offset, timestamp_ms=ts)
+        )
+        found[pid] = Existing(content=(account, ptype, card, int(amount)), origin=origin)
+    return found
+
+
+async def insert_kept(conn: Conn, kept: Sequence[Kept]) -> int:
+    """Keep records durably; a record kept before is left as it is. Returns how many are new."""
+    if not kept:
+        return 0
+    topics, partitions, offsets, stamps = _columns([k.record.id for k in kept])
+    cursor = await conn.execute(
+        """
+        INSERT INTO paystream.kept_records
+            (topic, "partition", "offset", kafka_ts, raw,
+             payment_id, error_type, reason, description)
+        SELECT * FROM unnest(
+            %s::text[], %s::int[], %s::bigint[], %s::bigint[], %s::bytea[],
+            %s::text[], %s::text[], %s::text[], %s::text[])
+        ON CONFLICT (topic, "partition", "offset", kafka_ts) DO NOTHING
+        RETURNING id
+        """,
+        (
+            topics,
+            partitions,
+            offsets,
+            stamps,
+            [k.record.value for k in kept],
+            [k.payment_id for k in kept],
+            [k.error_type.value for k in kept],
+            [k.reason.value for k in kept],
+            [k.description for k in kept],
+        ),
+    )
+    return len(await cursor.fetchall())
+
+
+# --- the outbox of error reports -------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Report:
+    id: int
+    payment_id: str | None
+    error_type: str
+    description: str
+
+
+async def claim_reports(conn: Conn, limit: int) -> list[Report]:
+    """Oldest due reports first; rows another relay holds are skipped, not waited for."""
+    cursor = await conn.execute(
+        """
+        SELECT id, payment_id, error_type, description FROM paystream.kept_records
+        WHERE reported_at IS NULL AND next_report_at <= now()
+        ORDER BY id LIMIT %s
+        FOR UPDATE SKIP LOCKED
+        """,
+        (limit,),
+    )
+    return [
+        Report(id=r[0], payment_id=r[1], error_type=r[2], description=r[3])
+        for r in await cursor.fetchall()
+    ]
+
+
+async def mark_reported(conn: Conn, ids: Sequence[int]) -> None:
+    if ids:
+        await conn.execute(
+            "UPDATE paystream.kept_records SET reported_at = now(),"
+            " report_attempts = report_attempts + 1 WHERE id = ANY(%s::bigint[])",
+            (list(ids),),
+        )
+
+
+async def mark_report_failed(conn: Conn, ids: Sequence[int], error: str) -> None:
+    """Back off per row: 1 s, 2 s, 4 s … capped at 60 s."""
+    if ids:
+        await conn.execute(
+            """
+            UPDATE paystream.kept_records SET
+                report_attempts = report_attempts + 1,
+                last_report_error = %s,
+                next_report_at = now()
+                    + least(60, 2 ^ least(report_attempts, 6)) * interval '1 second'
+            WHERE id = ANY(%s::bigint[])
+            """,
+            (error, list(ids)),
+        )
+
+
+async def outbox_depth(conn: Conn) -> int:
+    cursor = await conn.execute(
+        "SELECT count(*) FROM paystream.kept_records WHERE reported_at IS NULL"
+    )
+    row = await cursor.fetchone()
+    return int(row[0]) if row else 0
+
+
+# --- listing and replaying kept records ------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class KeptRow:
+    id: int
+    record: Record
+    payment_id: str | None
+    error_type: str
+    reason: str
+    description: str
+    kept_at: datetime
+    reported_at: datetime | None
+    resolved_at: datetime | None
+    replays: int
+
+
+_KEPT_COLUMNS = """id, topic, "partition", "offset", kafka_ts, raw, payment_id, error_type, reason,
+    description, kept_at, reported_at, resolved_at, replays"""
+
+
+def _kept_row(r: tuple[object, ...]) -> KeptRow:
+    (
+        id_,
+        topic,
+        partition,
+        offset,
+        ts,
+        raw,
+        pid,
+        etype,
+        reason,
+        desc,
+        kept_at,
+        rep,
+        res,
+        replays,
+    ) = r
+    return KeptRow(
+        id=id_,  # type: ignore[arg-type]
+        record=Record(
+            id=RecordId(topic=topic, partition=partition, offset=offset, timestamp_ms=ts),  # type: ignore[arg-type]
+            value=bytes(raw) if isinstance(raw, bytes | memoryview) else None,
+        ),
+        payment_id=pid,  # type: ignore[arg-type]
+        error_type=etype,  # type: ignore[arg-type]
+        reason=reason,  # type: ignore[arg-type]
+        description=desc,  # type: ignore[arg-type]
+        kept_at=kept_at,  # type: ignore[arg-type]
+        reported_at=rep,  # type: ignore[arg-type]
+        resolved_at=res,  # type: ignore[arg-type]
+        replays=replays,  # type: ignore[arg-type]
+    )
+
+
+async def list_kept(
+    conn: Conn,
+    *,
+    error_type: str | None = None,
+    reason: str | None = None,
+    topic: str | None = None,
+    since: datetime | None = None,
+    unresolved_only: bool = False,
+    ids: Sequence[int] | None = None,
+    after_id: int = 0,
+    limit: int = 1000,
+) -> list[KeptRow]:
+    cursor = await conn.execute(
+        f"""
+        SELECT {_KEPT_COLUMNS} FROM paystream.kept_records
+        WHERE (%(etype)s::text IS NULL OR error_type = %(etype)s)
+          AND (%(reason)s::text IS NULL OR reason = %(reason)s)
+          AND (%(topic)s::text IS NULL OR topic = %(topic)s)
+          AND (%(since)s::timestamptz IS NULL OR kept_at >= %(since)s)
+          AND (NOT %(unresolved)s OR resolved_at IS NULL)
+          AND (%(ids)s::bigint[] IS NULL OR id = ANY(%(ids)s))
+          AND id > %(after)s
+        ORDER BY id LIMIT %(limit)s
+        """,
+        {
+            "etype": error_type,
+            "reason": reason,
+            "topic": topic,
+            "since": since,
+            "unresolved": unresolved_only,
+            "ids": list(ids) if ids is not None else None,
+            "after": after_id,
+            "limit": limit,
+        },
+    )
+    return [_kept_row(r) for r in await cursor.fetchall()]
+
+
+async def resolve_kept(conn: Conn, ids: Sequence[RecordId]) -> None:
+    """A replay stored these records' payments."""
+    if ids:
+        await conn.execute(
+            """
+            UPDATE paystream.kept_records AS k SET resolved_at = now(), replays = replays + 1
+            FROM unnest(%s::text[], %s::int[], %s::bigint[], %s::bigint[])
+                AS r(topic, "partition", "offset", kafka_ts)
+            WHERE (k.topic, k."partition", k."offset", k.kafka_ts)
+                = (r.topic, r."partition", r."offset", r.kafka_ts)
+            """,
+            _columns(ids),
+        )
+
+
+async def update_kept(conn: Conn, kept: Sequence[Kept]) -> None:
+    """A replay kept these records again. A new reason is a new fact, so it is reported again."""
+    for k in kept:
+        await conn.execute(
+            """
+            UPDATE paystream.kept_records SET
+                replays = replays + 1,
+                reported_at = CASE WHEN reason = %(reason)s THEN reported_at END,
+                next_report_at = CASE WHEN reason = %(reason)s THEN next_report_at ELSE now() END,
+                reason = %(reason)s, error_type = %(etype)s, description = %(desc)s
+            WHERE (topic, "partition", "offset", kafka_ts) = (%(t)s, %(p)s, %(o)s, %(ts)s)
+            """,
+            {
+                "reason": k.reason.value,
+                "etype": k.error_type.value,
+                "desc": k.description,
+                "t": k.record.id.topic,
+                "p": k.record.id.partition,
+                "o": k.record.id.offset,
+                "ts": k.record.id.timestamp_ms,
+            },
+        )

@@ -1,0 +1,29 @@
+"""The processor's HTTP side: Prometheus /metrics and truthful /health/live, /health/ready."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+
+def make_app(ready: Callable[[], dict[str, bool]]) -> web.Application:
+    async def metrics(_: web.Request) -> web.Response:
+        return web.Response(body=generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def live(_: web.Request) -> web.Response:
+        return web.json_response({"live": True})
+
+    async def readiness(_: web.Request) -> web.Response:
+        checks = ready()
+        return web.json_response(
+            {"ready": all(checks.values()), "checks": checks},
+            status=200 if all(checks.values()) else 503,
+        )
+
+    app = web.Application()
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/health/live", live)
+    app.router.add_get("/health/ready", readiness)
+    return app
