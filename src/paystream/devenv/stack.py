@@ -122,7 +122,7 @@ class Stack:
         database_url: str | None = None,
         partitions: int = 3,
     ) -> None:
-        self.home = home
+        self.home = home = home.resolve()
         self.partitions = partitions
         self.kafka = KafkaBroker(home / "kafka", home.parent / "cache", port=kafka_port)
         self.external_database_url = database_url
@@ -159,7 +159,7 @@ class Stack:
                         )
                     )
             create_database(self.postgres.url(), TEMPLATE_DB)
-            load_original_schema(self.postgres.url(TEMPLATE_DB))
+            load_original_schema(self.postgres.url(TEMPLATE_DB, DB_USER, DB_PASSWORD))
             create_database(self.postgres.url(), DB_NAME, template=TEMPLATE_DB)
         self.kafka.start()
         self.kafka.create_topics(["online", "offline"], self.partitions)
