@@ -84,7 +84,7 @@ def simulator(
     import uvicorn
 
     from paystream.devenv.processes import ensure_port_free
-    from paystream.simulator.service import Faults, Simulator, SimulatorConfig, create_app
+    from paystream.simulator.service import Faults, Simulator, SimulatorConfig, create_asgi_app
     from paystream.simulator.streams import Profile
 
     settings = Settings()
@@ -112,7 +112,7 @@ def simulator(
             "drop_rate": drop_rate,
         }
     )
-    uvicorn.run(create_app(Simulator(config, faults)), host=host, port=port, log_level="warning")
+    uvicorn.run(create_asgi_app(Simulator(config, faults)), host=host, port=port, log_level="warning")
 
 
 def _with_pool(settings: Settings, work: Any) -> Any:

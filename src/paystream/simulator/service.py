@@ -374,5 +374,10 @@ def create_app(simulator: Simulator) -> FastAPI:
         simulator.faults = simulator.faults.model_copy(update=changes)
         return simulator.faults
 
-    app.add_middleware(_DropConnections, simulator=simulator)
     return app
+
+
+def create_asgi_app(simulator: Simulator) -> ASGIApp:
+    """The service as uvicorn runs it. The drop middleware sits outermost, where `send` is still
+    uvicorn's own (bound to the connection's transport)."""
+    return _DropConnections(create_app(simulator), simulator)

@@ -1,0 +1,170 @@
+"""Real infrastructure for the tests: one Kafka broker and one PostgreSQL for the session; each
+test gets its own database (cloned from the original schema), its own topics and consumer group."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import os
+import time
+import urllib.request
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+
+from paystream.app import Totals, run_processor
+from paystream.config import Settings
+from paystream.devenv.stack import Simulator, Stack
+
+_counter = itertools.count()
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    cache = Path(os.environ.get("PAYSTREAM_CACHE", Path.home() / ".cache" / "paystream"))
+    home = tmp_path_factory.mktemp("stack") / "home"
+    # Jars are cached outside the temporary folder so that only the first run downloads them.
+    cache.mkdir(parents=True, exist_ok=True)
+    (home.parent / "cache").symlink_to(cache, target_is_directory=True)
+    with Stack(home, partitions=3) as running:
+        yield running
+
+
+@dataclass
+class Env:
+    """One test's private slice of the infrastructure."""
+
+    stack: Stack
+    name: str
+    database_url: str
+    online_topic: str
+    offline_topic: str
+
+    def settings(self, **overrides: Any) -> Settings:
+        values: dict[str, Any] = {
+            "kafka_bootstrap_servers": self.stack.kafka.bootstrap,
+            "database_url": self.database_url,
+            "online_topic": self.online_topic,
+            "offline_topic": self.offline_topic,
+            "group_id": f"group-{self.name}",
+            "web_port": 0,
+            "outbox_idle_s": 0.2,
+            "gateway_timeout_s": 2.0,
+            "gateway_budget_s": 3.0,
+        }
+        values.update(overrides)
+        return Settings(**values)
+
+    def connect(self) -> psycopg.Connection[Any]:
+        return psycopg.connect(self.database_url, autocommit=True)
+
+    def execute(self, sql: str, params: Any = None) -> None:
+        with self.connect() as conn:
+            conn.execute(sql, params)
+
+    def query(self, sql: str, params: Any = None) -> list[tuple[Any, ...]]:
+        with self.connect() as conn:
+            return conn.execute(sql, params).fetchall()
+
+
+@pytest.fixture
+def env(stack: Stack, request: pytest.FixtureRequest) -> Env:
+    name = f"t{next(_counter)}_{int(time.time() * 1000) % 10**8}"
+    online, offline = f"online_{name}", f"offline_{name}"
+    stack.create_topics([online, offline])
+    return Env(
+        stack=stack,
+        name=name,
+        database_url=stack.fresh_database(f"db_{name}"),
+        online_topic=online,
+        offline_topic=offline,
+    )
+
+
+class SimulatorClient:
+    def __init__(self, simulator: Simulator) -> None:
+        self.simulator = simulator
+        self.url = simulator.url
+
+    def request(self, method: str, path: str, body: Any = None, accept: str = "application/json") -> Any:
+        data = json.dumps(body).encode() if body is not None else None
+        request = urllib.request.Request(
+            self.url + path,
+            data=data,
+            method=method,
+            headers={"Content-Type": "application/json", "Accept": accept},
+        )
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return json.loads(response.read())
+
+    def start(self, **params: Any) -> Any:
+        query = "&".join(f"{k}={v}" for k, v in params.items())
+        return self.request("GET", f"/start?{query}")
+
+    def faults(self, **changes: Any) -> Any:
+        return self.request("POST", "/faults", changes)
+
+    def status(self) -> Any:
+        return self.request("GET", "/status")
+
+    def ledger(self) -> list[dict[str, Any]]:
+        records: list[dict[str, Any]] = self.request("GET", "/ledger")["records"]
+        return records
+
+    def logs(self) -> list[dict[str, Any]]:
+        logs: list[dict[str, Any]] = self.request("GET", "/logs")
+        return logs
+
+    def wait_produced(self, timeout_s: float = 60) -> None:
+        wait_for(lambda: self.status().get("done") is True, timeout_s, "the producer to finish")
+        assert self.status()["failed"] == 0
+
+
+@pytest.fixture
+def simulator(env: Env) -> Iterator[SimulatorClient]:
+    """The third-party service for this test, producing to this test's topics and database.
+    Gateway latency defaults to at most 20 ms so tests run quickly."""
+    sim = Simulator(env.stack.home / env.name, env.settings())
+    sim.start("--max-delay-ms", "20", "--rate", "0")
+    try:
+        yield SimulatorClient(sim)
+    finally:
+        sim.stop()
+
+
+def wait_for(condition: Callable[[], bool], timeout_s: float, what: str) -> None:
+    """Poll a condition; fail with `what` if it does not hold in time. Never a fixed sleep."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+
+
+async def async_wait_for(condition: Callable[[], bool], timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if await asyncio.to_thread(condition):
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+
+
+@contextlib.asynccontextmanager
+async def processor(settings: Settings) -> AsyncIterator[Totals]:
+    """Run the processor in this event loop; stop it (gracefully) on exit."""
+    stop = asyncio.Event()
+    totals = Totals()
+    task = asyncio.create_task(run_processor(settings, stop, totals=totals, serve_web=False))
+    try:
+        yield totals
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, timeout=60)
