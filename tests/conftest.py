@@ -45,6 +45,7 @@ class Env:
     database_url: str
     online_topic: str
     offline_topic: str
+    service_url: str = "http://127.0.0.1:9"  # set by the simulator fixture
 
     def settings(self, **overrides: Any) -> Settings:
         values: dict[str, Any] = {
@@ -53,6 +54,8 @@ class Env:
             "online_topic": self.online_topic,
             "offline_topic": self.offline_topic,
             "group_id": f"group-{self.name}",
+            "gateway_url": self.service_url,
+            "log_url": self.service_url,
             "web_port": 0,
             "outbox_idle_s": 0.2,
             "gateway_timeout_s": 2.0,
@@ -92,7 +95,9 @@ class SimulatorClient:
         self.simulator = simulator
         self.url = simulator.url
 
-    def request(self, method: str, path: str, body: Any = None, accept: str = "application/json") -> Any:
+    def request(
+        self, method: str, path: str, body: Any = None, accept: str = "application/json"
+    ) -> Any:
         data = json.dumps(body).encode() if body is not None else None
         request = urllib.request.Request(
             self.url + path,
@@ -132,6 +137,7 @@ def simulator(env: Env) -> Iterator[SimulatorClient]:
     Gateway latency defaults to at most 20 ms so tests run quickly."""
     sim = Simulator(env.stack.home / env.name, env.settings())
     sim.start("--max-delay-ms", "20", "--rate", "0")
+    env.service_url = sim.url
     try:
         yield SimulatorClient(sim)
     finally:
@@ -168,3 +174,37 @@ async def processor(settings: Settings) -> AsyncIterator[Totals]:
     finally:
         stop.set()
         await asyncio.wait_for(task, timeout=60)
+
+
+def unreported(env: Env) -> int:
+    return int(
+        env.query("SELECT count(*) FROM paystream.kept_records WHERE reported_at IS NULL")[0][0]
+    )
+
+
+def caught_up(env: Env, settings: Settings) -> bool:
+    from paystream.reconcile import committed_lag
+
+    topics = [settings.online_topic, settings.offline_topic]
+    return committed_lag(settings.kafka_bootstrap_servers, settings.group_id, topics) == 0
+
+
+async def settle(
+    env: Env, simulator: SimulatorClient, settings: Settings, timeout_s: float = 90
+) -> Totals:
+    """Run the processor until the producer is done, offsets reach the end and every kept record
+    is reported; then stop it gracefully."""
+    async with processor(settings) as totals:
+        await async_wait_for(lambda: simulator.status().get("done") is True, timeout_s, "producer")
+        await async_wait_for(lambda: caught_up(env, settings), timeout_s, "offsets at the end")
+        await async_wait_for(lambda: unreported(env) == 0, timeout_s, "every report delivered")
+    return totals
+
+
+def reconcile_now(env: Env, simulator: SimulatorClient, settings: Settings) -> Any:
+    from paystream.reconcile import committed_lag, reconcile
+
+    topics = [settings.online_topic, settings.offline_topic]
+    lag = committed_lag(settings.kafka_bootstrap_servers, settings.group_id, topics)
+    with env.connect() as conn:
+        return reconcile(conn, simulator.ledger(), simulator.logs(), lag)

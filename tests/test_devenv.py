@@ -1,4 +1,4 @@
-"""The local infrastructure is the real thing: a Kafka broker and PostgreSQL with the original schema."""
+"""The local infrastructure is real: a Kafka broker and PostgreSQL with the original schema."""
 
 from __future__ import annotations
 
@@ -47,7 +47,7 @@ def test_kafka_round_trip_on_both_topics(env: Env) -> None:
         }
     )
     consumer.subscribe([env.online_topic, env.offline_topic])
-    seen: dict[str, bytes] = {}
+    seen: dict[str | None, bytes | None] = {}
     try:
         for _ in range(200):
             message = consumer.poll(0.1)
@@ -67,7 +67,9 @@ def test_topics_have_the_configured_partitions(env: Env) -> None:
     """Topics are created with the stack's partition count (3 by default)."""
     from confluent_kafka.admin import AdminClient
 
-    topics = AdminClient({"bootstrap.servers": env.stack.kafka.bootstrap}).list_topics(timeout=10).topics
+    topics = (
+        AdminClient({"bootstrap.servers": env.stack.kafka.bootstrap}).list_topics(timeout=10).topics
+    )
     assert len(topics[env.online_topic].partitions) == 3
     assert len(topics[env.offline_topic].partitions) == 3
 
@@ -81,7 +83,7 @@ def test_schema_is_exactly_the_original(env: Env) -> None:
         WHERE table_schema = 'public' AND table_name IN ('accounts', 'payments')
         """
     )
-    assert EXPECTED_COLUMNS == set(rows)
+    assert set(rows) == EXPECTED_COLUMNS
     fks = env.query(
         """
         SELECT tc.table_name, ccu.table_name FROM information_schema.table_constraints tc
@@ -89,7 +91,7 @@ def test_schema_is_exactly_the_original(env: Env) -> None:
         WHERE tc.constraint_type = 'FOREIGN KEY' AND tc.table_schema = 'public'
         """
     )
-    assert [("payments", "accounts")] == fks
+    assert fks == [("payments", "accounts")]
 
 
 def test_two_thousand_deterministic_accounts(env: Env) -> None:
@@ -98,13 +100,16 @@ def test_two_thousand_deterministic_accounts(env: Env) -> None:
         "SELECT count(*), min(account_id), max(account_id), count(DISTINCT email),"
         " count(last_payment_date) FROM accounts"
     )[0]
-    assert (2000, 1, 2000, 2000, 0) == (count, low, high, emails, dated)
+    assert (count, low, high, emails, dated) == (2000, 1, 2000, 2000, 0)
     first = env.query("SELECT name, email FROM accounts WHERE account_id = 1")[0]
     again = env.stack.fresh_database(f"again_{env.name}")
     import psycopg
 
     with psycopg.connect(again) as conn:
-        assert first == conn.execute("SELECT name, email FROM accounts WHERE account_id = 1").fetchone()
+        assert (
+            first
+            == conn.execute("SELECT name, email FROM accounts WHERE account_id = 1").fetchone()
+        )
 
 
 def test_taken_port_fails_fast_with_one_sentence() -> None:
@@ -150,7 +155,9 @@ def test_stack_stops_without_leaving_processes(tmp_path: Path, stack: Stack) -> 
     with second:
         pids = [second.kafka._process.pid, second.postgres._process.pid]  # type: ignore[union-attr]
     for pid in pids:
-        assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
+        assert (
+            not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
+        )
 
 
 def test_children_die_with_their_parent(tmp_path: Path) -> None:
@@ -161,7 +168,9 @@ def test_children_die_with_their_parent(tmp_path: Path) -> None:
         f"pg = EmbeddedPostgres(Path({str(tmp_path)!r}) / 'pg'); pg.start();"
         "print(pg._process.pid, flush=True); time.sleep(600)"
     )
-    with subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True) as parent:
+    with subprocess.Popen(
+        [sys.executable, "-c", code], stdout=subprocess.PIPE, text=True
+    ) as parent:
         assert parent.stdout is not None
         child_pid = int(parent.stdout.readline())
         assert Path(f"/proc/{child_pid}").exists()

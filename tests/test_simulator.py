@@ -1,4 +1,4 @@
-"""The simulator: every endpoint, the fault knobs, and /start putting the ledger's stream into Kafka."""
+"""The simulator: every endpoint, the fault knobs, and /start producing the ledger's stream."""
 
 from __future__ import annotations
 
@@ -57,14 +57,14 @@ def test_openapi_documents_every_endpoint(simulator: SimulatorClient) -> None:
 def test_gateway_verdicts_are_deterministic(simulator: SimulatorClient) -> None:
     """The same payment always gets the same answer: 200 approves, 402 declines."""
     for pid in _find_ids(declined=False):
-        assert [200, 200] == [_post(simulator.url + "/payment", _payment(pid))[0] for _ in range(2)]
+        assert [_post(simulator.url + "/payment", _payment(pid))[0] for _ in range(2)] == [200, 200]
     for pid in _find_ids(declined=True):
-        assert [402, 402] == [_post(simulator.url + "/payment", _payment(pid))[0] for _ in range(2)]
+        assert [_post(simulator.url + "/payment", _payment(pid))[0] for _ in range(2)] == [402, 402]
 
 
 def test_gateway_rejects_non_json(simulator: SimulatorClient) -> None:
     """A body that is not a JSON payment is a 400."""
-    assert 400 == _post(simulator.url + "/payment", b"not json")[0]
+    assert _post(simulator.url + "/payment", b"not json")[0] == 400
 
 
 def test_gateway_latency_follows_the_delay_field(simulator: SimulatorClient) -> None:
@@ -84,11 +84,11 @@ def test_fault_knobs_error_outage_and_recovery(simulator: SimulatorClient) -> No
     """error_rate=1 and the outage switch answer 503; clearing them restores 200."""
     pid = _find_ids(declined=False)[0]
     simulator.faults(error_rate=1.0)
-    assert 503 == _post(simulator.url + "/payment", _payment(pid))[0]
+    assert _post(simulator.url + "/payment", _payment(pid))[0] == 503
     simulator.faults(error_rate=0.0, gateway_outage=True)
-    assert 503 == _post(simulator.url + "/payment", _payment(pid))[0]
+    assert _post(simulator.url + "/payment", _payment(pid))[0] == 503
     simulator.faults(gateway_outage=False)
-    assert 200 == _post(simulator.url + "/payment", _payment(pid))[0]
+    assert _post(simulator.url + "/payment", _payment(pid))[0] == 200
 
 
 def test_hanging_calls_outlast_the_client_timeout(simulator: SimulatorClient) -> None:
@@ -121,10 +121,11 @@ def test_log_accepts_either_key_and_lists_reports(simulator: SimulatorClient) ->
     second = simulator.request(
         "POST", "/log", {"payment_id": "b", "error": "database", "error_description": "y"}
     )
-    assert ("network", "database") == (first["error_type"], second["error_type"])
+    assert (first["error_type"], second["error_type"]) == ("network", "database")
     assert first["created_at"]
-    assert [("a", "network"), ("b", "database")] == [
-        (e["payment_id"], e["error_type"]) for e in simulator.logs()
+    assert [(e["payment_id"], e["error_type"]) for e in simulator.logs()] == [
+        ("a", "network"),
+        ("b", "database"),
     ]
     with urllib.request.urlopen(simulator.url + "/logs", timeout=10) as response:
         page = response.read().decode()
@@ -134,11 +135,11 @@ def test_log_accepts_either_key_and_lists_reports(simulator: SimulatorClient) ->
 
 def test_log_rejects_non_json_and_has_an_outage_switch(simulator: SimulatorClient) -> None:
     """Non-JSON is a 4xx; during a log outage every report gets 503."""
-    assert 400 == _post(simulator.url + "/log", b"{oops")[0]
+    assert _post(simulator.url + "/log", b"{oops")[0] == 400
     simulator.faults(log_outage=True)
     status, _ = _post(simulator.url + "/log", b'{"payment_id": "a", "error_type": "other"}')
-    assert 503 == status
-    assert [] == simulator.logs()
+    assert status == 503
+    assert simulator.logs() == []
 
 
 def test_start_puts_the_ledger_stream_into_kafka(env: Env, simulator: SimulatorClient) -> None:
@@ -147,7 +148,7 @@ def test_start_puts_the_ledger_stream_into_kafka(env: Env, simulator: SimulatorC
     simulator.start(records=1038, seed=7)
     simulator.wait_produced()
     ledger = simulator.ledger()
-    assert 1038 == len(ledger)
+    assert len(ledger) == 1038
     ids = Counter(e["payment_id"] for e in ledger)
     assert 500 <= len(ids) <= 530
     assert min(ids.values()) >= 2
@@ -162,7 +163,7 @@ def test_start_puts_the_ledger_stream_into_kafka(env: Env, simulator: SimulatorC
         }
     )
     consumer.subscribe([env.online_topic, env.offline_topic])
-    seen = {}
+    seen: dict[tuple[str, int, int], bytes] = {}
     try:
         deadline = time.monotonic() + 30
         while len(seen) < len(ledger) and time.monotonic() < deadline:
@@ -187,6 +188,6 @@ def test_start_clears_payments_and_logs(env: Env, simulator: SimulatorClient) ->
     env.execute("UPDATE accounts SET last_payment_date = now() WHERE account_id = 1")
     simulator.request("POST", "/log", {"payment_id": "a", "error_type": "other"})
     simulator.start(records=10)
-    assert [(0,)] == env.query("SELECT count(*) FROM payments")
-    assert [(0,)] == env.query("SELECT count(last_payment_date) FROM accounts")
-    assert [] == simulator.logs()
+    assert env.query("SELECT count(*) FROM payments") == [(0,)]
+    assert env.query("SELECT count(last_payment_date) FROM accounts") == [(0,)]
+    assert simulator.logs() == []

@@ -8,11 +8,11 @@ from paystream.simulator.streams import Expect, Profile, is_declined, plan
 
 
 def test_original_profile_has_the_original_shape() -> None:
-    """1038 records, about 515 payments each sent at least twice, ~69% online, offline cards empty."""
+    """1038 records, 515 payments each sent at least twice, ~69% online, offline cards empty."""
     records = plan(Profile.ORIGINAL, records=1038, seed=1, decline_rate=0.1)
-    assert 1038 == len(records)
+    assert len(records) == 1038
     per_payment = Counter(r.payment_id for r in records)
-    assert 515 == len(per_payment)
+    assert len(per_payment) == 515
     assert min(per_payment.values()) >= 2
     online = [r for r in records if r.topic_type == "online"]
     assert 0.62 < len(online) / len(records) < 0.76
@@ -20,13 +20,18 @@ def test_original_profile_has_the_original_shape() -> None:
 
     for record in records:
         document = orjson.loads(record.value)
-        assert {"payment_id", "account_id", "payment_type", "credit_card", "amount", "delay"} == set(
-            document
-        )
+        assert {
+            "payment_id",
+            "account_id",
+            "payment_type",
+            "credit_card",
+            "amount",
+            "delay",
+        } == set(document)
         assert isinstance(document["amount"], int)
         assert 1 <= document["account_id"] <= 2000
         if record.topic_type == "offline":
-            assert "" == document["credit_card"]
+            assert document["credit_card"] == ""
 
 
 def test_streams_are_deterministic_per_seed() -> None:
@@ -46,7 +51,7 @@ def test_declines_are_about_ten_percent_and_expected_as_network() -> None:
     assert 0.05 < len(declined) / len(online) < 0.15
     for record in records:
         if record.payment_id in declined:
-            assert Expect.NETWORK == record.expect
+            assert record.expect == Expect.NETWORK
 
 
 def test_hostile_profile_covers_every_kind() -> None:
@@ -66,7 +71,7 @@ def test_hostile_profile_covers_every_kind() -> None:
         "not-an-object",
         "overflowing-account",
     ):
-        assert Expect.OTHER == kinds[kind], kind
+        assert kinds[kind] == Expect.OTHER, kind
     assert "unknown-account" in kinds
     assert "conflicting-content" in kinds
     assert "injection-looking" in kinds

@@ -112,7 +112,8 @@ def simulator(
             "drop_rate": drop_rate,
         }
     )
-    uvicorn.run(create_asgi_app(Simulator(config, faults)), host=host, port=port, log_level="warning")
+    service = create_asgi_app(Simulator(config, faults))
+    uvicorn.run(service, host=host, port=port, log_level="warning")
 
 
 def _with_pool(settings: Settings, work: Any) -> Any:

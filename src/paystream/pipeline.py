@@ -60,6 +60,7 @@ class _Prepared:
 
     candidates: list[_Candidate] = field(default_factory=list)
     kept: list[Kept] = field(default_factory=list)
+    redelivered: int = 0
 
     @classmethod
     def of(cls, items: Sequence[_Candidate | Kept]) -> _Prepared:
@@ -111,8 +112,10 @@ class Pipeline:
                 await conn.set_autocommit(True)
                 prepared = await self._prepare(conn, records, replay=replay)
             result = await self._write(prepared, replay=replay)
+            result.redelivered += prepared.redelivered
         except (psycopg.OperationalError, psycopg_pool.PoolTimeout) as exc:
             raise DatabaseUnavailable(f"database unavailable: {type(exc).__name__}") from exc
+        REDELIVERED.inc(result.redelivered)
         if result.kept:
             self._on_kept()
         return result
@@ -125,7 +128,7 @@ class Pipeline:
         online: list[tuple[Record, Payment]] = []
         for record in records:
             if record.id in done:
-                REDELIVERED.inc()
+                prepared.redelivered += 1
                 continue
             decoded = decode(record.value, self._topic_types[record.id.topic])
             match decoded:

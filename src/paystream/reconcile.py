@@ -14,7 +14,8 @@ from typing import Any
 
 import orjson
 import psycopg
-from confluent_kafka import Consumer, TopicPartition
+import stamina
+from confluent_kafka import Consumer, KafkaException, TopicPartition
 
 
 @dataclass(slots=True, kw_only=True)
@@ -49,8 +50,11 @@ class Reconciliation:
         return {**asdict(self), "ok": self.ok, "problems": self.problems[:50]}
 
 
+@stamina.retry(on=KafkaException, attempts=5, timeout=30)
 def committed_lag(bootstrap: str, group_id: str, topics: list[str]) -> int:
-    """Records between the group's committed offsets and the end of the topics (0: caught up)."""
+    """Records between the group's committed offsets and the end of the topics (0: caught up).
+
+    Retried: the group coordinator answers with transient errors while it loads."""
     consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group_id})
     try:
         metadata = consumer.list_topics(timeout=10)

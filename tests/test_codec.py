@@ -1,0 +1,111 @@
+"""Kafka bytes → Payment or a precise reason; never an exception, never card data in a reason."""
+
+from __future__ import annotations
+
+import orjson
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from paystream.codec import DecodeError, decode
+from paystream.model import Payment, PaymentType, Reason
+
+CARD = "4847171163467501036"
+
+
+def _doc(**changes: object) -> bytes:
+    document: dict[str, object] = {
+        "payment_id": "382b8005-da4e-4004-b064-5d920d47e14b",
+        "account_id": 496,
+        "payment_type": "online",
+        "credit_card": CARD,
+        "amount": 23,
+        "delay": 360,
+    }
+    document.update(changes)
+    return orjson.dumps({k: v for k, v in document.items() if v is not ...})
+
+
+def test_original_message_decodes() -> None:
+    """The captured original message, unknown `delay` field and all, is a payment."""
+    assert Payment(
+        payment_id="382b8005-da4e-4004-b064-5d920d47e14b",
+        account_id=496,
+        payment_type=PaymentType.ONLINE,
+        credit_card=CARD,
+        amount=23,
+    ) == decode(_doc(), PaymentType.ONLINE)
+
+
+@pytest.mark.parametrize(
+    ("value", "reason", "words"),
+    [
+        (b"", Reason.MALFORMED, "empty message"),
+        (b'{"payment_id": "x",', Reason.MALFORMED, "not valid JSON"),
+        (b'{"payment_id": "\xff"}', Reason.MALFORMED, "not UTF-8"),
+        (b"[1, 2]", Reason.MALFORMED, "JSON list, not an object"),
+        (_doc(amount=...), Reason.INVALID, "amount must be an integer, got null"),
+        (_doc(amount=12.5), Reason.INVALID, "a fractional number"),
+        (_doc(amount=0), Reason.INVALID, "amount must be positive"),
+        (_doc(amount=-3), Reason.INVALID, "amount must be positive"),
+        (_doc(amount=True), Reason.INVALID, "got a boolean"),
+        (_doc(account_id="12"), Reason.INVALID, "account_id must be an integer, got a string"),
+        (_doc(account_id=2**40), Reason.INVALID, "out of range"),
+        (_doc(payment_id=""), Reason.INVALID, "payment_id is missing"),
+        (_doc(payment_id="x" * 101), Reason.INVALID, "longer than 100"),
+        (_doc(payment_type="crypto"), Reason.INVALID, "payment_type must be"),
+        (_doc(payment_type="offline", credit_card=""), Reason.WRONG_TOPIC, "arrived on the online"),
+        (_doc(credit_card=123), Reason.INVALID, "credit_card must be a string"),
+        (b"[" * 5000 + b"]" * 5000, Reason.MALFORMED, "not valid JSON"),
+    ],
+)
+def test_bad_input_gets_a_precise_reason(value: bytes, reason: Reason, words: str) -> None:
+    """Each kind of bad record is named precisely."""
+    result = decode(value, PaymentType.ONLINE)
+    assert isinstance(result, DecodeError)
+    assert reason == result.reason
+    assert words in result.description
+
+
+def test_readable_payment_id_is_kept_with_the_error() -> None:
+    """When the id is readable it travels with the error, so the report can name it."""
+    result = decode(_doc(amount=-1), PaymentType.ONLINE)
+    assert isinstance(result, DecodeError)
+    assert result.payment_id == "382b8005-da4e-4004-b064-5d920d47e14b"
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
+    lambda children: (
+        st.lists(children, max_size=3) | st.dictionaries(st.text(), children, max_size=3)
+    ),
+    max_leaves=10,
+)
+
+
+@given(
+    st.fixed_dictionaries(
+        {},
+        optional={
+            "payment_id": json_values,
+            "account_id": json_values,
+            "payment_type": st.sampled_from(["online", "offline"]) | json_values,
+            "credit_card": st.just(CARD) | json_values,
+            "amount": json_values,
+        },
+    )
+)
+def test_any_document_decodes_or_is_rejected_without_card_data(document: dict[str, object]) -> None:
+    """Whatever arrives, decode returns a value (never raises) and no reason echoes the card."""
+    result = decode(orjson.dumps(document), PaymentType.ONLINE)
+    if isinstance(result, DecodeError):
+        assert CARD not in result.description
+    else:
+        assert result.amount > 0
+        assert 1 <= result.account_id <= 2**31 - 1
+
+
+@given(st.binary(max_size=200))
+def test_arbitrary_bytes_never_raise(value: bytes) -> None:
+    """Random bytes are a payment or a decode error, never an exception."""
+    assert isinstance(decode(value, PaymentType.OFFLINE), Payment | DecodeError)

@@ -1,0 +1,233 @@
+"""The processor end to end, through the real broker, database and simulator (DESIGN §2 and §3)."""
+
+from __future__ import annotations
+
+import base64
+import logging
+from collections import Counter
+
+import aiohttp
+import orjson
+import pytest
+
+from paystream.app import open_pool
+from paystream.gateway import Gateway
+from paystream.kafka import KafkaConsumer
+from paystream.model import PaymentType
+from paystream.pipeline import Pipeline
+from paystream.simulator.streams import is_declined
+from tests.conftest import (
+    Env,
+    SimulatorClient,
+    async_wait_for,
+    caught_up,
+    processor,
+    reconcile_now,
+    settle,
+    unreported,
+)
+
+
+async def test_original_stream_each_payment_stored_once(
+    env: Env, simulator: SimulatorClient
+) -> None:
+    """The original stream: each valid payment stored once with its fields, every duplicate and
+    decline kept and reported, account dates equal to the newest stored payment."""
+    settings = env.settings()
+    simulator.start(records=1038, seed=11)
+    await settle(env, simulator, settings)
+    report = reconcile_now(env, simulator, settings)
+    assert report.problems == []
+    assert report.ok
+
+    ledger = simulator.ledger()
+    payments = {e["payment_id"]: e for e in ledger}
+    declined = {
+        pid
+        for pid, e in payments.items()
+        if e["topic"] == env.online_topic and is_declined(pid, 0.1)
+    }
+    valid = payments.keys() - declined
+    assert len(valid) == report.stored
+    assert len(ledger) - len(valid) == sum(report.kept.values())
+    declined_records = sum(1 for e in ledger if e["payment_id"] in declined)
+    assert declined_records == report.kept["network"]
+    assert len(ledger) - len(valid) - declined_records == report.kept["other"]
+    assert report.duplicate_reports == 0
+
+    stored = dict(env.query("SELECT payment_id, amount FROM payments"))
+    for pid in valid:
+        sent = orjson.loads(base64.b64decode(payments[pid]["value_b64"]))
+        assert sent["amount"] == stored[pid]
+
+
+async def test_hostile_stream_each_outcome_with_its_error_type(
+    env: Env, simulator: SimulatorClient
+) -> None:
+    """Each row of the outcome table, from the hostile stream, gets the right type and reason."""
+    settings = env.settings()
+    simulator.start(records=1200, seed=12, profile="hostile")
+    await settle(env, simulator, settings)
+    report = reconcile_now(env, simulator, settings)
+    assert report.problems == []
+
+    reasons = {
+        (t, p, o): reason
+        for t, p, o, reason in env.query(
+            'SELECT topic, "partition", "offset", reason FROM paystream.kept_records'
+        )
+    }
+    by_kind: dict[str, Counter[str]] = {}
+    for entry in simulator.ledger():
+        key = (entry["topic"], entry["partition"], entry["offset"])
+        by_kind.setdefault(entry["kind"], Counter())[reasons.get(key, "stored")] += 1
+    expected = {
+        "malformed-json": {"malformed"},
+        "not-utf8": {"malformed"},
+        "empty": {"malformed"},
+        "not-an-object": {"malformed"},
+        "missing-field": {"invalid"},
+        "mistyped-field": {"invalid"},
+        "non-positive-amount": {"invalid"},
+        "fractional-amount": {"invalid"},
+        "unknown-payment-type": {"invalid"},
+        "overflowing-account": {"invalid"},
+        "wrong-topic": {"wrong_topic"},
+        "unknown-account": {"unknown_account", "declined"},
+        "conflicting-content": {"stored", "duplicate", "declined"},
+        "injection-looking": {"stored", "duplicate", "declined"},
+    }
+    for kind, allowed in expected.items():
+        assert set(by_kind[kind]) <= allowed, kind
+    assert by_kind["unknown-account"]["unknown_account"] > 0
+    assert by_kind["conflicting-content"]["duplicate"] > 0
+    descriptions = [d for (d,) in env.query("SELECT description FROM paystream.kept_records")]
+    assert any("different amount" in d for d in descriptions)
+
+
+async def test_record_redelivered_after_crash_before_offset_commit(
+    env: Env, simulator: SimulatorClient
+) -> None:
+    """A crash between the database commit and the offset commit: on restart every record is
+    redelivered, and that changes nothing and reports nothing twice."""
+    settings = env.settings()
+    simulator.start(records=300, seed=13)
+    simulator.wait_produced()
+
+    # The first run processes everything but "crashes" before committing any offset.
+    kafka = KafkaConsumer(
+        settings.kafka_bootstrap_servers, settings.group_id, [env.online_topic, env.offline_topic]
+    )
+    await kafka.start()
+    records = []
+    for _ in range(200):
+        records += await kafka.consume(500, 0.2)
+        if len(records) >= 300:
+            break
+    await kafka.close()
+    assert len(records) == 300
+    async with open_pool(settings) as pool, aiohttp.ClientSession() as session:
+        gateway = Gateway(
+            session, simulator.url, max_in_flight=50, timeout_s=2, attempts=2, budget_s=3
+        )
+        topics = {env.online_topic: PaymentType.ONLINE, env.offline_topic: PaymentType.OFFLINE}
+        first = await Pipeline(pool, gateway, topics).process(records)
+    assert first.stored + first.kept == 300
+    before = env.query("SELECT payment_id, created_on FROM payments ORDER BY 1")
+    dates = env.query("SELECT account_id, last_payment_date FROM accounts ORDER BY 1")
+
+    totals = await settle(env, simulator, settings)
+    assert totals.redelivered == 300
+    assert totals.stored == 0
+    assert before == env.query("SELECT payment_id, created_on FROM payments ORDER BY 1")
+    assert dates == env.query("SELECT account_id, last_payment_date FROM accounts ORDER BY 1")
+    report = reconcile_now(env, simulator, settings)
+    assert report.problems == []
+    assert report.duplicate_reports == 0
+    assert first.kept == len(simulator.logs())
+
+
+async def test_reprocessing_from_the_start_changes_nothing(
+    env: Env, simulator: SimulatorClient
+) -> None:
+    """A second consumer group re-reading every record stores nothing new and reports nothing."""
+    settings = env.settings()
+    simulator.start(records=200, seed=14)
+    await settle(env, simulator, settings)
+    logs = len(simulator.logs())
+    payments = env.query("SELECT * FROM payments ORDER BY 1")
+
+    again = env.settings(group_id=f"again-{env.name}")
+    totals = await settle(env, simulator, again)
+    assert totals.redelivered == 200
+    assert payments == env.query("SELECT * FROM payments ORDER BY 1")
+    assert logs == len(simulator.logs())
+
+
+async def test_log_outage_delays_reports_but_loses_none(
+    env: Env, simulator: SimulatorClient
+) -> None:
+    """While the log service is down, reports wait in the outbox; when it returns, all arrive."""
+    settings = env.settings()
+    simulator.faults(log_outage=True)
+    simulator.start(records=200, seed=15)
+    async with processor(settings):
+        await async_wait_for(lambda: simulator.status().get("done") is True, 60, "producer")
+        await async_wait_for(lambda: caught_up(env, settings), 60, "offsets at the end")
+        waiting = unreported(env)
+        assert waiting > 0
+        assert simulator.logs() == []
+        simulator.faults(log_outage=False)
+        await async_wait_for(lambda: unreported(env) == 0, 90, "the outbox to drain")
+    report = reconcile_now(env, simulator, settings)
+    assert report.problems == []
+    assert waiting <= len(simulator.logs())
+
+
+async def test_card_numbers_never_leave_the_payments_table(
+    env: Env, simulator: SimulatorClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    """No card number appears in a log line, an error description, a report or the CLI listing."""
+    caplog.set_level(logging.DEBUG)
+    settings = env.settings()
+    simulator.start(records=400, seed=16, profile="hostile")
+    await settle(env, simulator, settings)
+    cards = {
+        orjson.loads(base64.b64decode(e["value_b64"])).get("credit_card")
+        for e in simulator.ledger()
+        if e["kind"] in ("valid", "duplicate")
+    } - {"", None}
+    assert len(cards) > 50
+
+    import subprocess
+    import sys
+
+    listing = subprocess.run(  # noqa: ASYNC221 -- the CLI as a user runs it, after processing
+        [sys.executable, "-m", "paystream", "errors", "--json", "--limit", "10000"],
+        env={"PAYSTREAM_DATABASE_URL": env.database_url, "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    items = orjson.loads(listing)
+    assert len(items) == sum(1 for _ in env.query("SELECT 1 FROM paystream.kept_records"))
+    assert {
+        "payment_id",
+        "error_type",
+        "topic",
+        "partition",
+        "offset",
+        "error_description",
+        "reported",
+    } <= set(items[0])
+    texts = {
+        "logs": caplog.text,
+        "listing": listing,
+        "reports": orjson.dumps(simulator.logs()).decode(),
+        "descriptions": " ".join(
+            d for (d,) in env.query("SELECT description FROM paystream.kept_records")
+        ),
+    }
+    for where, text in texts.items():
+        leaked = [card for card in cards if card in text]
+        assert leaked == [], where

@@ -1,0 +1,219 @@
+"""Replay of kept records, the `paystream` commands as a user runs them, and migrations."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+from typing import Any
+
+import orjson
+import psycopg
+from confluent_kafka import Producer
+
+from paystream.app import open_pool
+from paystream.consumer import OrderedCommits
+from paystream.migrations import migrate
+from paystream.model import Record, RecordId
+from tests.conftest import (
+    Env,
+    SimulatorClient,
+    async_wait_for,
+    caught_up,
+    processor,
+    unreported,
+    wait_for,
+)
+
+
+def _cli(env: Env, *args: str, **extra: str) -> subprocess.CompletedProcess[str]:
+    variables = {
+        "PATH": os.environ["PATH"],
+        "PAYSTREAM_DATABASE_URL": env.database_url,
+        "PAYSTREAM_KAFKA_BOOTSTRAP_SERVERS": env.stack.kafka.bootstrap,
+        "PAYSTREAM_ONLINE_TOPIC": env.online_topic,
+        "PAYSTREAM_OFFLINE_TOPIC": env.offline_topic,
+        "PAYSTREAM_GATEWAY_URL": env.service_url,
+        "PAYSTREAM_LOG_URL": env.service_url,
+        "PAYSTREAM_GROUP_ID": f"group-{env.name}",
+        **extra,
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "paystream", *args],
+        env=variables,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def _produce(env: Env, topic: str, documents: list[dict[str, Any]]) -> None:
+    producer = Producer({"bootstrap.servers": env.stack.kafka.bootstrap})
+    for document in documents:
+        producer.produce(topic, orjson.dumps(document))
+    assert producer.flush(10) == 0
+
+
+def _offline(pid: str, account_id: int, amount: int = 10) -> dict[str, Any]:
+    return {
+        "payment_id": pid,
+        "account_id": account_id,
+        "payment_type": "offline",
+        "credit_card": "",
+        "amount": amount,
+    }
+
+
+async def test_replay_stores_a_payment_once_its_account_exists(
+    env: Env, simulator: SimulatorClient
+) -> None:
+    """An unknown account is kept as `database`; after the account is created, replay stores the
+    payment, stamps the account and resolves the kept record; a second replay changes nothing."""
+    settings = env.settings()
+    _produce(env, env.offline_topic, [_offline("p-unknown", 4242), _offline("p-known", 7)])
+    async with processor(settings):
+        await async_wait_for(lambda: caught_up(env, settings), 60, "offsets at the end")
+        await async_wait_for(lambda: unreported(env) == 0, 60, "the report")
+    assert env.query("SELECT payment_id, error_type, reason FROM paystream.kept_records") == [
+        ("p-unknown", "database", "unknown_account")
+    ]
+    assert [
+        {"payment_id": e["payment_id"], "error_type": e["error_type"]} for e in simulator.logs()
+    ] == [{"payment_id": "p-unknown", "error_type": "database"}]
+
+    env.execute("INSERT INTO accounts (account_id, email) VALUES (4242, 'new@example.com')")
+    result = _cli(env, "replay", "--reason", "unknown_account")
+    assert result.returncode == 0, result.stderr
+    assert "stored 1" in result.stdout
+    assert env.query(
+        "SELECT payment_id, account_id FROM payments WHERE payment_id = 'p-unknown'"
+    ) == [("p-unknown", 4242)]
+    assert env.query(
+        "SELECT last_payment_date = (SELECT created_on FROM payments"
+        " WHERE payment_id = 'p-unknown') FROM accounts WHERE account_id = 4242"
+    ) == [(True,)]
+    assert env.query("SELECT resolved_at IS NOT NULL, replays FROM paystream.kept_records") == [
+        (True, 1)
+    ]
+    again = _cli(env, "replay")
+    assert again.returncode == 0, again.stderr
+    assert "stored 0" in again.stdout
+    assert env.query("SELECT count(*) FROM payments") == [(2,)]
+
+
+async def test_gateway_outage_keeps_payments_for_replay(
+    env: Env, simulator: SimulatorClient
+) -> None:
+    """Online payments that meet a gateway outage are kept as `network`; offline ones are still
+    stored meanwhile; once the gateway is back, replay stores the approved ones."""
+    settings = env.settings(gateway_attempts=2, gateway_budget_s=1.0)
+    simulator.faults(gateway_outage=True, decline_rate=0.0)
+    online = [
+        dict(_offline(f"on-{i}", i + 1), payment_type="online", credit_card="4111")
+        for i in range(5)
+    ]
+    _produce(env, env.online_topic, online)
+    _produce(env, env.offline_topic, [_offline("off-1", 9)])
+    async with processor(settings):
+        await async_wait_for(lambda: caught_up(env, settings), 60, "offsets at the end")
+    assert env.query("SELECT payment_id FROM payments") == [("off-1",)]
+    assert env.query(
+        "SELECT count(*), min(error_type) FROM paystream.kept_records"
+        " WHERE reason = 'gateway_unavailable'"
+    ) == [(5, "network")]
+    simulator.faults(gateway_outage=False)
+    result = _cli(env, "replay", "--type", "network")
+    assert result.returncode == 0, result.stderr
+    assert env.query("SELECT count(*) FROM payments") == [(6,)]
+
+
+def test_run_drains_and_exits_zero_on_sigterm(env: Env, simulator: SimulatorClient) -> None:
+    """`paystream run` processes the topics; SIGTERM makes it commit and exit 0. Then
+    `paystream errors --json` lists the kept duplicate with the documented keys."""
+    _produce(env, env.offline_topic, [_offline("dup", 1), _offline("dup", 1), _offline("x", 2)])
+    settings = env.settings()
+    variables = {
+        "PATH": os.environ["PATH"],
+        "PAYSTREAM_DATABASE_URL": env.database_url,
+        "PAYSTREAM_KAFKA_BOOTSTRAP_SERVERS": env.stack.kafka.bootstrap,
+        "PAYSTREAM_ONLINE_TOPIC": env.online_topic,
+        "PAYSTREAM_OFFLINE_TOPIC": env.offline_topic,
+        "PAYSTREAM_GATEWAY_URL": env.service_url,
+        "PAYSTREAM_LOG_URL": env.service_url,
+        "PAYSTREAM_GROUP_ID": settings.group_id,
+        "PAYSTREAM_WEB_PORT": "0",
+    }
+    with subprocess.Popen(
+        [sys.executable, "-m", "paystream", "run"],
+        env=variables,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    ) as run:
+        try:
+            wait_for(lambda: caught_up(env, settings), 60, "offsets at the end")
+            wait_for(lambda: unreported(env) == 0, 60, "the report")
+        finally:
+            run.send_signal(signal.SIGTERM)
+            _, stderr = run.communicate(timeout=60)
+    assert run.returncode == 0, stderr
+    assert env.query("SELECT count(*) FROM payments") == [(2,)]
+
+    listing = _cli(env, "errors", "--json")
+    assert listing.returncode == 0, listing.stderr
+    items = orjson.loads(listing.stdout)
+    assert len(items) == 1
+    item = items[0]
+    assert (
+        item["payment_id"],
+        item["error_type"],
+        item["reason"],
+        item["reported"],
+    ) == ("dup", "other", "duplicate", True)
+    assert env.offline_topic == item["topic"]
+    assert {"partition", "offset", "error_description"} <= set(item)
+    assert orjson.loads(_cli(env, "errors", "--json", "--type", "database").stdout) == []
+
+
+def test_run_with_unreachable_database_fails_in_one_sentence(env: Env) -> None:
+    """A wrong database URL ends `paystream run` with exit 2 and one clear sentence."""
+    result = _cli(env, "run", PAYSTREAM_DATABASE_URL="postgresql://tech:pw@127.0.0.1:9/payments")
+    assert result.returncode == 2
+    assert (
+        "Cannot connect to the database at postgresql://tech@127.0.0.1:9/payments" in result.stderr
+    )
+    assert "pw" not in result.stderr.replace("payments", "")
+
+
+async def test_concurrent_migrations_apply_once(env: Env) -> None:
+    """Several instances starting at once apply each migration exactly once."""
+
+    async def one() -> list[str]:
+        async with await psycopg.AsyncConnection.connect(env.database_url) as conn:
+            return await migrate(conn)
+
+    results = await asyncio.gather(*(one() for _ in range(4)))
+    assert sum(1 for applied in results if applied) == 1
+    versions = env.query("SELECT version FROM paystream.schema_migrations")
+    assert len(versions) == len({v for (v,) in versions})
+    async with open_pool(env.settings()) as pool, pool.connection() as conn:
+        assert await migrate(conn) == []
+
+
+def _records(*offsets: tuple[int, int]) -> list[Record]:
+    return [
+        Record(id=RecordId(topic="t", partition=p, offset=o, timestamp_ms=0), value=b"")
+        for p, o in offsets
+    ]
+
+
+def test_offsets_advance_only_over_finished_batches() -> None:
+    """A batch finishing before an older one commits nothing until the older one finishes."""
+    commits = OrderedCommits()
+    first, second = commits.begin(), commits.begin()
+    commits.finish(second, _records((0, 10), (1, 5)))
+    assert commits.committable == {}
+    commits.finish(first, _records((0, 3), (2, 7)))
+    assert commits.committable == {("t", 0): 11, ("t", 1): 6, ("t", 2): 8}
