@@ -163,7 +163,7 @@ def test_start_puts_the_ledger_stream_into_kafka(env: Env, simulator: SimulatorC
         }
     )
     consumer.subscribe([env.online_topic, env.offline_topic])
-    seen: dict[tuple[str, int, int], bytes] = {}
+    seen: dict[tuple[str | None, int | None, int | None], bytes | None] = {}
     try:
         deadline = time.monotonic() + 30
         while len(seen) < len(ledger) and time.monotonic() < deadline:
