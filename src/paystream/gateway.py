@@ -15,7 +15,7 @@ import aiohttp
 import stamina
 
 from paystream.errors import GatewayUnavailable
-from paystream.metrics import GATEWAY_CALLS, GATEWAY_SECONDS
+from paystream.metrics import CIRCUIT_OPEN, GATEWAY_CALLS, GATEWAY_SECONDS
 
 _TRANSIENT_STATUSES = frozenset({408, 425, 429})
 
@@ -37,6 +37,56 @@ class _Transient(Exception):
     """One attempt failed in a way worth retrying."""
 
 
+class CircuitBreaker:
+    """Stops calling a gateway that keeps failing, so an outage is not a flood of timeouts.
+
+    closed → (`threshold` transient failures in a row) → open for `cooldown_s` (doubling up to
+    `max_cooldown_s` while probes keep failing) → half-open: one probe call decides.
+    """
+
+    def __init__(
+        self, *, threshold: int = 20, cooldown_s: float = 2.0, max_cooldown_s: float = 30.0
+    ) -> None:
+        self._threshold = threshold
+        self._base_cooldown_s = cooldown_s
+        self._max_cooldown_s = max_cooldown_s
+        self._cooldown_s = cooldown_s
+        self._failures = 0
+        self._open_until = 0.0
+        self._probing = False
+
+    @property
+    def state(self) -> str:
+        if self._failures < self._threshold:
+            return "closed"
+        return "half-open" if time.monotonic() >= self._open_until else "open"
+
+    def allow(self) -> bool:
+        match self.state:
+            case "closed":
+                return True
+            case "half-open" if not self._probing:
+                self._probing = True
+                return True
+            case _:
+                return False
+
+    def succeeded(self) -> None:
+        self._failures = 0
+        self._probing = False
+        self._cooldown_s = self._base_cooldown_s
+        CIRCUIT_OPEN.set(0)
+
+    def failed(self) -> None:
+        self._failures += 1
+        if self._probing:
+            self._cooldown_s = min(self._cooldown_s * 2, self._max_cooldown_s)
+        self._probing = False
+        if self._failures >= self._threshold:
+            self._open_until = time.monotonic() + self._cooldown_s
+            CIRCUIT_OPEN.set(1)
+
+
 class Gateway:
     """Owns one aiohttp session and the in-flight limit of validations."""
 
@@ -49,6 +99,7 @@ class Gateway:
         timeout_s: float,
         attempts: int,
         budget_s: float,
+        breaker: CircuitBreaker | None = None,
     ) -> None:
         self._session = session
         self._url = base_url.rstrip("/") + "/payment"
@@ -56,6 +107,7 @@ class Gateway:
         self._timeout = aiohttp.ClientTimeout(total=timeout_s)
         self._attempts = attempts
         self._budget_s = budget_s
+        self.breaker = breaker or CircuitBreaker()
 
     async def validate(self, body: bytes) -> Verdict:
         """POST the payment as it arrived. Raises GatewayUnavailable once the budget is spent."""
@@ -74,6 +126,17 @@ class Gateway:
         raise AssertionError("unreachable: retry_context either returns or raises")
 
     async def _attempt(self, body: bytes) -> Verdict:
+        if not self.breaker.allow():
+            raise GatewayUnavailable("circuit open after repeated gateway failures")
+        try:
+            verdict = await self._call(body)
+        except _Transient:
+            self.breaker.failed()
+            raise
+        self.breaker.succeeded()
+        return verdict
+
+    async def _call(self, body: bytes) -> Verdict:
         async with self._slots:
             started = time.perf_counter()
             try:
