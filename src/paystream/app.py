@@ -16,13 +16,14 @@ from aiohttp import web
 
 from paystream.config import Settings
 from paystream.consumer import BatchConsumer
-from paystream.errors import ConfigurationError
+from paystream.errors import ConfigurationError, DatabaseUnavailable
 from paystream.gateway import Gateway
 from paystream.kafka import KafkaConsumer
 from paystream.migrations import migrate
-from paystream.model import PaymentType
+from paystream.model import PaymentType, Reason
 from paystream.outbox import LogClient, OutboxRelay, ReportFailed
 from paystream.pipeline import BatchResult, Pipeline
+from paystream.replay import replay
 from paystream.web import make_app
 
 log = logging.getLogger(__name__)
@@ -71,6 +72,47 @@ def topic_types(settings: Settings) -> dict[str, PaymentType]:
     return {settings.online_topic: PaymentType.ONLINE, settings.offline_topic: PaymentType.OFFLINE}
 
 
+def make_gateway(settings: Settings, session: aiohttp.ClientSession) -> Gateway:
+    return Gateway(
+        session,
+        settings.gateway_url,
+        max_in_flight=settings.gateway_max_in_flight,
+        timeout_s=settings.gateway_timeout_s,
+        attempts=settings.gateway_attempts,
+        budget_s=settings.gateway_budget_s,
+    )
+
+
+async def revalidate(
+    settings: Settings,
+    pool: psycopg_pool.AsyncConnectionPool,
+    pipeline: Pipeline,
+    gateway: Gateway,
+    stop: asyncio.Event,
+) -> None:
+    """Every so often, while the gateway circuit is closed, re-drive the payments the gateway
+    could not answer; each gets at most `revalidate_max_attempts` tries before it waits for a
+    manual `paystream replay`."""
+    while not stop.is_set():
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), timeout=settings.revalidate_every_s)
+        if stop.is_set() or gateway.breaker.state != "closed":
+            continue
+        try:
+            result = await replay(
+                pool,
+                pipeline,
+                set(topic_types(settings)),
+                reason=Reason.GATEWAY_UNAVAILABLE.value,
+                max_replays=settings.revalidate_max_attempts,
+            )
+        except DatabaseUnavailable as exc:
+            log.warning("revalidation postponed: %s", exc)
+            continue
+        if result.stored or result.kept:
+            log.info("revalidated: %d stored, %d still kept", result.stored, result.kept)
+
+
 @dataclass(slots=True)
 class Totals:
     """Running counts for progress displays."""
@@ -102,14 +144,7 @@ async def run_processor(
             connector=aiohttp.TCPConnector(limit=settings.gateway_max_in_flight + 32)
         ) as session,
     ):
-        gateway = Gateway(
-            session,
-            settings.gateway_url,
-            max_in_flight=settings.gateway_max_in_flight,
-            timeout_s=settings.gateway_timeout_s,
-            attempts=settings.gateway_attempts,
-            budget_s=settings.gateway_budget_s,
-        )
+        gateway = make_gateway(settings, session)
         log_client = LogClient(session, settings.log_url, settings.log_timeout_s)
         relay = OutboxRelay(
             pool, log_client, claim_batch=settings.outbox_batch, idle_s=settings.outbox_idle_s
@@ -149,6 +184,7 @@ async def run_processor(
             async with asyncio.TaskGroup() as group:
                 group.create_task(consumer.run(stop))
                 group.create_task(relay.run(stop))
+                group.create_task(revalidate(settings, pool, pipeline, gateway, stop))
         finally:
             if runner is not None:
                 await runner.cleanup()

@@ -216,14 +216,26 @@ def replay(
 
     Example: paystream replay --reason unknown_account
     """
+    import aiohttp
+
+    from paystream.app import make_gateway, topic_types
+    from paystream.pipeline import Pipeline
     from paystream.replay import replay as run_replay
 
     settings = Settings()
 
     async def work(pool: Any) -> Any:
-        return await run_replay(
-            settings, pool, ids=ids, error_type=error_type, reason=reason, since=since
-        )
+        async with aiohttp.ClientSession() as session:
+            pipeline = Pipeline(pool, make_gateway(settings, session), topic_types(settings))
+            return await run_replay(
+                pool,
+                pipeline,
+                set(topic_types(settings)),
+                ids=ids,
+                error_type=error_type,
+                reason=reason,
+                since=since,
+            )
 
     result = _with_pool(settings, work)
     out.print(

@@ -31,6 +31,8 @@ class Settings(BaseSettings):
     outbox_batch: int = Field(default=200, ge=1)
     outbox_idle_s: float = Field(default=1.0, gt=0)
     db_retry_max_s: float = Field(default=5.0, gt=0)
+    revalidate_every_s: float = Field(default=30.0, gt=0)
+    revalidate_max_attempts: int = Field(default=10, ge=0)
 
     web_host: str = "127.0.0.1"
     web_port: int = Field(default=8000, ge=0, le=65535)

@@ -100,14 +100,15 @@ def reconcile(
             'SELECT payment_id, topic, "partition", "offset" FROM paystream.payment_origins'
         )
     }
+    every_kept = conn.execute(
+        'SELECT topic, "partition", "offset", error_type, payment_id, resolved_at IS NOT NULL'
+        " FROM paystream.kept_records"
+    ).fetchall()
+    # A kept row that a replay resolved became a stored payment; its report still went out.
     kept_rows = {
-        (t, p, o): (etype, pid, reported)
-        for t, p, o, etype, pid, reported in conn.execute(
-            'SELECT topic, "partition", "offset", error_type, payment_id, reported_at IS NOT NULL'
-            " FROM paystream.kept_records"
-        )
+        (t, p, o): (etype, pid) for t, p, o, etype, pid, resolved in every_kept if not resolved
     }
-    result.kept = dict(Counter(etype for etype, _, _ in kept_rows.values()))
+    result.kept = dict(Counter(etype for etype, _ in kept_rows.values()))
     result.stored = len(payments)
 
     # 1. every valid payment is stored exactly once, with the fields of one of its records
@@ -158,7 +159,7 @@ def reconcile(
                 )
 
     # reports: each kept row delivered at least once, duplicates counted apart
-    want = Counter((pid, etype) for etype, pid, _ in kept_rows.values())
+    want = Counter((pid, etype) for _, _, _, etype, pid, _ in every_kept)
     got = Counter((log.get("payment_id"), log.get("error_type")) for log in logs)
     result.reported = sum(min(got[k], n) for k, n in want.items())
     result.unreported = sum(max(0, n - got[k]) for k, n in want.items())

@@ -341,6 +341,7 @@ async def list_kept(
     since: datetime | None = None,
     unresolved_only: bool = False,
     ids: Sequence[int] | None = None,
+    max_replays: int | None = None,
     after_id: int = 0,
     limit: int = 1000,
 ) -> list[KeptRow]:
@@ -353,6 +354,7 @@ async def list_kept(
           AND (%(since)s::timestamptz IS NULL OR kept_at >= %(since)s)
           AND (NOT %(unresolved)s OR resolved_at IS NULL)
           AND (%(ids)s::bigint[] IS NULL OR id = ANY(%(ids)s))
+          AND (%(max_replays)s::int IS NULL OR replays < %(max_replays)s)
           AND id > %(after)s
         ORDER BY id LIMIT %(limit)s
         """,
@@ -363,6 +365,7 @@ async def list_kept(
             "since": since,
             "unresolved": unresolved_only,
             "ids": list(ids) if ids is not None else None,
+            "max_replays": max_replays,
             "after": after_id,
             "limit": limit,
         },
