@@ -26,8 +26,10 @@ test: lint
 
 # The fault-injection scenarios alone, ROUNDS randomized rounds each; writes chaos-report.json.
 chaos: $(STAMP)
+	rm -f chaos-report.json
 	PAYSTREAM_CHAOS_ROUNDS=$(ROUNDS) PAYSTREAM_CHAOS_RANDOM=1 \
-		$(BIN)/python -m pytest -m chaos -p no:cacheprovider
+		$(BIN)/python -m pytest -m chaos -p no:cacheprovider; \
+		status=$$?; $(BIN)/python -m tests.chaos_report && exit $$status
 
 bench: $(STAMP)
 	$(BIN)/paystream bench

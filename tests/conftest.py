@@ -8,6 +8,9 @@ import contextlib
 import itertools
 import json
 import os
+import signal
+import subprocess
+import sys
 import time
 import urllib.request
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -46,10 +49,11 @@ class Env:
     online_topic: str
     offline_topic: str
     service_url: str = "http://127.0.0.1:9"  # set by the simulator fixture
+    bootstrap: str = ""
 
     def settings(self, **overrides: Any) -> Settings:
         values: dict[str, Any] = {
-            "kafka_bootstrap_servers": self.stack.kafka.bootstrap,
+            "kafka_bootstrap_servers": self.bootstrap,
             "database_url": self.database_url,
             "online_topic": self.online_topic,
             "offline_topic": self.offline_topic,
@@ -76,18 +80,29 @@ class Env:
             return conn.execute(sql, params).fetchall()
 
 
-@pytest.fixture
-def env(stack: Stack, request: pytest.FixtureRequest) -> Env:
+def new_env(stack: Stack, database_url: str | None = None, bootstrap: str | None = None) -> Env:
+    """Fresh topics, database (cloned from the original schema) and consumer group."""
     name = f"t{next(_counter)}_{int(time.time() * 1000) % 10**8}"
     online, offline = f"online_{name}", f"offline_{name}"
-    stack.create_topics([online, offline])
+    if bootstrap is None:
+        stack.create_topics([online, offline])
+    else:
+        from paystream.devenv.kafka import create_topics
+
+        create_topics(bootstrap, [online, offline], stack.partitions)
     return Env(
         stack=stack,
         name=name,
-        database_url=stack.fresh_database(f"db_{name}"),
+        database_url=database_url or stack.fresh_database(f"db_{name}"),
         online_topic=online,
         offline_topic=offline,
+        bootstrap=bootstrap or stack.kafka.bootstrap,
     )
+
+
+@pytest.fixture
+def env(stack: Stack) -> Env:
+    return new_env(stack)
 
 
 class SimulatorClient:
@@ -131,17 +146,23 @@ class SimulatorClient:
         assert self.status()["failed"] == 0
 
 
-@pytest.fixture
-def simulator(env: Env) -> Iterator[SimulatorClient]:
-    """The third-party service for this test, producing to this test's topics and database.
-    Gateway latency defaults to at most 20 ms so tests run quickly."""
+@contextlib.contextmanager
+def running_simulator(env: Env, *args: str) -> Iterator[SimulatorClient]:
+    """The third-party service for this env, producing to its topics and database.
+    Gateway latency is at most 20 ms so tests run quickly."""
     sim = Simulator(env.stack.home / env.name, env.settings())
-    sim.start("--max-delay-ms", "20", "--rate", "0")
+    sim.start("--max-delay-ms", "20", "--rate", "0", *args)
     env.service_url = sim.url
     try:
         yield SimulatorClient(sim)
     finally:
         sim.stop()
+
+
+@pytest.fixture
+def simulator(env: Env) -> Iterator[SimulatorClient]:
+    with running_simulator(env) as client:
+        yield client
 
 
 def wait_for(condition: Callable[[], bool], timeout_s: float, what: str) -> None:
@@ -208,3 +229,59 @@ def reconcile_now(env: Env, simulator: SimulatorClient, settings: Settings) -> A
     lag = committed_lag(settings.kafka_bootstrap_servers, settings.group_id, topics)
     with env.connect() as conn:
         return reconcile(conn, simulator.ledger(), simulator.logs(), lag)
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    """The environment that gives a `paystream` subprocess these settings."""
+    variables = {"PATH": os.environ["PATH"]}
+    for name, value in settings.model_dump().items():
+        if value is not None:
+            variables[f"PAYSTREAM_{name.upper()}"] = str(value)
+    return variables
+
+
+class ProcessorProcess:
+    """`paystream run` as a separate process, for crash and scale-out tests."""
+
+    def __init__(self, settings: Settings, log_path: Path) -> None:
+        self.settings = settings
+        self.log_path = log_path
+        self._log = log_path.open("ab")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "paystream", "run"],
+            env=settings_env(settings),
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+
+    def kill(self) -> None:
+        """kill -9: no chance to finish anything."""
+        self.process.kill()
+        self.process.wait()
+        self._log.close()
+
+    def terminate(self, timeout_s: float = 60) -> int:
+        self.process.send_signal(signal.SIGTERM)
+        code = self.process.wait(timeout=timeout_s)
+        self._log.close()
+        return code
+
+
+def unresolved_gateway_failures(env: Env) -> int:
+    return int(
+        env.query(
+            "SELECT count(*) FROM paystream.kept_records"
+            " WHERE reason = 'gateway_unavailable' AND resolved_at IS NULL"
+        )[0][0]
+    )
+
+
+def settled(env: Env, simulator: SimulatorClient, settings: Settings) -> bool:
+    """The producer is done, offsets are at the end, every report is out, and nothing waits for
+    re-validation."""
+    return (
+        simulator.status().get("done") is True
+        and caught_up(env, settings)
+        and unreported(env) == 0
+        and unresolved_gateway_failures(env) == 0
+    )

@@ -75,7 +75,11 @@ def test_readable_payment_id_is_kept_with_the_error() -> None:
 
 
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**63), max_value=2**64 - 1)
+    | st.floats(allow_nan=False)
+    | st.text(),
     lambda children: (
         st.lists(children, max_size=3) | st.dictionaries(st.text(), children, max_size=3)
     ),

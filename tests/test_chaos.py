@@ -1,0 +1,321 @@
+"""Fault injection against the real broker, database and simulator (DESIGN §3, guarantee 5).
+
+Each scenario sends a seeded hostile stream with known expected outcomes, injects its fault while
+the processor consumes, lets the system recover, then checks the full oracle: every valid payment
+stored exactly once, nothing else stored, account dates exact, every other record kept with the
+right type and reported at least once, committed offsets at the end. `make test` runs one seeded
+round of each; `make chaos ROUNDS=n` runs n randomized rounds and writes chaos-report.json.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import time
+import zlib
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from confluent_kafka import Producer
+
+from paystream.devenv.kafka import KafkaBroker
+from paystream.devenv.postgres import EmbeddedPostgres
+from paystream.devenv.stack import (
+    DB_NAME,
+    DB_PASSWORD,
+    DB_USER,
+    Stack,
+    create_database,
+    load_original_schema,
+)
+from paystream.reconcile import Reconciliation
+from tests.conftest import (
+    Env,
+    ProcessorProcess,
+    SimulatorClient,
+    new_env,
+    reconcile_now,
+    running_simulator,
+    settled,
+    wait_for,
+)
+
+pytestmark = pytest.mark.chaos
+
+ROUNDS = int(os.environ.get("PAYSTREAM_CHAOS_ROUNDS", "1"))
+RANDOM = os.environ.get("PAYSTREAM_CHAOS_RANDOM") == "1"
+RECORDS = 400
+RATE = 80  # records/s: the stream lasts ~5 s, long enough for faults to land mid-stream
+
+REPORT: list[dict[str, Any]] = []
+
+
+def seeds(scenario: str) -> list[int]:
+    if RANDOM:
+        return [random.randrange(2**31) for _ in range(ROUNDS)]
+    return [zlib.crc32(scenario.encode()) % 1000 + i for i in range(ROUNDS)]
+
+
+def record(scenario: str, seed: int, report: Reconciliation, recover_s: float) -> None:
+    REPORT.append(
+        {
+            "scenario": scenario,
+            "seed": seed,
+            "records": report.records,
+            "lost": report.lost,
+            "doubled": report.doubled,
+            "duplicate_reports": report.duplicate_reports,
+            "recover_s": round(recover_s, 2),
+            "problems": report.problems[:10],
+        }
+    )
+
+
+def check(
+    env: Env,
+    simulator: SimulatorClient,
+    settings: Any,
+    scenario: str,
+    seed: int,
+    fault_ended: float,
+) -> None:
+    wait_for(lambda: settled(env, simulator, settings), 120, f"{scenario} to settle")
+    recover_s = time.monotonic() - fault_ended
+    report = reconcile_now(env, simulator, settings)
+    record(scenario, seed, report, recover_s)
+    assert report.problems == [], f"{scenario} seed {seed}"
+    assert report.ok
+
+
+def chaos_settings(env: Env, **overrides: Any) -> Any:
+    values: dict[str, Any] = {
+        "gateway_timeout_s": 1.0,
+        "gateway_budget_s": 2.0,
+        "gateway_attempts": 3,
+        "revalidate_every_s": 1.0,
+        "batch_size": 100,
+    }
+    values.update(overrides)
+    return env.settings(**values)
+
+
+@contextlib.contextmanager
+def processes(settings: Any, folder: Path) -> Iterator[Callable[[], ProcessorProcess]]:
+    """Start `paystream run` processes on demand; whatever still runs is stopped at the end."""
+    started: list[ProcessorProcess] = []
+
+    def start() -> ProcessorProcess:
+        proc = ProcessorProcess(settings, folder / f"processor-{len(started)}.log")
+        started.append(proc)
+        return proc
+
+    try:
+        yield start
+    finally:
+        for proc in started:
+            if proc.process.poll() is None:
+                proc.kill()
+
+
+def _produced_at_least(simulator: SimulatorClient, share: float) -> Callable[[], bool]:
+    return lambda: simulator.status().get("delivered", 0) >= share * RECORDS
+
+
+@pytest.mark.parametrize("seed", seeds("gateway-faults"))
+def test_gateway_errors_hangs_and_drops(stack: Stack, tmp_path: Path, seed: int) -> None:
+    """5xx, hangs past the timeout and dropped connections: retried, kept, re-validated later."""
+    env = new_env(stack)
+    with running_simulator(env) as simulator:
+        settings = chaos_settings(env)
+        simulator.faults(error_rate=0.3, hang_rate=0.05, hang_s=3, drop_rate=0.1)
+        with processes(settings, tmp_path) as start:
+            start()
+            simulator.start(records=RECORDS, seed=seed, profile="hostile", rate=RATE)
+            wait_for(_produced_at_least(simulator, 1.0), 60, "the stream")
+            simulator.faults(error_rate=0, hang_rate=0, drop_rate=0)
+            check(env, simulator, settings, "gateway-faults", seed, time.monotonic())
+
+
+@pytest.mark.parametrize("seed", seeds("gateway-outage"))
+def test_gateway_outage_keeps_offline_flowing(stack: Stack, tmp_path: Path, seed: int) -> None:
+    """During a full gateway outage the breaker opens, offline payments are still stored, and
+    online ones are stored once the gateway is back."""
+    env = new_env(stack)
+    with running_simulator(env) as simulator:
+        settings = chaos_settings(env)
+        simulator.faults(gateway_outage=True)
+        with processes(settings, tmp_path) as start:
+            start()
+            simulator.start(records=RECORDS, seed=seed, profile="hostile", rate=RATE)
+
+            def offline_stored() -> bool:
+                rows = env.query("SELECT count(*) FROM payments WHERE payment_type = 'offline'")
+                return int(rows[0][0]) > 20
+
+            wait_for(offline_stored, 60, "offline payments stored during the outage")
+            assert env.query("SELECT count(*) FROM payments WHERE payment_type = 'online'") == [
+                (0,)
+            ]
+            simulator.faults(gateway_outage=False)
+            check(env, simulator, settings, "gateway-outage", seed, time.monotonic())
+
+
+@pytest.mark.parametrize("seed", seeds("log-outage"))
+def test_log_service_outage(stack: Stack, tmp_path: Path, seed: int) -> None:
+    """Reports queue durably while the log service is down and all arrive afterwards."""
+    env = new_env(stack)
+    with running_simulator(env) as simulator:
+        settings = chaos_settings(env)
+        simulator.faults(log_outage=True)
+        with processes(settings, tmp_path) as start:
+            start()
+            simulator.start(records=RECORDS, seed=seed, profile="hostile", rate=RATE)
+            wait_for(_produced_at_least(simulator, 1.0), 60, "the stream")
+            assert simulator.logs() == []
+            simulator.faults(log_outage=False)
+            check(env, simulator, settings, "log-outage", seed, time.monotonic())
+
+
+@pytest.mark.parametrize("seed", seeds("crash"))
+def test_kill_9_at_random_moments(stack: Stack, tmp_path: Path, seed: int) -> None:
+    """The processor is killed with SIGKILL several times mid-stream and restarted."""
+    rng = random.Random(seed)
+    env = new_env(stack)
+    with running_simulator(env) as simulator:
+        settings = chaos_settings(env, batch_size=20)
+        with processes(settings, tmp_path) as start:
+            proc = start()
+            simulator.start(records=RECORDS, seed=seed, profile="hostile", rate=RATE)
+            for kill_at in sorted(rng.uniform(0.1, 0.9) for _ in range(3)):
+                wait_for(_produced_at_least(simulator, kill_at), 60, "the stream")
+                wait_for(
+                    lambda: env.query("SELECT count(*) FROM payments")[0][0] > 0,
+                    60,
+                    "some progress",
+                )
+                proc.kill()
+                proc = start()
+            check(env, simulator, settings, "crash", seed, time.monotonic())
+
+
+@contextlib.contextmanager
+def private_postgres(folder: Path) -> Iterator[tuple[EmbeddedPostgres, str]]:
+    server = EmbeddedPostgres(folder / "pg")
+    server.start()
+    try:
+        import psycopg
+
+        with psycopg.connect(server.url(), autocommit=True) as conn:
+            conn.execute(f"CREATE ROLE {DB_USER} LOGIN PASSWORD '{DB_PASSWORD}'")
+        create_database(server.url(), DB_NAME)
+        url = server.url(DB_NAME, DB_USER, DB_PASSWORD)
+        load_original_schema(url)
+        yield server, url
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize("seed", seeds("database-outage"))
+def test_database_outage_and_restart(stack: Stack, tmp_path: Path, seed: int) -> None:
+    """The database stops mid-stream: nothing is committed meanwhile, and when it is back the
+    processor resumes with nothing lost and nothing doubled."""
+    with private_postgres(tmp_path / str(seed)) as (server, url):
+        env = new_env(stack, database_url=url)
+        with running_simulator(env) as simulator:
+            settings = chaos_settings(env, db_retry_max_s=1.0)
+            with processes(settings, tmp_path) as start:
+                start()
+                simulator.start(records=RECORDS, seed=seed, profile="hostile", rate=RATE)
+                wait_for(_produced_at_least(simulator, 0.3), 60, "the stream")
+                server.stop()
+                wait_for(_produced_at_least(simulator, 1.0), 60, "the stream's end")
+                server.start()
+                check(env, simulator, settings, "database-outage", seed, time.monotonic())
+
+
+@pytest.mark.parametrize("seed", seeds("broker-restart"))
+def test_broker_restart(stack: Stack, tmp_path: Path, seed: int) -> None:
+    """The broker restarts while the processor consumes and reports."""
+    broker = KafkaBroker(tmp_path / f"kafka-{seed}", stack.home.parent / "cache")
+    broker.start()
+    try:
+        env = new_env(stack, bootstrap=broker.bootstrap)
+        with running_simulator(env) as simulator:
+            settings = chaos_settings(env)
+            with processes(settings, tmp_path) as start:
+                start()
+                simulator.start(records=RECORDS, seed=seed, profile="hostile", rate=RATE)
+                wait_for(_produced_at_least(simulator, 0.4), 60, "the stream")
+                broker.stop()
+                broker.start()
+                check(env, simulator, settings, "broker-restart", seed, time.monotonic())
+    finally:
+        broker.stop()
+
+
+@pytest.mark.parametrize("seed", seeds("scale-out"))
+def test_scale_out_with_joins_leaves_and_kills(stack: Stack, tmp_path: Path, seed: int) -> None:
+    """Three instances in one group; one joins late, one leaves, one is killed: no loss, no
+    double effect."""
+    env = new_env(stack)
+    with running_simulator(env) as simulator:
+        settings = chaos_settings(env, batch_size=20)
+        with processes(settings, tmp_path) as start:
+            first, second = start(), start()
+            simulator.start(records=RECORDS, seed=seed, profile="hostile", rate=RATE)
+            wait_for(_produced_at_least(simulator, 0.25), 60, "the stream")
+            third = start()
+            wait_for(_produced_at_least(simulator, 0.5), 60, "the stream")
+            first.kill()
+            wait_for(_produced_at_least(simulator, 0.75), 60, "the stream")
+            assert second.terminate() == 0
+            check(env, simulator, settings, "scale-out", seed, time.monotonic())
+            assert third.process.poll() is None
+
+
+@pytest.mark.parametrize("seed", seeds("poison"))
+def test_poison_records_are_kept_and_block_nothing(stack: Stack, tmp_path: Path, seed: int) -> None:
+    """Huge, deeply nested and non-UTF-8 records, amid a normal stream, are each kept as `other`."""
+    env = new_env(stack)
+    with running_simulator(env) as simulator:
+        settings = chaos_settings(env)
+        poison = [
+            b'{"payment_id": "huge", "pad": "' + b"x" * 3_000_000 + b'"}',
+            b"[" * 100_000 + b"]" * 100_000,
+            b'{"payment_id": "\xc3\x28"}',
+            b'{"payment_id": "big", "account_id": 1, "payment_type": "offline",'
+            b' "credit_card": "", "amount": 123456789012345678901234567890}',
+        ]
+        producer = Producer({"bootstrap.servers": env.bootstrap, "message.max.bytes": 10_000_000})
+        for value in poison:
+            producer.produce(env.offline_topic, value)
+        assert producer.flush(10) == 0
+        with processes(settings, tmp_path) as start:
+            start()
+            simulator.start(records=RECORDS, seed=seed, profile="hostile", rate=0)
+            started = time.monotonic()
+            wait_for(lambda: settled(env, simulator, settings), 120, "poison to settle")
+            kept = env.query(
+                "SELECT count(*) FROM paystream.kept_records"
+                " WHERE topic = %s AND error_type = 'other' AND reason IN ('malformed', 'invalid')"
+                " AND octet_length(raw) IN (%s, %s, %s, %s)",
+                (env.offline_topic, *(len(v) for v in poison)),
+            )
+            assert kept == [(4,)]
+            report = reconcile_now(env, simulator, settings)
+            # The poison records are outside the ledger: the oracle covers the rest.
+            report.records += len(poison)
+            record("poison", seed, report, time.monotonic() - started)
+            assert report.ok, report.problems
+
+
+@pytest.fixture(scope="module", autouse=True)
+def write_report() -> Iterator[None]:
+    yield
+    if REPORT:
+        from tests.chaos_report import write
+
+        write(REPORT)
