@@ -7,9 +7,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from datetime import datetime
 
+import psycopg
 import psycopg_pool
 
 from paystream import store
+from paystream.errors import DatabaseUnavailable
 from paystream.pipeline import BatchResult, Pipeline
 
 
@@ -30,18 +32,21 @@ async def replay(
     total = BatchResult()
     after = 0
     while True:
-        async with pool.connection() as conn:
-            rows = await store.list_kept(
-                conn,
-                ids=ids,
-                error_type=error_type,
-                reason=reason,
-                since=since,
-                unresolved_only=True,
-                max_replays=max_replays,
-                after_id=after,
-                limit=batch,
-            )
+        try:
+            async with pool.connection() as conn:
+                rows = await store.list_kept(
+                    conn,
+                    ids=ids,
+                    error_type=error_type,
+                    reason=reason,
+                    since=since,
+                    unresolved_only=True,
+                    max_replays=max_replays,
+                    after_id=after,
+                    limit=batch,
+                )
+        except (psycopg.OperationalError, psycopg_pool.PoolTimeout) as exc:
+            raise DatabaseUnavailable(f"database unavailable: {type(exc).__name__}") from exc
         if not rows:
             return total
         after = rows[-1].id
