@@ -23,7 +23,16 @@ import pytest
 
 from paystream.app import Totals, run_processor
 from paystream.config import Settings
-from paystream.devenv.stack import Simulator, Stack
+from paystream.devenv.postgres import EmbeddedPostgres
+from paystream.devenv.stack import (
+    DB_NAME,
+    DB_PASSWORD,
+    DB_USER,
+    Simulator,
+    Stack,
+    create_database,
+    load_original_schema,
+)
 
 _counter = itertools.count()
 
@@ -185,11 +194,11 @@ async def async_wait_for(condition: Callable[[], bool], timeout_s: float, what: 
 
 
 @contextlib.asynccontextmanager
-async def processor(settings: Settings) -> AsyncIterator[Totals]:
+async def processor(settings: Settings, *, serve_web: bool = False) -> AsyncIterator[Totals]:
     """Run the processor in this event loop; stop it (gracefully) on exit."""
     stop = asyncio.Event()
     totals = Totals()
-    task = asyncio.create_task(run_processor(settings, stop, totals=totals, serve_web=False))
+    task = asyncio.create_task(run_processor(settings, stop, totals=totals, serve_web=serve_web))
     try:
         yield totals
     finally:
@@ -285,3 +294,18 @@ def settled(env: Env, simulator: SimulatorClient, settings: Settings) -> bool:
         and unreported(env) == 0
         and unresolved_gateway_failures(env) == 0
     )
+
+
+@contextlib.contextmanager
+def private_postgres(folder: Path) -> Iterator[tuple[EmbeddedPostgres, str]]:
+    server = EmbeddedPostgres(folder / "pg")
+    server.start()
+    try:
+        with psycopg.connect(server.url(), autocommit=True) as conn:
+            conn.execute(f"CREATE ROLE {DB_USER} LOGIN PASSWORD '{DB_PASSWORD}'")
+        create_database(server.url(), DB_NAME)
+        url = server.url(DB_NAME, DB_USER, DB_PASSWORD)
+        load_original_schema(url)
+        yield server, url
+    finally:
+        server.stop()

@@ -22,14 +22,8 @@ import pytest
 from confluent_kafka import Producer
 
 from paystream.devenv.kafka import KafkaBroker
-from paystream.devenv.postgres import EmbeddedPostgres
 from paystream.devenv.stack import (
-    DB_NAME,
-    DB_PASSWORD,
-    DB_USER,
     Stack,
-    create_database,
-    load_original_schema,
 )
 from paystream.reconcile import Reconciliation
 from tests.conftest import (
@@ -37,6 +31,7 @@ from tests.conftest import (
     ProcessorProcess,
     SimulatorClient,
     new_env,
+    private_postgres,
     reconcile_now,
     running_simulator,
     settled,
@@ -199,23 +194,6 @@ def test_kill_9_at_random_moments(stack: Stack, tmp_path: Path, seed: int) -> No
                 proc.kill()
                 proc = start()
             check(env, simulator, settings, "crash", seed, time.monotonic())
-
-
-@contextlib.contextmanager
-def private_postgres(folder: Path) -> Iterator[tuple[EmbeddedPostgres, str]]:
-    server = EmbeddedPostgres(folder / "pg")
-    server.start()
-    try:
-        import psycopg
-
-        with psycopg.connect(server.url(), autocommit=True) as conn:
-            conn.execute(f"CREATE ROLE {DB_USER} LOGIN PASSWORD '{DB_PASSWORD}'")
-        create_database(server.url(), DB_NAME)
-        url = server.url(DB_NAME, DB_USER, DB_PASSWORD)
-        load_original_schema(url)
-        yield server, url
-    finally:
-        server.stop()
 
 
 @pytest.mark.parametrize("seed", seeds("database-outage"))

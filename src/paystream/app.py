@@ -175,9 +175,14 @@ async def run_processor(
         runner = None
         try:
             if serve_web:
-                runner = web.AppRunner(
-                    make_app(lambda: {"database": consumer.database_ok}), access_log=None
-                )
+
+                async def ready() -> dict[str, bool]:
+                    return {
+                        "database": await database_answers(pool),
+                        "broker": kafka.broker_ok,
+                    }
+
+                runner = web.AppRunner(make_app(ready), access_log=None)
                 await runner.setup()
                 await web.TCPSite(runner, settings.web_host, settings.web_port).start()
                 log.info("metrics and health on http://%s:%d", settings.web_host, settings.web_port)
@@ -189,6 +194,15 @@ async def run_processor(
             if runner is not None:
                 await runner.cleanup()
             await kafka.close()
+
+
+async def database_answers(pool: psycopg_pool.AsyncConnectionPool) -> bool:
+    try:
+        async with asyncio.timeout(2), pool.connection(timeout=2) as conn:
+            await conn.execute("SELECT 1")
+    except (TimeoutError, psycopg.Error, psycopg_pool.PoolTimeout):
+        return False
+    return True
 
 
 async def check_database(url: str) -> None:

@@ -45,11 +45,14 @@ class KafkaConsumer:
         self._consumer: Consumer | None = None
         self.assignment: set[tuple[str, int]] = set()
         self._paused = False
+        self.broker_ok = True
 
     async def _call(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
     def _on_error(self, error: KafkaError) -> None:
+        if error.code() == KafkaError._ALL_BROKERS_DOWN:
+            self.broker_ok = False
         log.warning("kafka: %s", error)
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
@@ -76,6 +79,12 @@ class KafkaConsumer:
 
     def _consume(self, max_records: int, timeout_s: float) -> list[Record]:
         assert self._consumer is not None
+        if not self.broker_ok:
+            try:
+                self._consumer.list_topics(self._topics[0], timeout=0.5)
+                self.broker_ok = True
+            except KafkaException:
+                pass
         records = []
         for message in self._consumer.consume(max_records, timeout_s):
             error = message.error()

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+Checks = Callable[[], Awaitable[dict[str, bool]]]
 
-def make_app(ready: Callable[[], dict[str, bool]]) -> web.Application:
+
+def make_app(ready: Checks) -> web.Application:
     async def metrics(_: web.Request) -> web.Response:
         return web.Response(body=generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
@@ -16,11 +18,9 @@ def make_app(ready: Callable[[], dict[str, bool]]) -> web.Application:
         return web.json_response({"live": True})
 
     async def readiness(_: web.Request) -> web.Response:
-        checks = ready()
-        return web.json_response(
-            {"ready": all(checks.values()), "checks": checks},
-            status=200 if all(checks.values()) else 503,
-        )
+        checks = await ready()
+        ok = all(checks.values())
+        return web.json_response({"ready": ok, "checks": checks}, status=200 if ok else 503)
 
     app = web.Application()
     app.router.add_get("/metrics", metrics)
