@@ -242,11 +242,7 @@ def reconcile_now(env: Env, simulator: SimulatorClient, settings: Settings) -> A
 
 def settings_env(settings: Settings) -> dict[str, str]:
     """The environment that gives a `paystream` subprocess these settings."""
-    variables = {"PATH": os.environ["PATH"]}
-    for name, value in settings.model_dump().items():
-        if value is not None:
-            variables[f"PAYSTREAM_{name.upper()}"] = str(value)
-    return variables
+    return {"PATH": os.environ["PATH"], **settings.as_env()}
 
 
 class ProcessorProcess:

@@ -23,7 +23,8 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 console = Console(stderr=True)
-out = Console()
+# Piped output keeps whole table rows rather than wrapping them at 80 columns.
+out = Console(width=None if sys.stdout.isatty() else 200)
 
 
 def _fail(exc: PaystreamError) -> typer.Exit:
@@ -292,3 +293,54 @@ def demo(
 
         out.print(report_table(report))
     raise typer.Exit(0 if report.ok else 1)
+
+
+@app.command()
+def bench(
+    quick: Annotated[bool, typer.Option(help="tiny sizes, to check the command works")] = False,
+    home: Path = Path(".paystream/bench"),
+    as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
+) -> None:
+    """Measure throughput, latency, CPU and memory on local infrastructure, next to the ceilings
+    measured in the same run (consumer read rate, database insert rate, gateway, Little's law).
+
+    Example: paystream bench --json > bench.json
+    """
+    import shutil
+
+    from paystream import bench as benchmark
+
+    if home.exists():
+        shutil.rmtree(home)
+    sizes = benchmark.Sizes.quick() if quick else benchmark.Sizes()
+    try:
+        result = benchmark.run(home, sizes, lambda text: console.print(f"[dim]{text}[/]"))
+    except PaystreamError as exc:
+        raise _fail(exc) from exc
+    if as_json:
+        sys.stdout.write(json.dumps(result) + "\n")
+        return
+    table = Table(title="paystream bench")
+    columns = (
+        "name",
+        "payments",
+        "payments_per_s",
+        "ceiling_per_s",
+        "ceiling_ratio",
+        "p50_ms",
+        "p99_ms",
+        "cpu_s_per_1000",
+        "peak_rss_mb",
+        "bound_by",
+    )
+    for column in columns:
+        table.add_column(column, justify="left" if column in ("name", "bound_by") else "right")
+    for workload in result["workloads"]:
+        table.add_row(*(str(workload[c]) for c in columns))
+    out.print(table)
+    ceilings = Table(title="ceilings measured in the same run")
+    ceilings.add_column("ceiling")
+    ceilings.add_column("per second", justify="right")
+    for name, value in result["ceilings"].items():
+        ceilings.add_row(name, f"{value:,.0f}")
+    out.print(ceilings)

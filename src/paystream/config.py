@@ -37,3 +37,11 @@ class Settings(BaseSettings):
     web_host: str = "127.0.0.1"
     web_port: int = Field(default=8000, ge=0, le=65535)
     log_level: str = "info"
+
+    def as_env(self) -> dict[str, str]:
+        """The PAYSTREAM_* variables that give another process these settings."""
+        return {
+            f"PAYSTREAM_{name.upper()}": str(value)
+            for name, value in self.model_dump().items()
+            if value is not None
+        }

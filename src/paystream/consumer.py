@@ -80,10 +80,10 @@ class BatchConsumer:
                     # Every slot is busy (the database may be down): stop fetching, but keep
                     # calling consume so the group does not evict us.
                     await self._kafka.pause()
-                    pending += await self._kafka.consume(self._batch_size, 0.1)
+                    pending += await self._kafka.consume(self._batch_size, 0.05)
                     continue
                 await self._kafka.resume()
-                records = pending or await self._kafka.consume(self._batch_size, 0.1)
+                records = pending or await self._kafka.consume(self._batch_size, 0.05)
                 pending = []
                 if not records:
                     self._slots.release()

@@ -37,6 +37,8 @@ class KafkaConsumer:
             "heartbeat.interval.ms": 1_000,
             "max.poll.interval.ms": 300_000,
             "fetch.wait.max.ms": 50,
+            # Bound prefetched memory whatever the backlog (librdkafka's default is 64 MiB).
+            "queued.max.messages.kbytes": 16_384,
             "error_cb": self._on_error,
             **overrides,
         }

@@ -1,0 +1,462 @@
+"""`paystream bench`: how fast the processor drains a backlog, next to the ceilings it could reach.
+
+Everything runs on this machine: broker, database, gateway (the simulator with a fixed latency)
+and the processor, which runs as its own process so its CPU time and peak RSS can be read from
+/proc. Ceilings are measured in the same run: raw consumer read rate, raw batched insert rate,
+the gateway's own capacity and the Little's-law bound (in-flight limit ÷ gateway latency).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+import psycopg
+from confluent_kafka import Consumer, Producer
+
+from paystream import store
+from paystream.config import Settings
+from paystream.devenv.processes import free_port
+from paystream.devenv.stack import Simulator, Stack
+from paystream.model import Payment, PaymentType
+from paystream.reconcile import committed_lag
+from paystream.simulator.streams import Profile, plan
+
+Progress = Callable[[str], None]
+
+
+@dataclass(slots=True, kw_only=True)
+class Workload:
+    name: str
+    payments: int
+    payments_per_s: float
+    ceiling_per_s: float
+    ceiling_ratio: float
+    p50_ms: float
+    p99_ms: float
+    cpu_s_per_1000: float
+    peak_rss_mb: float
+    bound_by: str
+    seconds: float
+    instances: int = 1
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Sizes:
+    offline: int = 200_000
+    online: int = 50_000
+    mix: int = 100_000
+    memory: int = 1_000_000
+    steady_s: float = 10.0
+
+    @classmethod
+    def quick(cls) -> Sizes:
+        return cls(offline=5_000, online=1_000, mix=2_000, memory=10_000, steady_s=2.0)
+
+
+def _document(rng: random.Random, payment_type: str) -> bytes:
+    return orjson.dumps(
+        {
+            "payment_id": str(uuid.UUID(int=rng.getrandbits(128), version=4)),
+            "account_id": rng.randint(1, 2000),
+            "payment_type": payment_type,
+            "credit_card": "4111111111111111" if payment_type == "online" else "",
+            "amount": rng.randint(1, 500),
+        }
+    )
+
+
+def _produce(bootstrap: str, messages: list[tuple[str, bytes]]) -> None:
+    producer = Producer(
+        {"bootstrap.servers": bootstrap, "linger.ms": 20, "batch.num.messages": 10_000}
+    )
+    for topic, value in messages:
+        while True:
+            try:
+                producer.produce(topic, value)
+                break
+            except BufferError:
+                producer.poll(0.05)
+    producer.flush(120)
+
+
+def _proc_cpu_s(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    ticks = os.sysconf("SC_CLK_TCK")
+    return (int(fields[11]) + int(fields[12])) / ticks
+
+
+def _peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def _ready(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=1) as response:
+            return bool(response.status == 200)
+    except OSError:
+        return False
+
+
+class Bench:
+    def __init__(self, stack: Stack, gateway: Simulator, progress: Progress) -> None:
+        self.stack = stack
+        self.gateway = gateway
+        self.progress = progress
+        self._n = 0
+
+    def fresh(self, partitions: int = 3) -> Settings:
+        self._n += 1
+        name = f"b{self._n}_{int(time.time())}"
+        topics = [f"online_{name}", f"offline_{name}"]
+        self.stack.create_topics(topics, partitions)
+        return self.stack.settings(
+            database_url=self.stack.fresh_database(f"bench_{name}"),
+            online_topic=topics[0],
+            offline_topic=topics[1],
+            group_id=f"bench-{name}",
+            gateway_url=self.gateway.url,
+            log_url=self.gateway.url,
+        )
+
+    def set_latency(self, latency_ms: float) -> None:
+        request = urllib.request.Request(
+            self.gateway.url + "/faults",
+            data=orjson.dumps({"latency_ms": latency_ms, "max_delay_ms": max(latency_ms, 1)}),
+            headers={"Content-Type": "application/json"},
+            method="POST",
+        )
+        with urllib.request.urlopen(request, timeout=10):
+            pass
+
+    def drain(
+        self, settings: Settings, records: int, instances: int = 1, *, measure_from_start: bool
+    ) -> tuple[float, float, float, float, float]:
+        """Start processors on the backlog; return (seconds, cpu_s, peak_rss_mb, p50, p99)."""
+        topics = [settings.online_topic, settings.offline_topic]
+        procs = []
+        ports = []
+        for i in range(instances):
+            port = free_port()
+            ports.append(port)
+            env = {**os.environ, **settings.model_copy(update={"web_port": port}).as_env()}
+            env["PAYSTREAM_LOG_LEVEL"] = "warning"
+            log = (self.stack.home / f"processor-{settings.group_id}-{i}.log").open("ab")
+            procs.append(
+                subprocess.Popen(
+                    [sys.executable, "-m", "paystream", "run"], env=env, stdout=log, stderr=log
+                )
+            )
+        try:
+            urls = [f"http://127.0.0.1:{port}/health/ready" for port in ports]
+            _wait(lambda: all(_ready(url) for url in urls), 60)
+            started_wall = time.time()
+            started = time.monotonic()
+            cpu0 = sum(_proc_cpu_s(p.pid) for p in procs)
+            _wait(
+                lambda: (
+                    committed_lag(settings.kafka_bootstrap_servers, settings.group_id, topics) == 0
+                ),
+                1800,
+                poll_s=0.1,
+            )
+            seconds = time.monotonic() - started
+            cpu = sum(_proc_cpu_s(p.pid) for p in procs) - cpu0
+            rss = max(_peak_rss_mb(p.pid) for p in procs)
+        finally:
+            for p in procs:
+                p.terminate()
+            for p in procs:
+                p.wait(60)
+        since = started_wall * 1000 if measure_from_start else 0
+        p50, p99 = _latency(settings.database_url, since)
+        return seconds, cpu, rss, p50, p99
+
+
+def _wait(condition: Callable[[], bool], timeout_s: float, poll_s: float = 0.1) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError("benchmark step timed out")
+        time.sleep(poll_s)
+
+
+def _latency(database_url: str, since_ms: float) -> tuple[float, float]:
+    """Produce (or processor start, for a backlog) → stored, over stored payments."""
+    with psycopg.connect(database_url) as conn:
+        row = conn.execute(
+            """
+            SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY ms),
+                   percentile_cont(0.99) WITHIN GROUP (ORDER BY ms)
+            FROM (SELECT extract(epoch FROM stored_at) * 1000 - greatest(kafka_ts, %s) AS ms
+                  FROM paystream.payment_origins) AS t
+            """,
+            (since_ms,),
+        ).fetchone()
+    return (float(row[0] or 0), float(row[1] or 0)) if row else (0.0, 0.0)
+
+
+def consumer_ceiling(settings: Settings, records: int) -> float:
+    """How fast one Python consumer reads the backlog, doing nothing with it."""
+    consumer = Consumer(
+        {
+            "bootstrap.servers": settings.kafka_bootstrap_servers,
+            "group.id": f"raw-{uuid.uuid4()}",
+            "auto.offset.reset": "earliest",
+            "enable.auto.commit": False,
+        }
+    )
+    consumer.subscribe([settings.online_topic, settings.offline_topic])
+    read = 0
+    started = 0.0
+    deadline = time.monotonic() + 300
+    while read < records and time.monotonic() < deadline:
+        batch = consumer.consume(1000, 0.5)
+        if batch and not started:
+            started = time.monotonic()
+        read += sum(1 for m in batch if m.error() is None)
+    elapsed = time.monotonic() - started
+    consumer.close()
+    return read / elapsed if elapsed > 0 else 0.0
+
+
+async def database_ceiling(database_url: str, records: int, batch: int = 500) -> float:
+    """How fast the database takes the same rows through the same statements, in batches."""
+    rng = random.Random(1)
+    payments = [
+        Payment(
+            payment_id=str(uuid.UUID(int=rng.getrandbits(128), version=4)),
+            account_id=rng.randint(1, 2000),
+            payment_type=PaymentType.OFFLINE,
+            credit_card="",
+            amount=rng.randint(1, 500),
+        )
+        for _ in range(records)
+    ]
+    async with await psycopg.AsyncConnection.connect(database_url) as conn:
+        started = time.monotonic()
+        for i in range(0, records, batch):
+            chunk = payments[i : i + batch]
+            async with conn.transaction():
+                await store.lock_accounts(conn, [p.account_id for p in chunk])
+                inserted = await store.insert_payments(conn, chunk)
+                await store.stamp_accounts(conn, inserted)
+        return records / (time.monotonic() - started)
+
+
+async def gateway_capacity(url: str, calls: int, concurrency: int) -> float:
+    """Requests per second the gateway answers at this concurrency."""
+    body = _document(random.Random(2), "online")
+    slots = asyncio.Semaphore(concurrency)
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    async with aiohttp.ClientSession(connector=connector) as session:
+
+        async def one() -> None:
+            async with slots, session.post(url + "/payment", data=body) as response:
+                await response.read()
+
+        started = time.monotonic()
+        await asyncio.gather(*(one() for _ in range(calls)))
+        return calls / (time.monotonic() - started)
+
+
+def _workload(
+    name: str,
+    records: int,
+    seconds: float,
+    cpu: float,
+    rss: float,
+    p50: float,
+    p99: float,
+    ceilings: dict[str, float],
+    instances: int = 1,
+) -> Workload:
+    rate = records / seconds
+    bound_name, ceiling = min(ceilings.items(), key=lambda item: item[1])
+    utilisation = cpu / seconds / instances
+    bound_by = (
+        f"processor CPU ({utilisation:.0%} of a core per instance)"
+        if utilisation > 0.85
+        else f"{bound_name} ceiling"
+    )
+    return Workload(
+        name=name,
+        payments=records,
+        payments_per_s=round(rate, 1),
+        ceiling_per_s=round(ceiling, 1),
+        ceiling_ratio=round(rate / ceiling, 3),
+        p50_ms=round(p50, 1),
+        p99_ms=round(p99, 1),
+        cpu_s_per_1000=round(cpu / records * 1000, 3),
+        peak_rss_mb=round(rss, 1),
+        bound_by=bound_by,
+        seconds=round(seconds, 2),
+        instances=instances,
+    )
+
+
+def run(home: Path, sizes: Sizes, progress: Progress) -> dict[str, Any]:
+    stack = Stack(home)
+    with stack:
+        gateway = Simulator(home, stack.settings())
+        gateway.start("--latency-ms", "20", "--rate", "0", "--decline-rate", "0.1")
+        try:
+            return _run(Bench(stack, gateway, progress), sizes)
+        finally:
+            gateway.stop()
+
+
+def _run(bench: Bench, sizes: Sizes) -> dict[str, Any]:
+    progress = bench.progress
+    rng = random.Random(42)
+    defaults = Settings()
+    in_flight = defaults.gateway_max_in_flight
+    workloads: list[Workload] = []
+    ceilings: dict[str, float] = {}
+
+    # offline: consumer and database ceilings on the same rows
+    settings = bench.fresh()
+    progress(f"offline: preloading {sizes.offline} records")
+    _produce(
+        settings.kafka_bootstrap_servers,
+        [(settings.offline_topic, _document(rng, "offline")) for _ in range(sizes.offline)],
+    )
+    ceilings["consumer_read_per_s"] = consumer_ceiling(settings, sizes.offline)
+    scratch = bench.fresh()
+    ceilings["database_insert_per_s"] = asyncio.run(
+        database_ceiling(scratch.database_url, sizes.offline)
+    )
+    base = {
+        "consumer": ceilings["consumer_read_per_s"],
+        "database": ceilings["database_insert_per_s"],
+    }
+    progress("offline: draining")
+    result = bench.drain(settings, sizes.offline, measure_from_start=True)
+    workloads.append(_workload("offline", sizes.offline, *result, ceilings=base))
+
+    progress("offline with 2 instances (6 partitions)")
+    settings = bench.fresh(partitions=6)
+    _produce(
+        settings.kafka_bootstrap_servers,
+        [(settings.offline_topic, _document(rng, "offline")) for _ in range(sizes.offline)],
+    )
+    result = bench.drain(settings, sizes.offline, instances=2, measure_from_start=True)
+    workloads.append(
+        _workload("offline-2-instances", sizes.offline, *result, ceilings=base, instances=2)
+    )
+
+    for latency_ms in (20, 100):
+        bench.set_latency(latency_ms)
+        capacity = asyncio.run(
+            gateway_capacity(bench.gateway.url, min(5000, sizes.online), in_flight)
+        )
+        little = in_flight / (latency_ms / 1000)
+        ceilings[f"gateway_capacity_{latency_ms}ms_per_s"] = capacity
+        ceilings[f"littles_law_{latency_ms}ms_per_s"] = little
+        settings = bench.fresh()
+        progress(f"online-{latency_ms}ms: preloading {sizes.online} records")
+        _produce(
+            settings.kafka_bootstrap_servers,
+            [(settings.online_topic, _document(rng, "online")) for _ in range(sizes.online)],
+        )
+        result = bench.drain(settings, sizes.online, measure_from_start=True)
+        workloads.append(
+            _workload(
+                f"online-{latency_ms}ms",
+                sizes.online,
+                *result,
+                ceilings={**base, "gateway capacity": capacity, "Little's law": little},
+            )
+        )
+
+    bench.set_latency(20)
+    settings = bench.fresh()
+    planned = plan(Profile.ORIGINAL, records=sizes.mix, seed=3, decline_rate=0.1)
+    topic = {"online": settings.online_topic, "offline": settings.offline_topic}
+    progress(f"original-mix: preloading {sizes.mix} records")
+    _produce(settings.kafka_bootstrap_servers, [(topic[p.topic_type], p.value) for p in planned])
+    online_share = len({p.payment_id for p in planned if p.topic_type == "online"}) / len(planned)
+    result = bench.drain(settings, sizes.mix, measure_from_start=True)
+    mix_ceilings = {
+        **base,
+        "gateway capacity": ceilings["gateway_capacity_20ms_per_s"] / online_share,
+        "Little's law": ceilings["littles_law_20ms_per_s"] / online_share,
+    }
+    workloads.append(_workload("original-mix", sizes.mix, *result, ceilings=mix_ceilings))
+
+    progress(f"steady 1000/s for {sizes.steady_s:.0f} s (true produce → stored latency)")
+    workloads.append(_steady(bench, rng, 1000, sizes.steady_s, base))
+
+    progress(f"memory: {sizes.memory} record backlog")
+    settings = bench.fresh()
+    _produce(
+        settings.kafka_bootstrap_servers,
+        [(settings.offline_topic, _document(rng, "offline")) for _ in range(sizes.memory)],
+    )
+    result = bench.drain(settings, sizes.memory, measure_from_start=True)
+    workloads.append(_workload("offline-1m-backlog", sizes.memory, *result, ceilings=base))
+    return {
+        "workloads": [asdict(w) for w in workloads],
+        "ceilings": {k: round(v, 1) for k, v in ceilings.items()},
+    }
+
+
+def _steady(
+    bench: Bench, rng: random.Random, rate: int, seconds: float, base: dict[str, float]
+) -> Workload:
+    """A steady offline+online load while the processor runs: true end-to-end latency."""
+    settings = bench.fresh()
+    port = free_port()
+    env = {**os.environ, **settings.model_copy(update={"web_port": port}).as_env()}
+    env["PAYSTREAM_LOG_LEVEL"] = "warning"
+    log = (bench.stack.home / "processor-steady.log").open("ab")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "paystream", "run"], env=env, stdout=log, stderr=log
+    )
+    try:
+        _wait(lambda: _ready(f"http://127.0.0.1:{port}/health/ready"), 60)
+        producer = Producer({"bootstrap.servers": settings.kafka_bootstrap_servers, "linger.ms": 1})
+        total = int(rate * seconds)
+        cpu0 = _proc_cpu_s(proc.pid)
+        started = time.monotonic()
+        for i in range(total):
+            kind = "online" if rng.random() < 0.69 else "offline"
+            producer.produce(
+                settings.online_topic if kind == "online" else settings.offline_topic,
+                _document(rng, kind),
+            )
+            producer.poll(0)
+            wait = started + (i + 1) / rate - time.monotonic()
+            if wait > 0:
+                time.sleep(wait)
+        producer.flush(30)
+        topics = [settings.online_topic, settings.offline_topic]
+        _wait(
+            lambda: committed_lag(settings.kafka_bootstrap_servers, settings.group_id, topics) == 0,
+            120,
+        )
+        elapsed = time.monotonic() - started
+        cpu = _proc_cpu_s(proc.pid) - cpu0
+        rss = _peak_rss_mb(proc.pid)
+    finally:
+        proc.terminate()
+        proc.wait(60)
+    p50, p99 = _latency(settings.database_url, 0)
+    workload = _workload("steady-1000-per-s", total, elapsed, cpu, rss, p50, p99, ceilings=base)
+    workload.bound_by = "offered load (1000/s)"
+    return workload
