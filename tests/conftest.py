@@ -305,3 +305,23 @@ def private_postgres(folder: Path) -> Iterator[tuple[EmbeddedPostgres, str]]:
         yield server, url
     finally:
         server.stop()
+
+
+async def http_status(url: str) -> int | None:
+    import aiohttp
+
+    try:
+        async with aiohttp.ClientSession() as session, session.get(url) as response:
+            return response.status
+    except aiohttp.ClientError:
+        return None
+
+
+async def wait_http_status(url: str, expected: int, timeout_s: float = 30) -> None:
+    """Poll a URL until it answers `expected` (connection refused counts as not yet)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if await http_status(url) == expected:
+            return
+        await asyncio.sleep(0.05)  # poll interval, not a synchronisation
+    raise AssertionError(f"{url} did not answer {expected} within {timeout_s} s")

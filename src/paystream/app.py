@@ -16,6 +16,7 @@ from aiohttp import web
 
 from paystream.config import Settings
 from paystream.consumer import BatchConsumer
+from paystream.dashboard import DashboardState
 from paystream.errors import ConfigurationError, DatabaseUnavailable
 from paystream.gateway import Gateway
 from paystream.kafka import KafkaConsumer
@@ -174,19 +175,36 @@ async def run_processor(
         await kafka.start()
         runner = None
         try:
+
+            async def ready() -> dict[str, bool]:
+                return {"database": await database_answers(pool), "broker": kafka.broker_ok}
+
+            async def replay_one(kept_id: int) -> dict[str, int]:
+                result = await replay(pool, pipeline, set(topic_types(settings)), ids=[kept_id])
+                return {"stored": result.stored, "kept": result.kept}
+
+            dashboard = DashboardState(
+                settings=settings,
+                pool=pool,
+                checks=ready,
+                circuit=lambda: gateway.breaker.state,
+                replay=replay_one,
+            )
             if serve_web:
-
-                async def ready() -> dict[str, bool]:
-                    return {
-                        "database": await database_answers(pool),
-                        "broker": kafka.broker_ok,
-                    }
-
-                runner = web.AppRunner(make_app(ready), access_log=None)
+                warn_if_exposed(settings)
+                runner = web.AppRunner(
+                    make_app(ready, dashboard), access_log=None, shutdown_timeout=2.0
+                )
                 await runner.setup()
                 await web.TCPSite(runner, settings.web_host, settings.web_port).start()
-                log.info("metrics and health on http://%s:%d", settings.web_host, settings.web_port)
+                log.info(
+                    "dashboard, metrics and health on http://%s:%d",
+                    settings.web_host,
+                    settings.web_port,
+                )
             async with asyncio.TaskGroup() as group:
+                if serve_web:
+                    group.create_task(dashboard.refresh_lag(stop))
                 group.create_task(consumer.run(stop))
                 group.create_task(relay.run(stop))
                 group.create_task(revalidate(settings, pool, pipeline, gateway, stop))
@@ -194,6 +212,19 @@ async def run_processor(
             if runner is not None:
                 await runner.cleanup()
             await kafka.close()
+
+
+def warn_if_exposed(settings: Settings) -> None:
+    """Reading needs no credentials, so say loudly when anyone on the network can read."""
+    loopback = settings.web_host in ("127.0.0.1", "localhost", "::1")
+    if not loopback and settings.operator_token is None:
+        log.warning(
+            "THE DASHBOARD IS EXPOSED on %s:%d without PAYSTREAM_OPERATOR_TOKEN: anyone who can "
+            "reach it reads payment metadata (replay stays disabled). Bind to 127.0.0.1 or set "
+            "a token.",
+            settings.web_host,
+            settings.web_port,
+        )
 
 
 async def database_answers(pool: psycopg_pool.AsyncConnectionPool) -> bool:

@@ -36,6 +36,7 @@ class Settings(BaseSettings):
 
     web_host: str = "127.0.0.1"
     web_port: int = Field(default=8000, ge=0, le=65535)
+    operator_token: str | None = Field(default=None, repr=False)
     log_level: str = "info"
 
     def as_env(self) -> dict[str, str]:

@@ -51,23 +51,31 @@ class Reconciliation:
 
 
 @stamina.retry(on=KafkaException, attempts=5, timeout=30)
-def committed_lag(bootstrap: str, group_id: str, topics: list[str]) -> int:
-    """Records between the group's committed offsets and the end of the topics (0: caught up).
+def partition_lag(bootstrap: str, group_id: str, topics: list[str]) -> dict[str, int]:
+    """Per "topic/partition": records between the group's committed offset and the end.
 
     Retried: the group coordinator answers with transient errors while it loads."""
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group_id})
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group_id, "log_level": 0})
     try:
         metadata = consumer.list_topics(timeout=10)
         partitions = [
-            TopicPartition(topic, p) for topic in topics for p in metadata.topics[topic].partitions
+            TopicPartition(topic, p)
+            for topic in topics
+            if topic in metadata.topics
+            for p in metadata.topics[topic].partitions
         ]
-        lag = 0
+        lag = {}
         for tp in consumer.committed(partitions, timeout=10):
             low, high = consumer.get_watermark_offsets(tp, timeout=10, cached=False)
-            lag += high - (tp.offset if tp.offset >= 0 else low)
+            lag[f"{tp.topic}/{tp.partition}"] = high - (tp.offset if tp.offset >= 0 else low)
         return lag
     finally:
         consumer.close()
+
+
+def committed_lag(bootstrap: str, group_id: str, topics: list[str]) -> int:
+    """Records between the group's committed offsets and the end of the topics (0: caught up)."""
+    return sum(partition_lag(bootstrap, group_id, topics).values())
 
 
 def _fields(value: bytes) -> tuple[int, str, str | None, int]:

@@ -373,6 +373,14 @@ async def list_kept(
     return [_kept_row(r) for r in await cursor.fetchall()]
 
 
+async def latest_kept(conn: Conn, limit: int) -> list[KeptRow]:
+    """The most recently kept records, newest first."""
+    cursor = await conn.execute(
+        f"SELECT {_KEPT_COLUMNS} FROM paystream.kept_records ORDER BY id DESC LIMIT %s", (limit,)
+    )
+    return [_kept_row(r) for r in await cursor.fetchall()]
+
+
 async def resolve_kept(conn: Conn, ids: Sequence[RecordId]) -> None:
     """A replay stored these records' payments."""
     if ids:

@@ -7,10 +7,12 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from paystream.dashboard import DashboardState, add_routes
+
 Checks = Callable[[], Awaitable[dict[str, bool]]]
 
 
-def make_app(ready: Checks) -> web.Application:
+def make_app(ready: Checks, dashboard: DashboardState | None = None) -> web.Application:
     async def metrics(_: web.Request) -> web.Response:
         return web.Response(body=generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
@@ -26,4 +28,6 @@ def make_app(ready: Checks) -> web.Application:
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/health/live", live)
     app.router.add_get("/health/ready", readiness)
+    if dashboard is not None:
+        add_routes(app, dashboard)
     return app

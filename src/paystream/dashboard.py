@@ -1,0 +1,208 @@
+"""The live dashboard: a snapshot of this instance and the shared database, every second.
+
+Reading needs no credentials. Replaying needs the operator token (PAYSTREAM_OPERATOR_TOKEN) in an
+`X-Paystream-Token` header: a custom header cannot be sent cross-site without a CORS preflight,
+which we never grant, and a foreign Origin is refused outright. Without a token, read-only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any
+
+import orjson
+import psycopg
+import psycopg_pool
+from aiohttp import web
+from prometheus_client import Counter, Histogram
+
+from paystream import store
+from paystream.config import Settings
+from paystream.metrics import (
+    DB_FAILURES,
+    GATEWAY_CALLS,
+    GATEWAY_SECONDS,
+    KEPT,
+    RECORDS,
+    REDELIVERED,
+    REPORTS,
+    STORED,
+)
+from paystream.reconcile import partition_lag
+
+Replay = Callable[[int], Awaitable[dict[str, int]]]
+Checks = Callable[[], Awaitable[dict[str, bool]]]
+
+
+def _by_label(metric: Counter, label: str) -> dict[str, float]:
+    values: dict[str, float] = {}
+    for family in metric.collect():
+        for sample in family.samples:
+            if sample.name.endswith("_total"):
+                key = sample.labels.get(label, "")
+                values[key] = values.get(key, 0) + sample.value
+    return values
+
+
+def _latency_ms(histogram: Histogram) -> dict[str, float]:
+    """Mean and an upper bound of the 95th percentile, from the histogram's buckets."""
+    buckets: list[tuple[float, float]] = []
+    count = total = 0.0
+    for family in histogram.collect():
+        for sample in family.samples:
+            if sample.name.endswith("_bucket"):
+                buckets.append((float(sample.labels["le"]), sample.value))
+            elif sample.name.endswith("_count"):
+                count = sample.value
+            elif sample.name.endswith("_sum"):
+                total = sample.value
+    p95 = 0.0
+    for bound, cumulative in sorted(buckets):
+        if count and cumulative >= 0.95 * count:
+            p95 = bound
+            break
+    return {"mean": 1000 * total / count if count else 0.0, "p95_le": 1000 * p95}
+
+
+@dataclass(slots=True)
+class DashboardState:
+    """What the page shows; `lag` is refreshed in the background (it asks the broker)."""
+
+    settings: Settings
+    pool: psycopg_pool.AsyncConnectionPool
+    checks: Checks
+    circuit: Callable[[], str]
+    replay: Replay
+    started: float = field(default_factory=time.time)
+    lag: dict[str, int] = field(default_factory=dict)
+
+    async def refresh_lag(self, stop: asyncio.Event) -> None:
+        topics = [self.settings.online_topic, self.settings.offline_topic]
+        while not stop.is_set():
+            with contextlib.suppress(Exception):  # a broker outage shows as stale lag, not a crash
+                self.lag = await asyncio.to_thread(
+                    partition_lag,
+                    self.settings.kafka_bootstrap_servers,
+                    self.settings.group_id,
+                    topics,
+                )
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=2.0)
+
+    async def snapshot(self) -> dict[str, Any]:
+        calls = _by_label(GATEWAY_CALLS, "outcome")
+        answered = sum(v for k, v in calls.items() if k.isdigit() and not k.startswith("5"))
+        database: dict[str, Any] = {"available": True}
+        try:
+            async with asyncio.timeout(3), self.pool.connection(timeout=3) as conn:
+                database["outbox_depth"] = await store.outbox_depth(conn)
+                cursor = await conn.execute(
+                    "SELECT reason, error_type, count(*), count(resolved_at)"
+                    " FROM paystream.kept_records GROUP BY 1, 2 ORDER BY 3 DESC"
+                )
+                database["kept"] = [
+                    {"reason": r, "error_type": t, "count": n, "resolved": res}
+                    for r, t, n, res in await cursor.fetchall()
+                ]
+                database["latest"] = [
+                    {
+                        "id": row.id,
+                        "payment_id": row.payment_id,
+                        "error_type": row.error_type,
+                        "reason": row.reason,
+                        "description": row.description,
+                        "record": f"{row.record.id.topic}/{row.record.id.partition}"
+                        f"@{row.record.id.offset}",
+                        "kept_at": row.kept_at.isoformat(),
+                        "reported": row.reported_at is not None,
+                        "resolved": row.resolved_at is not None,
+                    }
+                    for row in await store.latest_kept(conn, 12)
+                ]
+        except (TimeoutError, psycopg.Error, psycopg_pool.PoolTimeout):
+            database = {"available": False}
+        return {
+            "at": time.time(),
+            "uptime_s": time.time() - self.started,
+            "group": self.settings.group_id,
+            "health": await self.checks(),
+            "circuit": self.circuit(),
+            "records": _by_label(RECORDS, "topic"),
+            "stored": _by_label(STORED, "payment_type"),
+            "kept": _by_label(KEPT, "reason"),
+            "redelivered": sum(_by_label(REDELIVERED, "x").values()),
+            "reports": _by_label(REPORTS, "outcome"),
+            "database_failures": sum(_by_label(DB_FAILURES, "x").values()),
+            "gateway": {
+                "calls": calls,
+                "error_rate": 1 - answered / sum(calls.values()) if calls else 0.0,
+                "latency_ms": _latency_ms(GATEWAY_SECONDS),
+            },
+            "lag": self.lag,
+            "database": database,
+            "can_replay": self.settings.operator_token is not None,
+        }
+
+
+def _static(name: str) -> bytes:
+    return (resources.files("paystream") / "static" / name).read_bytes()
+
+
+_TYPES = {".html": "text/html", ".js": "text/javascript", ".css": "text/css"}
+
+
+def add_routes(app: web.Application, state: DashboardState) -> None:
+    async def page(_: web.Request) -> web.Response:
+        return web.Response(body=_static("dashboard.html"), content_type="text/html")
+
+    async def asset(request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        if name not in ("dashboard.js", "dashboard.css"):
+            raise web.HTTPNotFound()
+        return web.Response(body=_static(name), content_type=_TYPES["." + name.rsplit(".")[-1]])
+
+    async def api_state(_: web.Request) -> web.Response:
+        return web.Response(
+            body=orjson.dumps(await state.snapshot()), content_type="application/json"
+        )
+
+    async def events(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(
+            headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+        )
+        await response.prepare(request)
+        with contextlib.suppress(ConnectionResetError, asyncio.CancelledError):
+            while True:
+                await response.write(b"data: " + orjson.dumps(await state.snapshot()) + b"\n\n")
+                await asyncio.sleep(1.0)  # the feed's refresh period
+        return response
+
+    async def replay(request: web.Request) -> web.Response:
+        token = state.settings.operator_token
+        if token is None:
+            return web.json_response(
+                {"error": "read-only: set PAYSTREAM_OPERATOR_TOKEN to enable replay"}, status=403
+            )
+        origin = request.headers.get("Origin")
+        if origin is not None and origin.split("://", 1)[-1] != request.host:
+            return web.json_response({"error": "cross-site request refused"}, status=403)
+        given = request.headers.get("X-Paystream-Token", "")
+        if not hmac.compare_digest(given.encode(), token.encode()):
+            return web.json_response({"error": "missing or wrong operator token"}, status=401)
+        try:
+            kept_id = int(request.match_info["id"])
+        except ValueError:
+            raise web.HTTPBadRequest() from None
+        return web.json_response(await state.replay(kept_id))
+
+    app.router.add_get("/", page)
+    app.router.add_get("/static/{name}", asset)
+    app.router.add_get("/api/state", api_state)
+    app.router.add_get("/events", events)
+    app.router.add_post("/api/replay/{id}", replay)

@@ -1,0 +1,126 @@
+"""The dashboard in a real headless Chromium, and its access rules."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import aiohttp
+import orjson
+import pytest
+from confluent_kafka import Producer
+
+from paystream.devenv.processes import free_port
+from tests.conftest import (
+    Env,
+    SimulatorClient,
+    async_wait_for,
+    caught_up,
+    processor,
+    wait_http_status,
+)
+
+ARTIFACTS = Path(__file__).parent.parent / "test-artifacts"
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+
+def _produce(env: Env, documents: list[dict[str, object]]) -> None:
+    producer = Producer({"bootstrap.servers": env.bootstrap})
+    for document in documents:
+        producer.produce(env.offline_topic, orjson.dumps(document))
+    assert producer.flush(10) == 0
+
+
+def _offline(pid: str, account_id: int) -> dict[str, object]:
+    return {
+        "payment_id": pid,
+        "account_id": account_id,
+        "payment_type": "offline",
+        "credit_card": "",
+        "amount": 12,
+    }
+
+
+async def test_dashboard_shows_live_numbers_and_replays(
+    env: Env, simulator: SimulatorClient
+) -> None:
+    """The page loads without a CDN, its numbers change as payments flow, and the replay button
+    stores a kept payment once its account exists. Saves test-artifacts/dashboard.png."""
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("no Chromium: install Debian's 'chromium' package to run the browser test")
+    from playwright.async_api import async_playwright
+
+    port = free_port()
+    settings = env.settings(web_port=port, operator_token="s3cret-token")
+    _produce(env, [_offline(f"p{i}", i + 1) for i in range(30)] + [_offline("orphan", 9999)])
+    async with processor(settings, serve_web=True):
+        await async_wait_for(lambda: caught_up(env, settings), 60, "the first records")
+        async with async_playwright() as playwright:
+            browser = await playwright.chromium.launch(
+                executable_path=chromium, args=CHROMIUM_FLAGS
+            )
+            try:
+                page = await browser.new_page(viewport={"width": 1440, "height": 1000})
+                requests: list[str] = []
+                page.on("request", lambda request: requests.append(request.url))
+                await page.goto(f"http://127.0.0.1:{port}/")
+                await page.wait_for_function(
+                    "document.getElementById('t-stored').textContent === '30'", timeout=20_000
+                )
+                assert all(url.startswith(f"http://127.0.0.1:{port}/") for url in requests)
+
+                _produce(env, [_offline(f"q{i}", i + 100) for i in range(20)])
+                await page.wait_for_function(
+                    "document.getElementById('t-stored').textContent === '50'", timeout=20_000
+                )
+                assert "9999" in await page.locator("#latest").inner_text()
+
+                env.execute("INSERT INTO accounts (account_id, email) VALUES (9999, 'x@y.z')")
+                await page.fill("#token", "s3cret-token")
+                kept_id = env.query("SELECT id FROM paystream.kept_records")[0][0]
+                await page.click(f"button.replay[data-id='{kept_id}']")
+                await page.wait_for_function(
+                    "document.getElementById('replay-result').textContent.includes('stored 1')",
+                    timeout=20_000,
+                )
+                await page.wait_for_function(
+                    "document.getElementById('t-stored').textContent === '51'", timeout=20_000
+                )
+                ARTIFACTS.mkdir(exist_ok=True)
+                await page.screenshot(path=str(ARTIFACTS / "dashboard.png"), full_page=True)
+            finally:
+                await browser.close()
+    assert env.query("SELECT resolved_at IS NOT NULL FROM paystream.kept_records") == [(True,)]
+    assert env.query("SELECT count(*) FROM payments WHERE payment_id = 'orphan'") == [(1,)]
+
+
+async def _post(url: str, headers: dict[str, str]) -> int:
+    async with aiohttp.ClientSession() as session, session.post(url, headers=headers) as response:
+        return response.status
+
+
+async def test_replay_needs_the_token_and_refuses_cross_site(env: Env) -> None:
+    """Without a configured token the dashboard is read-only; with one, a wrong token is 401 and
+    a foreign Origin is 403 even with the right token."""
+    port = free_port()
+    async with processor(env.settings(web_port=port), serve_web=True):
+        url = f"http://127.0.0.1:{port}/api/replay/1"
+        await wait_http_status(f"http://127.0.0.1:{port}/health/live", 200)
+        assert await _post(url, {"X-Paystream-Token": "anything"}) == 403
+    port = free_port()
+    async with processor(env.settings(web_port=port, operator_token="t0k"), serve_web=True):
+        url = f"http://127.0.0.1:{port}/api/replay/1"
+        await wait_http_status(f"http://127.0.0.1:{port}/health/live", 200)
+        assert await _post(url, {"X-Paystream-Token": "wrong"}) == 401
+        assert await _post(url, {"X-Paystream-Token": "t0k", "Origin": "http://evil.test"}) == 403
+        assert await _post(url, {"X-Paystream-Token": "t0k"}) == 200
