@@ -258,6 +258,7 @@ def demo(
     simulator_port: int = 9000,
     kafka_port: Annotated[int, typer.Option(help="0 = any free port")] = 29092,
     postgres_port: Annotated[int, typer.Option(help="0 = any free port")] = 0,
+    dashboard_port: Annotated[int, typer.Option(help="0 = any free port")] = 8000,
     home: Path = Path(".paystream/demo"),
     as_json: Annotated[
         bool, typer.Option("--json", help="print the report as one JSON object")
@@ -280,6 +281,7 @@ def demo(
             simulator_port=simulator_port,
             kafka_port=kafka_port,
             postgres_port=postgres_port,
+            dashboard_port=dashboard_port,
             home=home,
             timeout_s=timeout_s,
             console=console,

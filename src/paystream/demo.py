@@ -18,6 +18,7 @@ from rich.table import Table
 
 from paystream.app import Totals, run_processor
 from paystream.config import Settings
+from paystream.devenv.processes import ensure_port_free, free_port
 from paystream.devenv.stack import Simulator, Stack
 from paystream.errors import DevenvError
 from paystream.reconcile import Reconciliation, committed_lag, reconcile
@@ -89,6 +90,7 @@ def run_demo(
     simulator_port: int,
     kafka_port: int,
     postgres_port: int,
+    dashboard_port: int,
     home: Path,
     timeout_s: float,
     console: Console,
@@ -99,6 +101,8 @@ def run_demo(
             shutil.rmtree(path)
         elif path.exists():
             path.unlink()
+    dashboard_port = dashboard_port or free_port()
+    ensure_port_free("127.0.0.1", dashboard_port, "the dashboard", "pass --dashboard-port")
     stack = Stack(home, kafka_port=kafka_port, postgres_port=postgres_port)
     console.print("starting Kafka (jars from Maven on first run) and PostgreSQL …")
     simulator: Simulator | None = None
@@ -111,8 +115,12 @@ def run_demo(
             console.print(f"  PostgreSQL  {stack.database_url()}")
             console.print(f"  simulator   {simulator.url}   (API docs {simulator.url}/docs)")
             settings = stack.settings(
-                group_id="paystream", gateway_url=simulator.url, log_url=simulator.url, web_port=0
+                group_id="paystream",
+                gateway_url=simulator.url,
+                log_url=simulator.url,
+                web_port=dashboard_port,
             )
+            console.print(f"  dashboard   http://127.0.0.1:{dashboard_port}/   (metrics /metrics)")
             return asyncio.run(_run(settings, simulator.url, profile, timeout_s, console))
         finally:
             simulator.stop()
@@ -130,7 +138,7 @@ async def _run(
     topics = [settings.online_topic, settings.offline_topic]
     started = time.monotonic()
     async with aiohttp.ClientSession() as session, asyncio.TaskGroup() as group:
-        processor = group.create_task(run_processor(settings, stop, totals=totals, serve_web=False))
+        processor = group.create_task(run_processor(settings, stop, totals=totals))
         try:
             await _get_json(session, f"{simulator_url}/start?profile={profile}")
             with Live(console=console, refresh_per_second=4, transient=False) as live:
