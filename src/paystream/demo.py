@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
+from paystream import logs
 from paystream.app import Totals, run_processor
 from paystream.config import Settings
 from paystream.devenv.processes import ensure_port_free, free_port
@@ -121,6 +122,8 @@ def run_demo(
                 web_port=dashboard_port,
             )
             console.print(f"  dashboard   http://127.0.0.1:{dashboard_port}/   (metrics /metrics)")
+            console.print(f"  processor   logs in {home.resolve() / 'processor.log'}")
+            logs.configure("info", path=home / "processor.log")
             return asyncio.run(_run(settings, simulator.url, profile, timeout_s, console))
         finally:
             simulator.stop()
@@ -159,6 +162,7 @@ async def _run(
                         break
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(interrupted.wait(), timeout=0.5)
+            console.print()
         finally:
             stop.set()
         if interrupted.is_set():

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import logging
 import sys
+from pathlib import Path
 
 import structlog
 
 
-def configure(level: str = "info", *, json: bool | None = None) -> None:
-    as_json = (not sys.stderr.isatty()) if json is None else json
+def configure(level: str = "info", *, json: bool | None = None, path: Path | None = None) -> None:
+    """Log to stderr, or (with `path`) to a file, as JSON lines unless on a terminal."""
+    as_json = (path is not None or not sys.stderr.isatty()) if json is None else json
     renderer: structlog.types.Processor = (
         structlog.processors.JSONRenderer() if as_json else structlog.dev.ConsoleRenderer()
     )
@@ -21,7 +23,9 @@ def configure(level: str = "info", *, json: bool | None = None) -> None:
             structlog.processors.TimeStamper(fmt="iso", utc=True),
         ],
     )
-    handler = logging.StreamHandler(sys.stderr)
+    handler: logging.Handler = (
+        logging.StreamHandler(sys.stderr) if path is None else logging.FileHandler(path)
+    )
     handler.setFormatter(formatter)
     root = logging.getLogger()
     root.handlers[:] = [handler]
