@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import subprocess
 import sys
@@ -23,23 +22,14 @@ from tests.conftest import (
     async_wait_for,
     caught_up,
     processor,
+    settings_env,
     unreported,
     wait_for,
 )
 
 
 def _cli(env: Env, *args: str, **extra: str) -> subprocess.CompletedProcess[str]:
-    variables = {
-        "PATH": os.environ["PATH"],
-        "PAYSTREAM_DATABASE_URL": env.database_url,
-        "PAYSTREAM_KAFKA_BOOTSTRAP_SERVERS": env.stack.kafka.bootstrap,
-        "PAYSTREAM_ONLINE_TOPIC": env.online_topic,
-        "PAYSTREAM_OFFLINE_TOPIC": env.offline_topic,
-        "PAYSTREAM_GATEWAY_URL": env.service_url,
-        "PAYSTREAM_LOG_URL": env.service_url,
-        "PAYSTREAM_GROUP_ID": f"group-{env.name}",
-        **extra,
-    }
+    variables = {**settings_env(env.settings()), **extra}
     return subprocess.run(
         [sys.executable, "-m", "paystream", *args],
         env=variables,
@@ -134,20 +124,9 @@ def test_run_drains_and_exits_zero_on_sigterm(env: Env, simulator: SimulatorClie
     `paystream errors --json` lists the kept duplicate with the documented keys."""
     _produce(env, env.offline_topic, [_offline("dup", 1), _offline("dup", 1), _offline("x", 2)])
     settings = env.settings()
-    variables = {
-        "PATH": os.environ["PATH"],
-        "PAYSTREAM_DATABASE_URL": env.database_url,
-        "PAYSTREAM_KAFKA_BOOTSTRAP_SERVERS": env.stack.kafka.bootstrap,
-        "PAYSTREAM_ONLINE_TOPIC": env.online_topic,
-        "PAYSTREAM_OFFLINE_TOPIC": env.offline_topic,
-        "PAYSTREAM_GATEWAY_URL": env.service_url,
-        "PAYSTREAM_LOG_URL": env.service_url,
-        "PAYSTREAM_GROUP_ID": settings.group_id,
-        "PAYSTREAM_WEB_PORT": "0",
-    }
     with subprocess.Popen(
         [sys.executable, "-m", "paystream", "run"],
-        env=variables,
+        env=settings_env(settings),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
