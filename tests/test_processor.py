@@ -9,6 +9,7 @@ from collections import Counter
 import aiohttp
 import orjson
 import pytest
+from confluent_kafka import Producer
 
 from paystream.app import open_pool
 from paystream.gateway import Gateway
@@ -231,3 +232,47 @@ async def test_card_numbers_never_leave_the_payments_table(
     for where, text in texts.items():
         leaked = [card for card in cards if card in text]
         assert leaked == [], where
+
+
+async def test_a_record_the_database_refuses_is_isolated(
+    env: Env, simulator: SimulatorClient
+) -> None:
+    """A constraint violation the codec cannot foresee is pinned to its record by bisection:
+    that record is kept as `database_rejected`, the rest of its batch is stored, nothing retries
+    forever."""
+    env.execute("ALTER TABLE payments ADD CONSTRAINT small_amounts CHECK (amount < 1000)")
+    documents = [
+        {
+            "payment_id": f"ok-{i}",
+            "account_id": i + 1,
+            "payment_type": "offline",
+            "credit_card": "",
+            "amount": 10,
+        }
+        for i in range(40)
+    ]
+    documents.insert(
+        17,
+        {
+            "payment_id": "too-big",
+            "account_id": 3,
+            "payment_type": "offline",
+            "credit_card": "",
+            "amount": 5000,
+        },
+    )
+    producer = Producer({"bootstrap.servers": env.bootstrap})
+    for document in documents:
+        producer.produce(env.offline_topic, orjson.dumps(document), partition=0)
+    assert 0 == producer.flush(10)
+    settings = env.settings()
+    async with processor(settings):
+        await async_wait_for(lambda: caught_up(env, settings), 60, "offsets at the end")
+        await async_wait_for(lambda: unreported(env) == 0, 60, "the report")
+    assert [(40,)] == env.query("SELECT count(*) FROM payments")
+    assert [("too-big", "database", "database_rejected")] == env.query(
+        "SELECT payment_id, error_type, reason FROM paystream.kept_records"
+    )
+    assert [("too-big", "database")] == [
+        (e["payment_id"], e["error_type"]) for e in simulator.logs()
+    ]

@@ -225,18 +225,25 @@ def replay(
 
     settings = Settings()
 
+    from rich.progress import Progress, SpinnerColumn, TextColumn
+
     async def work(pool: Any) -> Any:
-        async with aiohttp.ClientSession() as session:
-            pipeline = Pipeline(pool, make_gateway(settings, session), topic_types(settings))
-            return await run_replay(
-                pool,
-                pipeline,
-                set(topic_types(settings)),
-                ids=ids,
-                error_type=error_type,
-                reason=reason,
-                since=since,
-            )
+        with Progress(
+            SpinnerColumn(), TextColumn("replaying: {task.completed} records"), console=console
+        ) as progress:
+            task = progress.add_task("replay", total=None)
+            async with aiohttp.ClientSession() as session:
+                pipeline = Pipeline(pool, make_gateway(settings, session), topic_types(settings))
+                return await run_replay(
+                    pool,
+                    pipeline,
+                    set(topic_types(settings)),
+                    ids=ids,
+                    error_type=error_type,
+                    reason=reason,
+                    since=since,
+                    on_progress=lambda n: progress.advance(task, n),
+                )
 
     result = _with_pool(settings, work)
     out.print(

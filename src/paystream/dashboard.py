@@ -25,6 +25,7 @@ from prometheus_client import Counter, Histogram
 from paystream import store
 from paystream.config import Settings
 from paystream.metrics import (
+    CONSUMER_LAG,
     DB_FAILURES,
     GATEWAY_CALLS,
     GATEWAY_SECONDS,
@@ -92,6 +93,9 @@ class DashboardState:
                     self.settings.group_id,
                     topics,
                 )
+                for name, lag in self.lag.items():
+                    topic, partition = name.rsplit("/", 1)
+                    CONSUMER_LAG.labels(topic=topic, partition=partition).set(lag)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=2.0)
 
