@@ -110,7 +110,9 @@ class Pipeline:
         try:
             async with self._pool.connection() as conn:
                 await conn.set_autocommit(True)
-                prepared = await self._prepare(conn, records, replay=replay)
+                prepared, online = await self._prepare(conn, records, replay=replay)
+            # The connection goes back to the pool before the (possibly slow) gateway calls.
+            await self._validate(online, prepared)
             result = await self._write(prepared, replay=replay)
             result.redelivered += prepared.redelivered
         except (psycopg.OperationalError, psycopg_pool.PoolTimeout) as exc:
@@ -122,7 +124,8 @@ class Pipeline:
 
     async def _prepare(
         self, conn: store.Conn, records: Sequence[Record], *, replay: bool
-    ) -> _Prepared:
+    ) -> tuple[_Prepared, list[tuple[Record, Payment]]]:
+        """Decode, skip records already done, and pick the online payments to validate."""
         done = await store.processed_records(conn, [r.id for r in records], kept=not replay)
         prepared = _Prepared()
         online: list[tuple[Record, Payment]] = []
@@ -142,20 +145,21 @@ class Pipeline:
                     )
                 case Payment():
                     online.append((record, decoded))
-        if online:
-            # A payment already stored can only end as a duplicate: spare the gateway the call.
-            stored = await store.stored_payment_ids(conn, [p.payment_id for _, p in online])
-            to_validate = [(r, p) for r, p in online if p.payment_id not in stored]
-            prepared.candidates.extend(
-                _Candidate(record=r, payment=p, validated=False)
-                for r, p in online
-                if p.payment_id in stored
-            )
-            await self._validate(to_validate, prepared)
-        return prepared
+        if not online:
+            return prepared, []
+        # A payment already stored can only end as a duplicate: spare the gateway the call.
+        stored = await store.stored_payment_ids(conn, [p.payment_id for _, p in online])
+        prepared.candidates.extend(
+            _Candidate(record=r, payment=p, validated=False)
+            for r, p in online
+            if p.payment_id in stored
+        )
+        return prepared, [(r, p) for r, p in online if p.payment_id not in stored]
 
     async def _validate(self, online: list[tuple[Record, Payment]], prepared: _Prepared) -> None:
         """Ask the gateway once per distinct payment in the batch, all concurrently."""
+        if not online:
+            return
         verdicts: dict[Payment, asyncio.Task[Verdict | GatewayUnavailable]] = {}
 
         async def ask(record: Record) -> Verdict | GatewayUnavailable:
