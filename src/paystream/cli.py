@@ -277,7 +277,7 @@ def demo(
 
     Example: paystream demo --profile hostile --rate 100
     """
-    from paystream.demo import run_demo
+    from paystream.demo import Interrupted, run_demo
 
     try:
         report = run_demo(
@@ -293,6 +293,9 @@ def demo(
             timeout_s=timeout_s,
             console=console,
         )
+    except Interrupted as exc:
+        console.print(f"[yellow]{exc}[/]")
+        raise typer.Exit(130) from exc
     except PaystreamError as exc:
         raise _fail(exc) from exc
     if as_json:

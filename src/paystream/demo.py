@@ -17,12 +17,16 @@ from rich.live import Live
 from rich.table import Table
 
 from paystream import logs
-from paystream.app import Totals, run_processor
+from paystream.app import Totals, open_pool, run_processor
 from paystream.config import Settings
 from paystream.devenv.processes import ensure_port_free, free_port
 from paystream.devenv.stack import Simulator, Stack
-from paystream.errors import DevenvError
+from paystream.errors import PaystreamError
 from paystream.reconcile import Reconciliation, committed_lag, reconcile
+
+
+class Interrupted(PaystreamError):
+    """Ctrl-C or SIGTERM during the demo; everything was stopped. Exit 130, like a shell."""
 
 
 async def _get_json(session: aiohttp.ClientSession, url: str) -> Any:
@@ -140,6 +144,8 @@ async def _run(
     totals = Totals()
     topics = [settings.online_topic, settings.offline_topic]
     started = time.monotonic()
+    async with open_pool(settings):
+        pass  # our tables exist before the progress display first counts them
     async with aiohttp.ClientSession() as session, asyncio.TaskGroup() as group:
         processor = group.create_task(run_processor(settings, stop, totals=totals))
         try:
@@ -165,8 +171,8 @@ async def _run(
             console.print()
         finally:
             stop.set()
-        if interrupted.is_set():
-            raise DevenvError("interrupted; everything was shut down")
+    if interrupted.is_set():
+        raise Interrupted("interrupted; everything was shut down")
     elapsed = time.monotonic() - started
     async with aiohttp.ClientSession() as session:
         ledger = await _get_json(session, f"{simulator_url}/ledger")
