@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable
 
 from paystream.errors import DatabaseUnavailable
@@ -98,8 +99,8 @@ class BatchConsumer:
                 return  # stopping: left uncommitted, so it is redelivered
             BATCH_SECONDS.observe(time.perf_counter() - started)
             BATCH_SIZE.observe(len(records))
-            for record in records:
-                RECORDS.labels(topic=record.id.topic).inc()
+            for topic, count in Counter(r.id.topic for r in records).items():
+                RECORDS.labels(topic=topic).inc(count)
             self._on_batch(result)
             self._commits.finish(seq, records)
             await self._commit()
