@@ -81,7 +81,7 @@ class OutboxRelay:
                 pause_s = self._idle_s
                 continue  # there may be more due right now
             # Idle, or the log service is failing: wait, longer after each failing round.
-            pause_s = min(pause_s * 2, 30.0) if failed else self._idle_s
+            pause_s = min(pause_s * 2, 10.0) if failed else self._idle_s
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(_first(self._wake, stop), timeout=pause_s)

@@ -254,7 +254,7 @@ async def mark_reported(conn: Conn, ids: Sequence[int]) -> None:
 
 
 async def mark_report_failed(conn: Conn, ids: Sequence[int], error: str) -> None:
-    """Back off per row: 1 s, 2 s, 4 s … capped at 60 s."""
+    """Back off per row: 1 s, 2 s, 4 s … capped at 30 s."""
     if ids:
         await conn.execute(
             """
@@ -262,7 +262,7 @@ async def mark_report_failed(conn: Conn, ids: Sequence[int], error: str) -> None
                 report_attempts = report_attempts + 1,
                 last_report_error = %s,
                 next_report_at = now()
-                    + least(60, 2 ^ least(report_attempts, 6)) * interval '1 second'
+                    + least(30, 2 ^ least(report_attempts, 5)) * interval '1 second'
             WHERE id = ANY(%s::bigint[])
             """,
             (error, list(ids)),
