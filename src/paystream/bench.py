@@ -114,10 +114,13 @@ def _ready(url: str) -> bool:
 
 
 class Bench:
-    def __init__(self, stack: Stack, gateway: Simulator, progress: Progress) -> None:
+    def __init__(
+        self, stack: Stack, gateway: Simulator, progress: Progress, profile_dir: Path | None = None
+    ) -> None:
         self.stack = stack
         self.gateway = gateway
         self.progress = progress
+        self.profile_dir = profile_dir
         self._n = 0
 
     def fresh(self, partitions: int = 3) -> Settings:
@@ -144,6 +147,30 @@ class Bench:
         with urllib.request.urlopen(request, timeout=10):
             pass
 
+    def _profile(self, pid: int, name: str) -> subprocess.Popen[bytes] | None:
+        """py-spy samples the processor until it exits; collapsed stacks go to PROFILE_DIR."""
+        if self.profile_dir is None:
+            return None
+        self.profile_dir.mkdir(parents=True, exist_ok=True)
+        output = self.profile_dir / f"{name}.txt"
+        return subprocess.Popen(
+            [
+                str(Path(sys.executable).with_name("py-spy")),
+                "record",
+                "--pid",
+                str(pid),
+                "--rate",
+                "250",
+                "--format",
+                "raw",
+                "--nonblocking",
+                "-o",
+                str(output),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+
     def drain(
         self, settings: Settings, records: int, instances: int = 1, *, measure_from_start: bool
     ) -> tuple[float, float, float, float, float]:
@@ -151,6 +178,7 @@ class Bench:
         topics = [settings.online_topic, settings.offline_topic]
         procs = []
         ports = []
+        profiler: subprocess.Popen[bytes] | None = None
         for i in range(instances):
             port = free_port()
             ports.append(port)
@@ -165,6 +193,7 @@ class Bench:
         try:
             urls = [f"http://127.0.0.1:{port}/health/ready" for port in ports]
             _wait(lambda: all(_ready(url) for url in urls), 60)
+            profiler = self._profile(procs[0].pid, settings.group_id)
             started_wall = time.time()
             started = time.monotonic()
             cpu0 = sum(_proc_cpu_s(p.pid) for p in procs)
@@ -183,6 +212,8 @@ class Bench:
                 p.terminate()
             for p in procs:
                 p.wait(60)
+            if profiler is not None:
+                profiler.wait(60)
         since = started_wall * 1000 if measure_from_start else 0
         p50, p99 = _latency(settings.database_url, since)
         return seconds, cpu, rss, p50, p99
@@ -310,13 +341,15 @@ def _workload(
     )
 
 
-def run(home: Path, sizes: Sizes, progress: Progress) -> dict[str, Any]:
+def run(
+    home: Path, sizes: Sizes, progress: Progress, profile_dir: Path | None = None
+) -> dict[str, Any]:
     stack = Stack(home)
     with stack:
         gateway = Simulator(home, stack.settings())
         gateway.start("--latency-ms", "20", "--rate", "0", "--decline-rate", "0.1")
         try:
-            return _run(Bench(stack, gateway, progress), sizes)
+            return _run(Bench(stack, gateway, progress, profile_dir), sizes)
         finally:
             gateway.stop()
 

@@ -312,6 +312,9 @@ def bench(
     quick: Annotated[bool, typer.Option(help="tiny sizes, to check the command works")] = False,
     home: Path = Path(".paystream/bench"),
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
+    profile: Annotated[
+        Path | None, typer.Option(help="write py-spy collapsed stacks of each drain here")
+    ] = None,
 ) -> None:
     """Measure throughput, latency, CPU and memory on local infrastructure, next to the ceilings
     measured in the same run (consumer read rate, database insert rate, gateway, Little's law).
@@ -326,7 +329,9 @@ def bench(
         shutil.rmtree(home)
     sizes = benchmark.Sizes.quick() if quick else benchmark.Sizes()
     try:
-        result = benchmark.run(home, sizes, lambda text: console.print(f"[dim]{text}[/]"))
+        result = benchmark.run(
+            home, sizes, lambda text: console.print(f"[dim]{text}[/]"), profile_dir=profile
+        )
     except PaystreamError as exc:
         raise _fail(exc) from exc
     if as_json:

@@ -8,6 +8,7 @@ GatewayUnavailable so the pipeline keeps the payment for later re-validation.
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 from dataclasses import dataclass
 
@@ -110,12 +111,25 @@ class Gateway:
         self.breaker = breaker or CircuitBreaker()
 
     async def validate(self, body: bytes) -> Verdict:
-        """POST the payment as it arrived. Raises GatewayUnavailable once the budget is spent."""
+        """POST the payment as it arrived. Raises GatewayUnavailable once the budget is spent.
+
+        The first attempt is made directly: building a retry context costs about as much CPU as
+        the HTTP call itself (profiled), and nearly every call succeeds the first time.
+        """
+        started = time.monotonic()
+        try:
+            return await self._attempt(body)
+        except _Transient as exc:
+            if self._attempts <= 1:
+                raise GatewayUnavailable(str(exc)) from exc
+        # stamina's first iteration runs at once: the back-off before it is this jittered pause.
+        await asyncio.sleep(random.uniform(0.025, 0.075))
+        remaining_s = max(self._budget_s - (time.monotonic() - started), 0.001)
         try:
             async for attempt in stamina.retry_context(
                 on=_Transient,
-                attempts=self._attempts,
-                timeout=self._budget_s,
+                attempts=self._attempts - 1,
+                timeout=remaining_s,
                 wait_initial=0.05,
                 wait_max=2.0,
             ):

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import base64
 import zlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
+import orjson
 from psycopg import AsyncConnection
 from psycopg.rows import TupleRow
 
@@ -15,13 +17,20 @@ from paystream.model import Kept, Payment, Record, RecordId
 Conn = AsyncConnection[TupleRow]
 
 
-def _columns(ids: Sequence[RecordId]) -> tuple[list[str], list[int], list[int], list[int]]:
-    return (
-        [i.topic for i in ids],
-        [i.partition for i in ids],
-        [i.offset for i in ids],
-        [i.timestamp_ms for i in ids],
+def _json(rows: object) -> str:
+    """Rows travel as one JSON document that SQL unpacks with json_to_recordset: orjson encodes
+    it in C, where psycopg would build each array element in Python (a quarter of the
+    processor's time when profiled)."""
+    return orjson.dumps(rows).decode()
+
+
+def _ids(ids: Sequence[RecordId]) -> str:
+    return _json(
+        [{"t": i.topic, "p": i.partition, "o": i.offset, "s": i.timestamp_ms} for i in ids]
     )
+
+
+_IDS = "json_to_recordset(%s::json) AS r(t text, p int, o bigint, s bigint)"
 
 
 async def lock_partitions(conn: Conn, partitions: Iterable[tuple[str, int]]) -> None:
@@ -46,10 +55,8 @@ async def processed_records(
     if not ids:
         return set()
     cursor = await conn.execute(
-        """
-        WITH batch(topic, "partition", "offset", kafka_ts) AS (
-            SELECT * FROM unnest(%s::text[], %s::int[], %s::bigint[], %s::bigint[])
-        )
+        f"""
+        WITH batch(topic, "partition", "offset", kafka_ts) AS (SELECT t, p, o, s FROM {_IDS})
         SELECT topic, "partition", "offset", kafka_ts
         FROM paystream.payment_origins JOIN batch USING (topic, "partition", "offset", kafka_ts)
         UNION ALL
@@ -57,7 +64,7 @@ async def processed_records(
         FROM paystream.kept_records JOIN batch USING (topic, "partition", "offset", kafka_ts)
         WHERE %s
         """,
-        (*_columns(ids), kept),
+        (_ids(ids), kept),
     )
     return {
         RecordId(topic=t, partition=p, offset=o, timestamp_ms=ts)
@@ -81,9 +88,10 @@ async def lock_accounts(conn: Conn, account_ids: Iterable[int]) -> set[int]:
     if not wanted:
         return set()
     cursor = await conn.execute(
-        "SELECT account_id FROM accounts WHERE account_id = ANY(%s::int[])"
+        "SELECT account_id FROM accounts WHERE account_id IN"
+        " (SELECT value::int FROM json_array_elements_text(%s::json))"
         " ORDER BY account_id FOR UPDATE",
-        (wanted,),
+        (_json(wanted),),
     )
     return {row[0] for row in await cursor.fetchall()}
 
@@ -102,17 +110,25 @@ async def insert_payments(conn: Conn, payments: Sequence[Payment]) -> list[Inser
     cursor = await conn.execute(
         """
         INSERT INTO payments (payment_id, account_id, payment_type, credit_card, amount)
-        SELECT * FROM unnest(%s::varchar[], %s::int[], %s::varchar[], %s::varchar[], %s::numeric[])
+        SELECT i, a, t, c, m
+        FROM json_to_recordset(%s::json) AS r(i varchar, a int, t varchar, c varchar, m numeric)
         ORDER BY 1
         ON CONFLICT (payment_id) DO NOTHING
         RETURNING payment_id, account_id, created_on
         """,
         (
-            [p.payment_id for p in payments],
-            [p.account_id for p in payments],
-            [p.payment_type.value for p in payments],
-            [p.credit_card for p in payments],
-            [p.amount for p in payments],
+            _json(
+                [
+                    {
+                        "i": p.payment_id,
+                        "a": p.account_id,
+                        "t": p.payment_type.value,
+                        "c": p.credit_card,
+                        "m": p.amount,
+                    }
+                    for p in payments
+                ]
+            ),
         ),
     )
     return [
@@ -124,17 +140,24 @@ async def insert_origins(conn: Conn, origins: Sequence[tuple[str, RecordId]]) ->
     """Remember which record each new payment came from (replacing a stale row left by a purge)."""
     if not origins:
         return
-    topics, partitions, offsets, stamps = _columns([record_id for _, record_id in origins])
     await conn.execute(
         """
         INSERT INTO paystream.payment_origins (payment_id, topic, "partition", "offset", kafka_ts)
-        SELECT * FROM unnest(%s::varchar[], %s::text[], %s::int[], %s::bigint[], %s::bigint[])
+        SELECT i, t, p, o, s
+        FROM json_to_recordset(%s::json) AS r(i varchar, t text, p int, o bigint, s bigint)
         ORDER BY 1
         ON CONFLICT (payment_id) DO UPDATE SET
             topic = EXCLUDED.topic, "partition" = EXCLUDED."partition",
             "offset" = EXCLUDED."offset", kafka_ts = EXCLUDED.kafka_ts, stored_at = now()
         """,
-        ([pid for pid, _ in origins], topics, partitions, offsets, stamps),
+        (
+            _json(
+                [
+                    {"i": pid, "t": r.topic, "p": r.partition, "o": r.offset, "s": r.timestamp_ms}
+                    for pid, r in origins
+                ]
+            ),
+        ),
     )
 
 
@@ -146,13 +169,13 @@ async def stamp_accounts(conn: Conn, inserted: Sequence[Inserted]) -> None:
         """
         UPDATE accounts AS a SET last_payment_date = GREATEST(a.last_payment_date, s.latest)
         FROM (
-            SELECT account_id, max(created_on) AS latest
-            FROM unnest(%s::int[], %s::timestamp[]) AS t(account_id, created_on)
-            GROUP BY account_id
+            SELECT a AS account_id, max(c) AS latest
+            FROM json_to_recordset(%s::json) AS r(a int, c timestamp)
+            GROUP BY a
         ) AS s
         WHERE a.account_id = s.account_id
         """,
-        ([i.account_id for i in inserted], [i.created_on for i in inserted]),
+        (_json([{"a": i.account_id, "c": i.created_on.isoformat()} for i in inserted]),),
     )
 
 
@@ -189,28 +212,36 @@ async def insert_kept(conn: Conn, kept: Sequence[Kept]) -> int:
     """Keep records durably; a record kept before is left as it is. Returns how many are new."""
     if not kept:
         return 0
-    topics, partitions, offsets, stamps = _columns([k.record.id for k in kept])
     cursor = await conn.execute(
         """
         INSERT INTO paystream.kept_records
             (topic, "partition", "offset", kafka_ts, raw,
              payment_id, error_type, reason, description)
-        SELECT * FROM unnest(
-            %s::text[], %s::int[], %s::bigint[], %s::bigint[], %s::bytea[],
-            %s::text[], %s::text[], %s::text[], %s::text[])
+        SELECT t, p, o, s, decode(b, 'base64'), i, e, r, d
+        FROM json_to_recordset(%s::json)
+            AS j(t text, p int, o bigint, s bigint, b text, i text, e text, r text, d text)
         ON CONFLICT (topic, "partition", "offset", kafka_ts) DO NOTHING
         RETURNING id
         """,
         (
-            topics,
-            partitions,
-            offsets,
-            stamps,
-            [k.record.value for k in kept],
-            [k.payment_id for k in kept],
-            [k.error_type.value for k in kept],
-            [k.reason.value for k in kept],
-            [k.description for k in kept],
+            _json(
+                [
+                    {
+                        "t": k.record.id.topic,
+                        "p": k.record.id.partition,
+                        "o": k.record.id.offset,
+                        "s": k.record.id.timestamp_ms,
+                        "b": None
+                        if k.record.value is None
+                        else base64.b64encode(k.record.value).decode(),
+                        "i": k.payment_id,
+                        "e": k.error_type.value,
+                        "r": k.reason.value,
+                        "d": k.description,
+                    }
+                    for k in kept
+                ]
+            ),
         ),
     )
     return len(await cursor.fetchall())
@@ -385,14 +416,12 @@ async def resolve_kept(conn: Conn, ids: Sequence[RecordId]) -> None:
     """A replay stored these records' payments."""
     if ids:
         await conn.execute(
-            """
+            f"""
             UPDATE paystream.kept_records AS k SET resolved_at = now(), replays = replays + 1
-            FROM unnest(%s::text[], %s::int[], %s::bigint[], %s::bigint[])
-                AS r(topic, "partition", "offset", kafka_ts)
-            WHERE (k.topic, k."partition", k."offset", k.kafka_ts)
-                = (r.topic, r."partition", r."offset", r.kafka_ts)
+            FROM {_IDS}
+            WHERE (k.topic, k."partition", k."offset", k.kafka_ts) = (r.t, r.p, r.o, r.s)
             """,
-            _columns(ids),
+            (_ids(ids),),
         )
 
 
