@@ -21,7 +21,7 @@ class Settings(BaseSettings):
     online_topic: str = "online"
     offline_topic: str = "offline"
 
-    batch_size: int = Field(default=500, ge=1, le=10_000)
+    batch_size: int = Field(default=2000, ge=1, le=10_000)
     batches_in_flight: int = Field(default=4, ge=1, le=64)
     gateway_max_in_flight: int = Field(default=256, ge=1, le=10_000)
     gateway_timeout_s: float = Field(default=5.0, gt=0)
