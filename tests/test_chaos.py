@@ -12,12 +12,16 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import subprocess
+import sys
 import time
 import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import orjson
+import psycopg
 import pytest
 from confluent_kafka import Producer
 
@@ -34,6 +38,7 @@ from tests.conftest import (
     private_postgres,
     reconcile_now,
     running_simulator,
+    settings_env,
     settled,
     wait_for,
 )
@@ -297,3 +302,78 @@ def write_report() -> Iterator[None]:
         from tests.chaos_report import write
 
         write(REPORT)
+
+
+@pytest.mark.parametrize("seed", seeds("replay-crash"))
+def test_kill_9_during_replay(stack: Stack, tmp_path: Path, seed: int) -> None:
+    """`paystream replay` killed mid-way and run again stores each payment exactly once and
+    resolves every kept record."""
+    rng = random.Random(seed)
+    env = new_env(stack)
+    with running_simulator(env) as simulator:
+        settings = chaos_settings(env)
+        accounts = rng.sample(range(3000, 9000), 300)
+        producer = Producer({"bootstrap.servers": env.bootstrap})
+        for i, account in enumerate(accounts):
+            document = {
+                "payment_id": f"r{seed}-{i}",
+                "account_id": account,
+                "payment_type": "offline",
+                "credit_card": "",
+                "amount": i + 1,
+            }
+            producer.produce(env.offline_topic, orjson.dumps(document))
+        assert 0 == producer.flush(10)
+        with processes(settings, tmp_path) as start:
+            start()
+            wait_for(lambda: kept_count(env) == len(accounts), 60, "the unknown accounts kept")
+        for account in accounts:
+            env.execute(
+                "INSERT INTO accounts (account_id, email) VALUES (%s, %s)",
+                (account, f"a{account}@example.com"),
+            )
+        started = time.monotonic()
+        replay_cmd = [sys.executable, "-m", "paystream", "replay", "--batch", "5"]
+        with subprocess.Popen(
+            replay_cmd,
+            env=settings_env(settings),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        ) as victim:
+            wait_for(lambda: resolved_count(env) > 0, 60, "replay to make progress")
+            victim.kill()
+        assert resolved_count(env) < len(accounts)
+        again = subprocess.run(
+            replay_cmd, env=settings_env(settings), capture_output=True, text=True, check=False
+        )
+        assert 0 == again.returncode, again.stderr
+        assert [(len(accounts),)] == env.query("SELECT count(*) FROM payments")
+        assert len(accounts) == resolved_count(env)
+        bad_dates = env.query(
+            "SELECT count(*) FROM accounts a WHERE a.last_payment_date IS DISTINCT FROM"
+            " (SELECT max(created_on) FROM payments p WHERE p.account_id = a.account_id)"
+        )
+        assert [(0,)] == bad_dates
+        REPORT.append(
+            {
+                "scenario": "replay-crash",
+                "seed": seed,
+                "records": len(accounts),
+                "lost": 0,
+                "doubled": 0,
+                "duplicate_reports": max(0, len(simulator.logs()) - len(accounts)),
+                "recover_s": round(time.monotonic() - started, 2),
+                "problems": [],
+            }
+        )
+
+
+def kept_count(env: Env) -> int:
+    try:
+        return int(env.query("SELECT count(*) FROM paystream.kept_records")[0][0])
+    except psycopg.errors.UndefinedTable:
+        return 0  # the processor has not created its tables yet
+
+
+def resolved_count(env: Env) -> int:
+    return int(env.query("SELECT count(resolved_at) FROM paystream.kept_records")[0][0])

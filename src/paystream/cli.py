@@ -212,6 +212,7 @@ def replay(
         str | None, typer.Option(help="e.g. unknown_account, gateway_unavailable")
     ] = None,
     since: datetime | None = None,
+    batch: Annotated[int, typer.Option(help="records per transaction", min=1)] = 200,
 ) -> None:
     """Re-drive unresolved kept records through the pipeline (idempotent).
 
@@ -242,6 +243,7 @@ def replay(
                     error_type=error_type,
                     reason=reason,
                     since=since,
+                    batch=batch,
                     on_progress=lambda n: progress.advance(task, n),
                 )
 
