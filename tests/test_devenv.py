@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 from confluent_kafka import Consumer, Producer
 
-from paystream.app import check_database
+from paystream.app import open_pool
+from paystream.config import Settings
 from paystream.devenv.processes import ensure_port_free
 from paystream.devenv.stack import Stack
 from paystream.errors import ConfigurationError, DevenvError
@@ -140,9 +141,14 @@ def test_unreachable_database_fails_fast() -> None:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    url = f"postgresql://tech:secret@127.0.0.1:{port}/payments"
+    settings = Settings(database_url=f"postgresql://tech:secret@127.0.0.1:{port}/payments")
+
+    async def open_it() -> None:
+        async with open_pool(settings):
+            pass
+
     with pytest.raises(ConfigurationError) as info:
-        asyncio.run(check_database(url))
+        asyncio.run(open_it())
     assert f"127.0.0.1:{port}" in str(info.value)
     assert "secret" not in str(info.value)
 

@@ -42,6 +42,15 @@ async def open_pool(
     settings: Settings, max_size: int = 10
 ) -> AsyncIterator[psycopg_pool.AsyncConnectionPool]:
     """A connection pool that is up to date with our migrations, or a one-sentence error."""
+    unreachable = ConfigurationError(
+        f"Cannot connect to the database at {redacted(settings.database_url)}; "
+        "check PAYSTREAM_DATABASE_URL and that the server is running."
+    )
+    try:  # one direct attempt first: a refused connection fails at once, not after pool retries
+        first = await psycopg.AsyncConnection.connect(settings.database_url, connect_timeout=5)
+    except psycopg.OperationalError as exc:
+        raise unreachable from exc
+    await first.close()
     pool = psycopg_pool.AsyncConnectionPool(
         settings.database_url,
         min_size=1,
@@ -55,10 +64,7 @@ async def open_pool(
         await pool.open(wait=True, timeout=15.0)
     except psycopg_pool.PoolTimeout as exc:
         await pool.close()
-        raise ConfigurationError(
-            f"Cannot connect to the database at {redacted(settings.database_url)}; "
-            "check PAYSTREAM_DATABASE_URL and that the server is running."
-        ) from exc
+        raise unreachable from exc
     try:
         async with pool.connection() as conn:
             applied = await migrate(conn)
@@ -234,15 +240,3 @@ async def database_answers(pool: psycopg_pool.AsyncConnectionPool) -> bool:
     except (TimeoutError, psycopg.Error, psycopg_pool.PoolTimeout):
         return False
     return True
-
-
-async def check_database(url: str) -> None:
-    """Fail fast with one sentence when the database URL is unusable."""
-    try:
-        conn = await psycopg.AsyncConnection.connect(url, connect_timeout=5)
-    except psycopg.OperationalError as exc:
-        raise ConfigurationError(
-            f"Cannot connect to the database at {redacted(url)}; "
-            "check PAYSTREAM_DATABASE_URL and that the server is running."
-        ) from exc
-    await conn.close()

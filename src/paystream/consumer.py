@@ -68,7 +68,6 @@ class BatchConsumer:
         self._commits = OrderedCommits()
         self._commit_lock = asyncio.Lock()
         self._last_committed: Offsets = {}
-        self.database_ok = True
 
     async def run(self, stop: asyncio.Event) -> None:
         """Until `stop`: poll, process, commit. In-flight batches finish before it returns."""
@@ -117,7 +116,6 @@ class BatchConsumer:
                 result = await self._pipeline.process(records)
             except DatabaseUnavailable as exc:
                 DB_FAILURES.inc()
-                self.database_ok = False
                 log.warning("%s; batch of %d waits and retries", exc, len(records))
                 if not reported:
                     reported = True
@@ -132,7 +130,6 @@ class BatchConsumer:
                     return None
                 delay_s = min(delay_s * 2, self._db_retry_max_s)
                 continue
-            self.database_ok = True
             return result
 
     async def _commit(self) -> None:

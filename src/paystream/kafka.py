@@ -149,22 +149,6 @@ class KafkaConsumer:
     async def commit(self, offsets: Offsets) -> bool:
         return await self._call(self._commit, offsets)
 
-    def _lag(self) -> dict[tuple[str, int], int]:
-        assert self._consumer is not None
-        partitions = [TopicPartition(t, p) for t, p in sorted(self.assignment)]
-        if not partitions:
-            return {}
-        lag = {}
-        for tp in self._consumer.committed(partitions, timeout=5):
-            _, high = self._consumer.get_watermark_offsets(tp, timeout=5, cached=False)
-            committed = tp.offset if tp.offset >= 0 else 0
-            lag[(tp.topic, tp.partition)] = max(0, high - committed)
-        return lag
-
-    async def lag(self) -> dict[tuple[str, int], int]:
-        """Records between each assigned partition's committed offset and its end."""
-        return await self._call(self._lag)
-
     def _close(self) -> None:
         if self._consumer is not None:
             self._consumer.close()
