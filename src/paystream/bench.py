@@ -320,11 +320,15 @@ def _workload(
     rate = records / seconds
     bound_name, ceiling = min(ceilings.items(), key=lambda item: item[1])
     utilisation = cpu / seconds / instances
-    bound_by = (
-        f"processor CPU ({utilisation:.0%} of a core per instance)"
-        if utilisation > 0.85
-        else f"{bound_name} ceiling"
-    )
+    if utilisation > 0.85:
+        bound_by = f"processor CPU ({utilisation:.0%} of a core per instance)"
+    elif rate / ceiling >= 0.7:
+        bound_by = f"{bound_name} ceiling"
+    else:
+        # Well below every ceiling and not CPU-bound: the time each batch takes end to end.
+        bound_by = (
+            f"batch latency, under the {bound_name} ceiling (CPU {utilisation:.0%} of a core)"
+        )
     return Workload(
         name=name,
         payments=records,

@@ -6,6 +6,7 @@ import asyncio
 import json
 import signal
 import sys
+from dataclasses import fields
 from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any
@@ -340,18 +341,7 @@ def bench(
         sys.stdout.write(json.dumps(result) + "\n")
         return
     table = Table(title="paystream bench")
-    columns = (
-        "name",
-        "payments",
-        "payments_per_s",
-        "ceiling_per_s",
-        "ceiling_ratio",
-        "p50_ms",
-        "p99_ms",
-        "cpu_s_per_1000",
-        "peak_rss_mb",
-        "bound_by",
-    )
+    columns = [f.name for f in fields(benchmark.Workload) if f.name not in ("seconds", "instances")]
     for column in columns:
         table.add_column(column, justify="left" if column in ("name", "bound_by") else "right")
     for workload in result["workloads"]:
