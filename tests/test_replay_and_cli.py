@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import socket
 import subprocess
 import sys
 from typing import Any
@@ -196,3 +197,15 @@ def test_offsets_advance_only_over_finished_batches() -> None:
     assert commits.committable == {}
     commits.finish(first, _records((0, 3), (2, 7)))
     assert commits.committable == {("t", 0): 11, ("t", 1): 6, ("t", 2): 8}
+
+
+def test_run_with_taken_web_port_fails_in_one_sentence(env: Env) -> None:
+    """A dashboard port already in use ends `paystream run` with exit 2 and says what to set."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        port = sock.getsockname()[1]
+        result = _cli(env, "run", PAYSTREAM_WEB_PORT=str(port))
+    assert 2 == result.returncode
+    assert f"Port {port} on 127.0.0.1 is taken" in result.stderr
+    assert "PAYSTREAM_WEB_PORT" in result.stderr

@@ -202,7 +202,13 @@ async def run_processor(
                     make_app(ready, dashboard), access_log=None, shutdown_timeout=2.0
                 )
                 await runner.setup()
-                await web.TCPSite(runner, settings.web_host, settings.web_port).start()
+                try:
+                    await web.TCPSite(runner, settings.web_host, settings.web_port).start()
+                except OSError as exc:
+                    raise ConfigurationError(
+                        f"Port {settings.web_port} on {settings.web_host} is taken, so the "
+                        "dashboard cannot listen there; set PAYSTREAM_WEB_PORT to a free port."
+                    ) from exc
                 log.info(
                     "dashboard, metrics and health on http://%s:%d",
                     settings.web_host,
