@@ -284,7 +284,7 @@ async def database_ceiling(database_url: str, records: int, batch: int = 500) ->
         for i in range(0, records, batch):
             chunk = payments[i : i + batch]
             async with conn.transaction():
-                await store.lock_accounts(conn, [p.account_id for p in chunk])
+                await store.existing_accounts(conn, [p.account_id for p in chunk])
                 inserted = await store.insert_payments(conn, chunk)
                 await store.stamp_accounts(conn, inserted)
         return records / (time.monotonic() - started)

@@ -239,7 +239,7 @@ class Pipeline:
         candidates = [c for c in prepared.candidates if c.record.id not in done]
         kept = [k for k in prepared.kept if k.record.id not in done]
 
-        known = await store.lock_accounts(conn, [c.payment.account_id for c in candidates])
+        known = await store.existing_accounts(conn, [c.payment.account_id for c in candidates])
         first: dict[str, _Candidate] = {}
         others: list[_Candidate] = []
         for candidate in candidates:
@@ -261,7 +261,6 @@ class Pipeline:
         inserted = await store.insert_payments(conn, [c.payment for c in first.values()])
         inserted_ids = {i.payment_id for i in inserted}
         await store.insert_origins(conn, [(pid, first[pid].record.id) for pid in inserted_ids])
-        await store.stamp_accounts(conn, inserted)
         for i in inserted:
             STORED.labels(payment_type=first[i.payment_id].payment.payment_type.value).inc()
         result.stored = len(inserted)
@@ -301,6 +300,8 @@ class Pipeline:
             await store.update_kept(conn, kept)
         else:
             await store.insert_kept(conn, kept)
+        # Last, so that the account locks (the only ones batches contend for) are held briefly.
+        await store.stamp_accounts(conn, inserted)
         for k in kept:
             KEPT.labels(reason=k.reason.value).inc()
             result.kept_reasons[k.reason] = result.kept_reasons.get(k.reason, 0) + 1

@@ -82,15 +82,15 @@ async def stored_payment_ids(conn: Conn, payment_ids: Sequence[str]) -> set[str]
     return {row[0] for row in await cursor.fetchall()}
 
 
-async def lock_accounts(conn: Conn, account_ids: Iterable[int]) -> set[int]:
-    """Lock the accounts a batch may stamp, in account order; returns those that exist."""
+async def existing_accounts(conn: Conn, account_ids: Iterable[int]) -> set[int]:
+    """Which of these accounts exist. Takes no lock: inserting a payment only needs the KEY SHARE
+    lock of its foreign key, which does not conflict with another batch stamping the account."""
     wanted = sorted(set(account_ids))
     if not wanted:
         return set()
     cursor = await conn.execute(
         "SELECT account_id FROM accounts WHERE account_id IN"
-        " (SELECT value::int FROM json_array_elements_text(%s::json))"
-        " ORDER BY account_id FOR UPDATE",
+        " (SELECT value::int FROM json_array_elements_text(%s::json))",
         (_json(wanted),),
     )
     return {row[0] for row in await cursor.fetchall()}
@@ -162,9 +162,19 @@ async def insert_origins(conn: Conn, origins: Sequence[tuple[str, RecordId]]) ->
 
 
 async def stamp_accounts(conn: Conn, inserted: Sequence[Inserted]) -> None:
-    """last_payment_date only moves forward, to the newest stored payment's created_on."""
+    """last_payment_date only moves forward, to the newest stored payment's created_on.
+
+    The rows are locked first, in account order, so two batches can never deadlock on them; the
+    caller does this last in its transaction, so the locks are held only until the commit.
+    """
     if not inserted:
         return
+    await conn.execute(
+        "SELECT FROM accounts WHERE account_id IN"
+        " (SELECT value::int FROM json_array_elements_text(%s::json))"
+        " ORDER BY account_id FOR NO KEY UPDATE",
+        (_json(sorted({i.account_id for i in inserted})),),
+    )
     await conn.execute(
         """
         UPDATE accounts AS a SET last_payment_date = GREATEST(a.last_payment_date, s.latest)
