@@ -8,9 +8,6 @@ import contextlib
 import itertools
 import json
 import os
-import signal
-import subprocess
-import sys
 import time
 import urllib.request
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -243,33 +240,6 @@ def reconcile_now(env: Env, simulator: SimulatorClient, settings: Settings) -> A
 def settings_env(settings: Settings) -> dict[str, str]:
     """The environment that gives a `paystream` subprocess these settings."""
     return {"PATH": os.environ["PATH"], **settings.as_env()}
-
-
-class ProcessorProcess:
-    """`paystream run` as a separate process, for crash and scale-out tests."""
-
-    def __init__(self, settings: Settings, log_path: Path) -> None:
-        self.settings = settings
-        self.log_path = log_path
-        self._log = log_path.open("ab")
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "paystream", "run"],
-            env=settings_env(settings),
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-        )
-
-    def kill(self) -> None:
-        """kill -9: no chance to finish anything."""
-        self.process.kill()
-        self.process.wait()
-        self._log.close()
-
-    def terminate(self, timeout_s: float = 60) -> int:
-        self.process.send_signal(signal.SIGTERM)
-        code = self.process.wait(timeout=timeout_s)
-        self._log.close()
-        return code
 
 
 def unresolved_gateway_failures(env: Env) -> int:

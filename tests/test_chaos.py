@@ -26,13 +26,13 @@ import pytest
 from confluent_kafka import Producer
 
 from paystream.devenv.kafka import KafkaBroker
+from paystream.devenv.processes import ChildProcess, run_processor
 from paystream.devenv.stack import (
     Stack,
 )
 from paystream.reconcile import Reconciliation
 from tests.conftest import (
     Env,
-    ProcessorProcess,
     SimulatorClient,
     new_env,
     private_postgres,
@@ -103,12 +103,12 @@ def chaos_settings(env: Env, **overrides: Any) -> Any:
 
 
 @contextlib.contextmanager
-def processes(settings: Any, folder: Path) -> Iterator[Callable[[], ProcessorProcess]]:
-    """Start `paystream run` processes on demand; whatever still runs is stopped at the end."""
-    started: list[ProcessorProcess] = []
+def processes(settings: Any, folder: Path) -> Iterator[Callable[[], ChildProcess]]:
+    """Start `paystream run` processes on demand; whatever still runs is killed at the end."""
+    started: list[ChildProcess] = []
 
-    def start() -> ProcessorProcess:
-        proc = ProcessorProcess(settings, folder / f"processor-{len(started)}.log")
+    def start() -> ChildProcess:
+        proc = run_processor(settings, folder / f"processor-{len(started)}.log")
         started.append(proc)
         return proc
 
@@ -116,7 +116,7 @@ def processes(settings: Any, folder: Path) -> Iterator[Callable[[], ProcessorPro
         yield start
     finally:
         for proc in started:
-            if proc.process.poll() is None:
+            if proc.running():
                 proc.kill()
 
 
@@ -254,9 +254,9 @@ def test_scale_out_with_joins_leaves_and_kills(stack: Stack, tmp_path: Path, see
             wait_for(_produced_at_least(simulator, 0.5), 60, "the stream")
             first.kill()
             wait_for(_produced_at_least(simulator, 0.75), 60, "the stream")
-            assert second.terminate() == 0
+            assert second.stop(timeout_s=60) == 0
             check(env, simulator, settings, "scale-out", seed, time.monotonic())
-            assert third.process.poll() is None
+            assert third.running()
 
 
 @pytest.mark.parametrize("seed", seeds("poison"))

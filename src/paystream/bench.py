@@ -9,6 +9,8 @@ the gateway's own capacity and the Little's-law bound (in-flight limit ÷ gatewa
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import os
 import random
 import subprocess
@@ -16,7 +18,7 @@ import sys
 import time
 import urllib.request
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -28,7 +30,7 @@ from confluent_kafka import Consumer, Producer
 
 from paystream import store
 from paystream.config import Settings
-from paystream.devenv.processes import free_port
+from paystream.devenv.processes import ChildProcess, free_port, run_processor
 from paystream.devenv.stack import Simulator, Stack
 from paystream.model import Payment, PaymentType
 from paystream.reconcile import committed_lag
@@ -171,28 +173,39 @@ class Bench:
             stderr=subprocess.DEVNULL,
         )
 
+    @contextlib.contextmanager
+    def processors(
+        self, settings: Settings, instances: int, label: str
+    ) -> Iterator[list[ChildProcess]]:
+        """`instances` processors on their own dashboard ports, ready; stopped at the end."""
+        procs: list[ChildProcess] = []
+        try:
+            for i in range(instances):
+                port = free_port()
+                own = settings.model_copy(update={"web_port": port, "log_level": "warning"})
+                proc = run_processor(own, self.stack.home / f"processor-{label}-{i}.log")
+                procs.append(proc)
+                ready = functools.partial(_ready, f"http://127.0.0.1:{port}/health/ready")
+                proc.wait_until(ready, 60, "ready")
+            yield procs
+        finally:
+            for proc in procs:
+                proc.stop(60)
+
+    def backlog(self, settings: Settings, kind: str, count: int, rng: random.Random) -> None:
+        """Preload `count` fresh payments of one kind onto its topic."""
+        topic = settings.online_topic if kind == "online" else settings.offline_topic
+        _produce(
+            settings.kafka_bootstrap_servers, [(topic, _document(rng, kind)) for _ in range(count)]
+        )
+
     def drain(
-        self, settings: Settings, records: int, instances: int = 1, *, measure_from_start: bool
+        self, settings: Settings, instances: int = 1
     ) -> tuple[float, float, float, float, float]:
         """Start processors on the backlog; return (seconds, cpu_s, peak_rss_mb, p50, p99)."""
         topics = [settings.online_topic, settings.offline_topic]
-        procs = []
-        ports = []
-        profiler: subprocess.Popen[bytes] | None = None
-        for i in range(instances):
-            port = free_port()
-            ports.append(port)
-            env = {**os.environ, **settings.model_copy(update={"web_port": port}).as_env()}
-            env["PAYSTREAM_LOG_LEVEL"] = "warning"
-            log = (self.stack.home / f"processor-{settings.group_id}-{i}.log").open("ab")
-            procs.append(
-                subprocess.Popen(
-                    [sys.executable, "-m", "paystream", "run"], env=env, stdout=log, stderr=log
-                )
-            )
-        try:
-            urls = [f"http://127.0.0.1:{port}/health/ready" for port in ports]
-            _wait(lambda: all(_ready(url) for url in urls), 60)
+        profiler = None
+        with self.processors(settings, instances, settings.group_id) as procs:
             profiler = self._profile(procs[0].pid, settings.group_id)
             started_wall = time.time()
             started = time.monotonic()
@@ -207,15 +220,10 @@ class Bench:
             seconds = time.monotonic() - started
             cpu = sum(_proc_cpu_s(p.pid) for p in procs) - cpu0
             rss = max(_peak_rss_mb(p.pid) for p in procs)
-        finally:
-            for p in procs:
-                p.terminate()
-            for p in procs:
-                p.wait(60)
-            if profiler is not None:
-                profiler.wait(60)
-        since = started_wall * 1000 if measure_from_start else 0
-        p50, p99 = _latency(settings.database_url, since)
+        if profiler is not None:
+            profiler.wait(60)
+        # For a backlog, latency counts from the processor's start, not from production.
+        p50, p99 = _latency(settings.database_url, started_wall * 1000)
         return seconds, cpu, rss, p50, p99
 
 
@@ -306,6 +314,15 @@ async def gateway_capacity(url: str, calls: int, concurrency: int) -> float:
         return calls / (time.monotonic() - started)
 
 
+def _bound(rate: float, ceiling_name: str, ceiling: float, utilisation: float) -> str:
+    if utilisation > 0.85:
+        return f"processor CPU ({utilisation:.0%} of a core per instance)"
+    if rate / ceiling >= 0.7:
+        return f"{ceiling_name} ceiling"
+    # Well below every ceiling and not CPU-bound: the time each batch takes end to end.
+    return f"batch latency, under the {ceiling_name} ceiling (CPU {utilisation:.0%} of a core)"
+
+
 def _workload(
     name: str,
     records: int,
@@ -316,19 +333,11 @@ def _workload(
     p99: float,
     ceilings: dict[str, float],
     instances: int = 1,
+    bound_by: str | None = None,
 ) -> Workload:
     rate = records / seconds
     bound_name, ceiling = min(ceilings.items(), key=lambda item: item[1])
     utilisation = cpu / seconds / instances
-    if utilisation > 0.85:
-        bound_by = f"processor CPU ({utilisation:.0%} of a core per instance)"
-    elif rate / ceiling >= 0.7:
-        bound_by = f"{bound_name} ceiling"
-    else:
-        # Well below every ceiling and not CPU-bound: the time each batch takes end to end.
-        bound_by = (
-            f"batch latency, under the {bound_name} ceiling (CPU {utilisation:.0%} of a core)"
-        )
     return Workload(
         name=name,
         payments=records,
@@ -339,7 +348,7 @@ def _workload(
         p99_ms=round(p99, 1),
         cpu_s_per_1000=round(cpu / records * 1000, 3),
         peak_rss_mb=round(rss, 1),
-        bound_by=bound_by,
+        bound_by=bound_by or _bound(rate, bound_name, ceiling, utilisation),
         seconds=round(seconds, 2),
         instances=instances,
     )
@@ -369,10 +378,7 @@ def _run(bench: Bench, sizes: Sizes) -> dict[str, Any]:
     # offline: consumer and database ceilings on the same rows
     settings = bench.fresh()
     progress(f"offline: preloading {sizes.offline} records")
-    _produce(
-        settings.kafka_bootstrap_servers,
-        [(settings.offline_topic, _document(rng, "offline")) for _ in range(sizes.offline)],
-    )
+    bench.backlog(settings, "offline", sizes.offline, rng)
     ceilings["consumer_read_per_s"] = consumer_ceiling(settings, sizes.offline)
     scratch = bench.fresh()
     ceilings["database_insert_per_s"] = asyncio.run(
@@ -383,16 +389,13 @@ def _run(bench: Bench, sizes: Sizes) -> dict[str, Any]:
         "database": ceilings["database_insert_per_s"],
     }
     progress("offline: draining")
-    result = bench.drain(settings, sizes.offline, measure_from_start=True)
+    result = bench.drain(settings)
     workloads.append(_workload("offline", sizes.offline, *result, ceilings=base))
 
     progress("offline with 2 instances (6 partitions)")
     settings = bench.fresh(partitions=6)
-    _produce(
-        settings.kafka_bootstrap_servers,
-        [(settings.offline_topic, _document(rng, "offline")) for _ in range(sizes.offline)],
-    )
-    result = bench.drain(settings, sizes.offline, instances=2, measure_from_start=True)
+    bench.backlog(settings, "offline", sizes.offline, rng)
+    result = bench.drain(settings, instances=2)
     workloads.append(
         _workload("offline-2-instances", sizes.offline, *result, ceilings=base, instances=2)
     )
@@ -407,11 +410,8 @@ def _run(bench: Bench, sizes: Sizes) -> dict[str, Any]:
         ceilings[f"littles_law_{latency_ms}ms_per_s"] = little
         settings = bench.fresh()
         progress(f"online-{latency_ms}ms: preloading {sizes.online} records")
-        _produce(
-            settings.kafka_bootstrap_servers,
-            [(settings.online_topic, _document(rng, "online")) for _ in range(sizes.online)],
-        )
-        result = bench.drain(settings, sizes.online, measure_from_start=True)
+        bench.backlog(settings, "online", sizes.online, rng)
+        result = bench.drain(settings)
         workloads.append(
             _workload(
                 f"online-{latency_ms}ms",
@@ -428,7 +428,7 @@ def _run(bench: Bench, sizes: Sizes) -> dict[str, Any]:
     progress(f"original-mix: preloading {sizes.mix} records")
     _produce(settings.kafka_bootstrap_servers, [(topic[p.topic_type], p.value) for p in planned])
     online_share = len({p.payment_id for p in planned if p.topic_type == "online"}) / len(planned)
-    result = bench.drain(settings, sizes.mix, measure_from_start=True)
+    result = bench.drain(settings)
     mix_ceilings = {
         **base,
         "gateway capacity": ceilings["gateway_capacity_20ms_per_s"] / online_share,
@@ -441,11 +441,8 @@ def _run(bench: Bench, sizes: Sizes) -> dict[str, Any]:
 
     progress(f"memory: {sizes.memory} record backlog")
     settings = bench.fresh()
-    _produce(
-        settings.kafka_bootstrap_servers,
-        [(settings.offline_topic, _document(rng, "offline")) for _ in range(sizes.memory)],
-    )
-    result = bench.drain(settings, sizes.memory, measure_from_start=True)
+    bench.backlog(settings, "offline", sizes.memory, rng)
+    result = bench.drain(settings)
     workloads.append(_workload("offline-1m-backlog", sizes.memory, *result, ceilings=base))
     return {
         "workloads": [asdict(w) for w in workloads],
@@ -458,31 +455,20 @@ def _steady(
 ) -> Workload:
     """A steady offline+online load while the processor runs: true end-to-end latency."""
     settings = bench.fresh()
-    port = free_port()
-    env = {**os.environ, **settings.model_copy(update={"web_port": port}).as_env()}
-    env["PAYSTREAM_LOG_LEVEL"] = "warning"
-    log = (bench.stack.home / "processor-steady.log").open("ab")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "paystream", "run"], env=env, stdout=log, stderr=log
-    )
-    try:
-        _wait(lambda: _ready(f"http://127.0.0.1:{port}/health/ready"), 60)
+    topics = [settings.online_topic, settings.offline_topic]
+    with bench.processors(settings, 1, "steady") as (proc,):
         producer = Producer({"bootstrap.servers": settings.kafka_bootstrap_servers, "linger.ms": 1})
         total = int(rate * seconds)
         cpu0 = _proc_cpu_s(proc.pid)
         started = time.monotonic()
         for i in range(total):
             kind = "online" if rng.random() < 0.69 else "offline"
-            producer.produce(
-                settings.online_topic if kind == "online" else settings.offline_topic,
-                _document(rng, kind),
-            )
+            producer.produce(topics[0] if kind == "online" else topics[1], _document(rng, kind))
             producer.poll(0)
             wait = started + (i + 1) / rate - time.monotonic()
             if wait > 0:
-                time.sleep(wait)
+                time.sleep(wait)  # pacing the offered load, not waiting for a result
         producer.flush(30)
-        topics = [settings.online_topic, settings.offline_topic]
         _wait(
             lambda: committed_lag(settings.kafka_bootstrap_servers, settings.group_id, topics) == 0,
             120,
@@ -490,10 +476,15 @@ def _steady(
         elapsed = time.monotonic() - started
         cpu = _proc_cpu_s(proc.pid) - cpu0
         rss = _peak_rss_mb(proc.pid)
-    finally:
-        proc.terminate()
-        proc.wait(60)
     p50, p99 = _latency(settings.database_url, 0)
-    workload = _workload("steady-1000-per-s", total, elapsed, cpu, rss, p50, p99, ceilings=base)
-    workload.bound_by = "offered load (1000/s)"
-    return workload
+    return _workload(
+        "steady-1000-per-s",
+        total,
+        elapsed,
+        cpu,
+        rss,
+        p50,
+        p99,
+        ceilings=base,
+        bound_by="offered load (1000/s)",
+    )

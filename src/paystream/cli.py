@@ -165,23 +165,7 @@ def errors(
             return rows
 
     rows: list[store.KeptRow] = _with_pool(settings, work)
-    items = [
-        {
-            "id": r.id,
-            "payment_id": r.payment_id,
-            "error_type": r.error_type,
-            "reason": r.reason,
-            "topic": r.record.id.topic,
-            "partition": r.record.id.partition,
-            "offset": r.record.id.offset,
-            "error_description": r.description,
-            "kept_at": r.kept_at.isoformat(),
-            "reported": r.reported_at is not None,
-            "resolved": r.resolved_at is not None,
-            "replays": r.replays,
-        }
-        for r in rows
-    ]
+    items = [r.as_json() for r in rows]
     if as_json:
         sys.stdout.write(json.dumps(items, indent=2) + "\n")
         return

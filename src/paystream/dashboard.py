@@ -51,6 +51,10 @@ def _by_label(metric: Counter, label: str) -> dict[str, float]:
     return values
 
 
+def _total(metric: Counter) -> float:
+    return sum(_by_label(metric, "").values())
+
+
 def _latency_ms(histogram: Histogram) -> dict[str, float]:
     """Mean and an upper bound of the 95th percentile, from the histogram's buckets."""
     buckets: list[tuple[float, float]] = []
@@ -114,21 +118,7 @@ class DashboardState:
                     {"reason": r, "error_type": t, "count": n, "resolved": res}
                     for r, t, n, res in await cursor.fetchall()
                 ]
-                database["latest"] = [
-                    {
-                        "id": row.id,
-                        "payment_id": row.payment_id,
-                        "error_type": row.error_type,
-                        "reason": row.reason,
-                        "description": row.description,
-                        "record": f"{row.record.id.topic}/{row.record.id.partition}"
-                        f"@{row.record.id.offset}",
-                        "kept_at": row.kept_at.isoformat(),
-                        "reported": row.reported_at is not None,
-                        "resolved": row.resolved_at is not None,
-                    }
-                    for row in await store.latest_kept(conn, 12)
-                ]
+                database["latest"] = [row.as_json() for row in await store.latest_kept(conn, 12)]
         except (TimeoutError, psycopg.Error, psycopg_pool.PoolTimeout):
             database = {"available": False}
         return {
@@ -140,9 +130,9 @@ class DashboardState:
             "records": _by_label(RECORDS, "topic"),
             "stored": _by_label(STORED, "payment_type"),
             "kept": _by_label(KEPT, "reason"),
-            "redelivered": sum(_by_label(REDELIVERED, "x").values()),
+            "redelivered": _total(REDELIVERED),
             "reports": _by_label(REPORTS, "outcome"),
-            "database_failures": sum(_by_label(DB_FAILURES, "x").values()),
+            "database_failures": _total(DB_FAILURES),
             "gateway": {
                 "calls": calls,
                 "error_rate": 1 - answered / sum(calls.values()) if calls else 0.0,

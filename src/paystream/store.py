@@ -334,6 +334,23 @@ class KeptRow:
     resolved_at: datetime | None
     replays: int
 
+    def as_json(self) -> dict[str, object]:
+        """What listings show of a kept record: never its raw bytes (they may hold card data)."""
+        return {
+            "id": self.id,
+            "payment_id": self.payment_id,
+            "error_type": self.error_type,
+            "reason": self.reason,
+            "topic": self.record.id.topic,
+            "partition": self.record.id.partition,
+            "offset": self.record.id.offset,
+            "error_description": self.description,
+            "kept_at": self.kept_at.isoformat(),
+            "reported": self.reported_at is not None,
+            "resolved": self.resolved_at is not None,
+            "replays": self.replays,
+        }
+
 
 _KEPT_COLUMNS = """id, topic, "partition", "offset", kafka_ts, raw, payment_id, error_type, reason,
     description, kept_at, reported_at, resolved_at, replays"""

@@ -8,10 +8,12 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from paystream.config import Settings
 from paystream.errors import DevenvError
 
 _PR_SET_PDEATHSIG = 1
@@ -110,7 +112,8 @@ class ChildProcess:
         self.process.wait()
         self._log.close()
 
-    def stop(self, timeout_s: float = 20.0) -> None:
+    def stop(self, timeout_s: float = 20.0) -> int:
+        """Ask it to stop (its stop signal), wait, kill if it will not; returns its exit status."""
         if self.running():
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self.process.pid, self._stop_signal)
@@ -120,3 +123,10 @@ class ChildProcess:
                 self.process.kill()
                 self.process.wait()
         self._log.close()
+        return self.process.returncode
+
+
+def run_processor(settings: Settings, log_path: Path) -> ChildProcess:
+    """`paystream run` with these settings as a child process (crash tests, scale-out, bench)."""
+    argv = [sys.executable, "-m", "paystream", "run"]
+    return ChildProcess("processor", argv, log_path, env={**os.environ, **settings.as_env()})

@@ -112,8 +112,8 @@ function render(s) {
   for (const k of s.database.latest || []) {
     const row = latestBody.insertRow();
     cell(row, k.id); cell(row, k.payment_id || "—"); cell(row, k.error_type, "type-" + k.error_type);
-    cell(row, k.reason); cell(row, k.record);
-    const desc = cell(row, k.description, "desc"); desc.title = k.description;
+    cell(row, k.reason); cell(row, k.topic + "/" + k.partition + "@" + k.offset);
+    const desc = cell(row, k.error_description, "desc"); desc.title = k.error_description;
     cell(row, k.reported ? "yes" : "waiting");
     const action = row.insertCell();
     const button = document.createElement("button");
