@@ -32,7 +32,8 @@ class OrderedCommits:
     def __init__(self) -> None:
         self._next = 0
         self._oldest_unfinished = 0
-        self._finished: dict[int, list[Record]] = {}
+        # A finished batch waiting for an older one keeps only its offsets, not its records.
+        self._finished: dict[int, Offsets] = {}
         self.committable: Offsets = {}
 
     def begin(self) -> int:
@@ -40,9 +41,10 @@ class OrderedCommits:
         return self._next - 1
 
     def finish(self, seq: int, records: list[Record]) -> None:
-        self._finished[seq] = records
+        merge_offsets(self._finished.setdefault(seq, {}), records)
         while self._oldest_unfinished in self._finished:
-            merge_offsets(self.committable, self._finished.pop(self._oldest_unfinished))
+            for key, offset in self._finished.pop(self._oldest_unfinished).items():
+                self.committable[key] = max(self.committable.get(key, 0), offset)
             self._oldest_unfinished += 1
 
 
@@ -66,7 +68,7 @@ class BatchConsumer:
         self._report_database_error = report_database_error
         self._on_batch = on_batch
         self._commits = OrderedCommits()
-        self._commit_lock = asyncio.Lock()
+        self._committer: asyncio.Task[None] | None = None
         self._last_committed: Offsets = {}
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -89,6 +91,8 @@ class BatchConsumer:
                     self._slots.release()
                     continue
                 group.create_task(self._run_batch(self._commits.begin(), records, stop))
+        if self._committer is not None:
+            await self._committer
 
     async def _run_batch(self, seq: int, records: list[Record], stop: asyncio.Event) -> None:
         try:
@@ -102,9 +106,12 @@ class BatchConsumer:
                 RECORDS.labels(topic=topic).inc(count)
             self._on_batch(result)
             self._commits.finish(seq, records)
-            await self._commit()
         finally:
+            # Durable (or given up on): the slot is free for the next batch while offsets are
+            # committed in the background.
             self._slots.release()
+        if self._committer is None or self._committer.done():
+            self._committer = asyncio.create_task(self._commit())
 
     async def _process_until_durable(
         self, records: list[Record], stop: asyncio.Event
@@ -133,7 +140,8 @@ class BatchConsumer:
             return result
 
     async def _commit(self) -> None:
-        async with self._commit_lock:
-            offsets = dict(self._commits.committable)
-            if offsets != self._last_committed and await self._kafka.commit(offsets):
-                self._last_committed = offsets
+        """One committer at a time; it goes on while batches finish during its broker call."""
+        while (offsets := dict(self._commits.committable)) != self._last_committed:
+            if not await self._kafka.commit(offsets):
+                return
+            self._last_committed = offsets

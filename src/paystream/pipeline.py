@@ -125,14 +125,10 @@ class Pipeline:
     async def _prepare(
         self, conn: store.Conn, records: Sequence[Record], *, replay: bool
     ) -> tuple[_Prepared, list[tuple[Record, Payment]]]:
-        """Decode, skip records already done, and pick the online payments to validate."""
-        done = await store.processed_records(conn, [r.id for r in records], kept=not replay)
+        """Decode, and pick the online payments to validate: not those already done."""
         prepared = _Prepared()
         online: list[tuple[Record, Payment]] = []
         for record in records:
-            if record.id in done:
-                prepared.redelivered += 1
-                continue
             decoded = decode(record.value, self._topic_types[record.id.topic])
             match decoded:
                 case DecodeError(reason=reason, description=description, payment_id=pid):
@@ -147,7 +143,14 @@ class Pipeline:
                     online.append((record, decoded))
         if not online:
             return prepared, []
-        # A payment already stored can only end as a duplicate: spare the gateway the call.
+        # Spare the gateway a call for a record already kept (declined, say) and for a payment
+        # already stored, which can only end as a redelivery or a duplicate. Everything else is
+        # decided under the batch's locks.
+        done = await store.processed_records(
+            conn, [(r.id, None) for r, _ in online], kept=not replay
+        )
+        prepared.redelivered = sum(1 for r, _ in online if r.id in done)
+        online = [(r, p) for r, p in online if r.id not in done]
         stored = await store.stored_payment_ids(conn, [p.payment_id for _, p in online])
         prepared.candidates.extend(
             _Candidate(record=r, payment=p, validated=False)
@@ -233,8 +236,14 @@ class Pipeline:
     ) -> BatchResult:
         result = BatchResult()
         await store.lock_partitions(conn, {(r.topic, r.partition) for r in prepared.records()})
-        # Authoritative re-check under the locks: another owner may have finished these.
-        done = await store.processed_records(conn, prepared.records(), kept=not replay)
+        # Authoritative re-check under the locks: another owner may have finished these. A
+        # candidate that stored its payment before shows up below as a conflict from itself.
+        done = await store.processed_records(
+            conn,
+            [(c.record.id, None) for c in prepared.candidates]
+            + [(k.record.id, k.payment_id) for k in prepared.kept],
+            kept=not replay,
+        )
         result.redelivered = len(done)
         candidates = [c for c in prepared.candidates if c.record.id not in done]
         kept = [k for k in prepared.kept if k.record.id not in done]
@@ -258,9 +267,10 @@ class Pipeline:
             else:
                 others.append(candidate)
 
-        inserted = await store.insert_payments(conn, [c.payment for c in first.values()])
+        inserted = await store.insert_payments(
+            conn, [c.payment for c in first.values()], [c.record.id for c in first.values()]
+        )
         inserted_ids = {i.payment_id for i in inserted}
-        await store.insert_origins(conn, [(pid, first[pid].record.id) for pid in inserted_ids])
         for i in inserted:
             STORED.labels(payment_type=first[i.payment_id].payment.payment_type.value).inc()
         result.stored = len(inserted)

@@ -49,22 +49,41 @@ async def lock_partitions(conn: Conn, partitions: Iterable[tuple[str, int]]) -> 
 
 
 async def processed_records(
-    conn: Conn, ids: Sequence[RecordId], *, kept: bool = True
+    conn: Conn, checks: Sequence[tuple[RecordId, str | None]], *, kept: bool = True
 ) -> set[RecordId]:
-    """Which of these records already have a durable outcome: stored, or (with `kept`) kept."""
-    if not ids:
+    """Which of these records already have a durable outcome.
+
+    A record is done when (with `kept`) it is kept, or when its payment_id is given and the
+    stored payment of that id came from this very record. Pass no payment_id for a record about
+    to be inserted: the insert's conflict tells a redelivery apart more cheaply.
+    """
+    if not checks or not (kept or any(pid is not None for _, pid in checks)):
         return set()
     cursor = await conn.execute(
-        f"""
-        WITH batch(topic, "partition", "offset", kafka_ts) AS (SELECT t, p, o, s FROM {_IDS})
-        SELECT topic, "partition", "offset", kafka_ts
-        FROM paystream.payment_origins JOIN batch USING (topic, "partition", "offset", kafka_ts)
+        """
+        WITH batch(topic, "partition", "offset", kafka_ts, payment_id) AS (
+            SELECT t, p, o, s, i
+            FROM json_to_recordset(%s::json) AS r(t text, p int, o bigint, s bigint, i text)
+        )
+        SELECT b.topic, b."partition", b."offset", b.kafka_ts
+        FROM batch AS b JOIN paystream.payment_origins AS o
+            ON o.payment_id = b.payment_id
+            AND (o.topic, o."partition", o."offset", o.kafka_ts)
+                = (b.topic, b."partition", b."offset", b.kafka_ts)
         UNION ALL
         SELECT topic, "partition", "offset", kafka_ts
         FROM paystream.kept_records JOIN batch USING (topic, "partition", "offset", kafka_ts)
         WHERE %s
         """,
-        (_ids(ids), kept),
+        (
+            _json(
+                [
+                    {"t": i.topic, "p": i.partition, "o": i.offset, "s": i.timestamp_ms, "i": pid}
+                    for i, pid in checks
+                ]
+            ),
+            kept,
+        ),
     )
     return {
         RecordId(topic=t, partition=p, offset=o, timestamp_ms=ts)
@@ -103,62 +122,64 @@ class Inserted:
     created_on: datetime
 
 
-async def insert_payments(conn: Conn, payments: Sequence[Payment]) -> list[Inserted]:
-    """Insert; a payment_id already present is skipped. Rows go in id order to avoid deadlocks."""
+async def insert_payments(
+    conn: Conn, payments: Sequence[Payment], origins: Sequence[RecordId] | None = None
+) -> list[Inserted]:
+    """Insert; a payment_id already present is skipped. Rows go in id order to avoid deadlocks.
+
+    With `origins` (one per payment), the same statement remembers which record each newly
+    stored payment came from, replacing a stale row a purge of payments left behind.
+    """
     if not payments:
         return []
-    cursor = await conn.execute(
-        """
-        INSERT INTO payments (payment_id, account_id, payment_type, credit_card, amount)
-        SELECT i, a, t, c, m
-        FROM json_to_recordset(%s::json) AS r(i varchar, a int, t varchar, c varchar, m numeric)
-        ORDER BY 1
-        ON CONFLICT (payment_id) DO NOTHING
-        RETURNING payment_id, account_id, created_on
-        """,
-        (
-            _json(
-                [
-                    {
-                        "i": p.payment_id,
-                        "a": p.account_id,
-                        "t": p.payment_type.value,
-                        "c": p.credit_card,
-                        "m": p.amount,
-                    }
-                    for p in payments
-                ]
-            ),
-        ),
-    )
+    rows = [
+        {
+            "i": p.payment_id,
+            "a": p.account_id,
+            "t": p.payment_type.value,
+            "c": p.credit_card,
+            "m": p.amount,
+        }
+        for p in payments
+    ]
+    if origins is None:
+        statement = _INSERT_PAYMENTS + "SELECT payment_id, account_id, created_on FROM inserted"
+    else:
+        for row, origin in zip(rows, origins, strict=True):
+            row.update(
+                rt=origin.topic, rp=origin.partition, ro=origin.offset, rs=origin.timestamp_ms
+            )
+        statement = _INSERT_PAYMENTS + _AND_ORIGINS
+    cursor = await conn.execute(statement, (_json(rows),))
     return [
         Inserted(payment_id=r[0], account_id=r[1], created_on=r[2]) for r in await cursor.fetchall()
     ]
 
 
-async def insert_origins(conn: Conn, origins: Sequence[tuple[str, RecordId]]) -> None:
-    """Remember which record each new payment came from (replacing a stale row left by a purge)."""
-    if not origins:
-        return
-    await conn.execute(
-        """
+_INSERT_PAYMENTS = """
+    WITH batch AS (
+        SELECT * FROM json_to_recordset(%s::json) AS r(
+            i varchar, a int, t varchar, c varchar, m numeric,
+            rt text, rp int, ro bigint, rs bigint)
+    ), inserted AS (
+        INSERT INTO payments (payment_id, account_id, payment_type, credit_card, amount)
+        SELECT i, a, t, c, m FROM batch ORDER BY 1
+        ON CONFLICT (payment_id) DO NOTHING
+        RETURNING payment_id, account_id, created_on
+    )
+"""
+
+_AND_ORIGINS = """
+    , origins AS (
         INSERT INTO paystream.payment_origins (payment_id, topic, "partition", "offset", kafka_ts)
-        SELECT i, t, p, o, s
-        FROM json_to_recordset(%s::json) AS r(i varchar, t text, p int, o bigint, s bigint)
+        SELECT i, rt, rp, ro, rs FROM batch JOIN inserted ON inserted.payment_id = batch.i
         ORDER BY 1
         ON CONFLICT (payment_id) DO UPDATE SET
             topic = EXCLUDED.topic, "partition" = EXCLUDED."partition",
             "offset" = EXCLUDED."offset", kafka_ts = EXCLUDED.kafka_ts, stored_at = now()
-        """,
-        (
-            _json(
-                [
-                    {"i": pid, "t": r.topic, "p": r.partition, "o": r.offset, "s": r.timestamp_ms}
-                    for pid, r in origins
-                ]
-            ),
-        ),
     )
+    SELECT payment_id, account_id, created_on FROM inserted
+"""
 
 
 async def stamp_accounts(conn: Conn, inserted: Sequence[Inserted]) -> None:

@@ -8,7 +8,7 @@ import time
 import uuid
 from pathlib import Path
 
-from confluent_kafka import KafkaException
+from confluent_kafka import Consumer, KafkaException, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 
 from paystream.devenv.processes import ChildProcess, ensure_port_free, free_port
@@ -170,6 +170,10 @@ class KafkaBroker:
             "kafka", self._java(libs, "kafka.Kafka", str(config)), self.data_dir / "broker.log"
         )
         self._process.wait_until(self._answers_metadata, timeout_s, "answering metadata requests")
+        # A new broker creates its group-offsets topic on the first group request and answers
+        # NOT_COORDINATOR meanwhile, which librdkafka backs off from for 3 s: get that over with
+        # here rather than in the first consumer's join.
+        self._process.wait_until(self._coordinates_groups, timeout_s, "coordinating groups")
 
     def _answers_metadata(self) -> bool:
         admin = AdminClient(
@@ -179,6 +183,18 @@ class KafkaBroker:
             return bool(admin.list_topics(timeout=1).brokers)
         except KafkaException:
             return False
+
+    def _coordinates_groups(self) -> bool:
+        consumer = Consumer(
+            {"bootstrap.servers": self.bootstrap, "group.id": "paystream-warmup", "log_level": 0}
+        )
+        try:
+            consumer.committed([TopicPartition("paystream-warmup", 0)], timeout=1)
+            return True
+        except KafkaException:
+            return False
+        finally:
+            consumer.close()
 
     def create_topics(self, names: list[str], partitions: int = 3) -> None:
         create_topics(self.bootstrap, names, partitions)
@@ -202,7 +218,8 @@ def create_topics(bootstrap: str, names: list[str], partitions: int = 3) -> None
     admin = AdminClient({"bootstrap.servers": bootstrap})
     existing = set(admin.list_topics(timeout=10).topics)
     wanted = [NewTopic(name, num_partitions=partitions, replication_factor=1) for name in names]
-    futures = admin.create_topics([t for t in wanted if t.topic not in existing])
+    missing = [t for t in wanted if t.topic not in existing]
+    futures = admin.create_topics(missing) if missing else {}
     for name, future in futures.items():
         try:
             future.result(timeout=30)
