@@ -27,6 +27,7 @@ import aiohttp
 import orjson
 import psycopg
 from confluent_kafka import Consumer, Producer
+from confluent_kafka.admin import AdminClient
 
 from paystream import store
 from paystream.config import Settings
@@ -61,11 +62,16 @@ class Sizes:
     online: int = 50_000
     mix: int = 100_000
     memory: int = 1_000_000
+    scale: int = 8_000
     steady_s: float = 10.0
 
     @classmethod
     def quick(cls) -> Sizes:
-        return cls(offline=5_000, online=1_000, mix=2_000, memory=10_000, steady_s=2.0)
+        return cls(offline=5_000, online=1_000, mix=2_000, memory=10_000, scale=400, steady_s=2.0)
+
+
+SCALE_IN_FLIGHT = 64
+"""Gateway calls in flight per instance in the scale-out workload."""
 
 
 def _document(rng: random.Random, payment_type: str) -> bytes:
@@ -81,13 +87,16 @@ def _document(rng: random.Random, payment_type: str) -> bytes:
 
 
 def _produce(bootstrap: str, messages: list[tuple[str, bytes]]) -> None:
+    """Records go round-robin over each topic's partitions, so every instance gets its share
+    (the default sticky partitioner fills one partition per producer batch)."""
     producer = Producer(
         {"bootstrap.servers": bootstrap, "linger.ms": 20, "batch.num.messages": 10_000}
     )
-    for topic, value in messages:
+    counts = {t: len(m.partitions) for t, m in producer.list_topics(timeout=10).topics.items()}
+    for n, (topic, value) in enumerate(messages):
         while True:
             try:
-                producer.produce(topic, value)
+                producer.produce(topic, value, partition=n % counts[topic])
                 break
             except BufferError:
                 producer.poll(0.05)
@@ -200,16 +209,24 @@ class Bench:
         )
 
     def drain(
-        self, settings: Settings, instances: int = 1
+        self, settings: Settings, instances: int = 1, backlog: Callable[[], None] | None = None
     ) -> tuple[float, float, float, float, float]:
-        """Start processors on the backlog; return (seconds, cpu_s, peak_rss_mb, p50, p99)."""
+        """Start processors on the backlog; return (seconds, cpu_s, peak_rss_mb, p50, p99).
+
+        With `backlog`, the backlog is produced only once every instance holds its partitions,
+        so that the first one up does not take all of it before the others join.
+        """
         topics = [settings.online_topic, settings.offline_topic]
         profiler = None
         with self.processors(settings, instances, settings.group_id) as procs:
+            if backlog is not None:
+                _wait(lambda: _members_assigned(settings) == instances, 60)
             profiler = self._profile(procs[0].pid, settings.group_id)
             started_wall = time.time()
             started = time.monotonic()
             cpu0 = sum(_proc_cpu_s(p.pid) for p in procs)
+            if backlog is not None:
+                backlog()
             _wait(
                 lambda: (
                     committed_lag(settings.kafka_bootstrap_servers, settings.group_id, topics) == 0
@@ -225,6 +242,14 @@ class Bench:
         # For a backlog, latency counts from the processor's start, not from production.
         p50, p99 = _latency(settings.database_url, started_wall * 1000)
         return seconds, cpu, rss, p50, p99
+
+
+def _members_assigned(settings: Settings) -> int:
+    """How many members of the group hold at least one partition."""
+    admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap_servers})
+    future = admin.describe_consumer_groups([settings.group_id])[settings.group_id]
+    group = future.result(timeout=10)
+    return sum(1 for m in group.members if m.assignment and m.assignment.topic_partitions)
 
 
 def _wait(condition: Callable[[], bool], timeout_s: float, poll_s: float = 0.1) -> None:
@@ -298,19 +323,28 @@ async def database_ceiling(database_url: str, records: int, batch: int = 500) ->
         return records / (time.monotonic() - started)
 
 
-async def gateway_capacity(url: str, calls: int, concurrency: int) -> float:
-    """Requests per second the gateway answers at this concurrency."""
+async def gateway_capacity(url: str, concurrency: int, seconds: float = 3.0) -> float:
+    """Requests per second the gateway answers with `concurrency` callers each waiting for its
+    answer before the next call (connections opened beforehand, not timed)."""
     body = _document(random.Random(2), "online")
-    slots = asyncio.Semaphore(concurrency)
     connector = aiohttp.TCPConnector(limit=concurrency)
     async with aiohttp.ClientSession(connector=connector) as session:
 
-        async def one() -> None:
-            async with slots, session.post(url + "/payment", data=body) as response:
-                await response.read()
+        async def caller(until: float) -> int:
+            calls = 0
+            while time.monotonic() < until:
+                async with session.post(url + "/payment", data=body) as response:
+                    await response.read()
+                calls += 1
+            return calls
 
+        async def callers(for_s: float) -> int:
+            until = time.monotonic() + for_s
+            return sum(await asyncio.gather(*(caller(until) for _ in range(concurrency))))
+
+        await callers(0.5)
         started = time.monotonic()
-        await asyncio.gather(*(one() for _ in range(calls)))
+        calls = await callers(seconds)
         return calls / (time.monotonic() - started)
 
 
@@ -394,8 +428,11 @@ def _run(bench: Bench, sizes: Sizes) -> dict[str, Any]:
 
     progress("offline with 2 instances (6 partitions)")
     settings = bench.fresh(partitions=6)
-    bench.backlog(settings, "offline", sizes.offline, rng)
-    result = bench.drain(settings, instances=2)
+    result = bench.drain(
+        settings,
+        instances=2,
+        backlog=functools.partial(bench.backlog, settings, "offline", sizes.offline, rng),
+    )
     workloads.append(
         _workload("offline-2-instances", sizes.offline, *result, ceilings=base, instances=2)
     )
@@ -403,7 +440,7 @@ def _run(bench: Bench, sizes: Sizes) -> dict[str, Any]:
     for latency_ms in (20, 100):
         bench.set_latency(latency_ms)
         capacity = asyncio.run(
-            gateway_capacity(bench.gateway.url, min(5000, sizes.online), in_flight)
+            gateway_capacity(bench.gateway.url, in_flight, 3.0 if sizes.online > 1000 else 0.5)
         )
         little = in_flight / (latency_ms / 1000)
         ceilings[f"gateway_capacity_{latency_ms}ms_per_s"] = capacity
@@ -418,6 +455,32 @@ def _run(bench: Bench, sizes: Sizes) -> dict[str, Any]:
                 sizes.online,
                 *result,
                 ceilings={**base, "gateway capacity": capacity, "Little's law": little},
+            )
+        )
+
+    # Scale-out: each instance is held to a small in-flight limit, so the bound is the instances'
+    # own concurrency, while the gateway (still at 100 ms) and the database have room to spare.
+    for instances in (1, 2):
+        settings = bench.fresh(partitions=6).model_copy(
+            update={"gateway_max_in_flight": SCALE_IN_FLIGHT}
+        )
+        progress(f"scale-out, {instances} instance(s) of {SCALE_IN_FLIGHT} calls in flight")
+        result = bench.drain(
+            settings,
+            instances=instances,
+            backlog=functools.partial(bench.backlog, settings, "online", sizes.scale, rng),
+        )
+        workloads.append(
+            _workload(
+                f"scale-out-{instances}",
+                sizes.scale,
+                *result,
+                ceilings={
+                    **base,
+                    "gateway capacity": ceilings["gateway_capacity_100ms_per_s"],
+                    "Little's law": SCALE_IN_FLIGHT * instances / 0.100,
+                },
+                instances=instances,
             )
         )
 

@@ -325,7 +325,7 @@ def bench(
         sys.stdout.write(json.dumps(result) + "\n")
         return
     table = Table(title="paystream bench")
-    columns = [f.name for f in fields(benchmark.Workload) if f.name not in ("seconds", "instances")]
+    columns = [f.name for f in fields(benchmark.Workload) if f.name != "seconds"]
     for column in columns:
         table.add_column(column, justify="left" if column in ("name", "bound_by") else "right")
     for workload in result["workloads"]:

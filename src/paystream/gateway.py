@@ -8,8 +8,12 @@ GatewayUnavailable so the pipeline keeps the payment for later re-validation.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import heapq
+import itertools
 import random
 import time
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
 import aiohttp
@@ -88,6 +92,46 @@ class CircuitBreaker:
             CIRCUIT_OPEN.set(1)
 
 
+class OldestFirst:
+    """A limit on concurrent calls whose waiters get a free slot in order of `priority`.
+
+    Batches that validate at once would otherwise share the slots round-robin, finish their
+    gateway calls together and then all wait on the database while the gateway idles. Served
+    oldest batch first, one batch is written while the next is being validated.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self._free = limit
+        self._waiters: list[tuple[float, int, asyncio.Future[None]]] = []
+        self._arrivals = itertools.count()
+
+    @contextlib.asynccontextmanager
+    async def slot(self, priority: float) -> AsyncIterator[None]:
+        if self._free > 0 and not self._waiters:
+            self._free -= 1
+        else:
+            handed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            heapq.heappush(self._waiters, (priority, next(self._arrivals), handed))
+            try:
+                await handed
+            except asyncio.CancelledError:
+                if handed.done() and not handed.cancelled():
+                    self._release()  # the slot was handed over just as this waiter was cancelled
+                raise
+        try:
+            yield
+        finally:
+            self._release()
+
+    def _release(self) -> None:
+        while self._waiters:
+            _, _, handed = heapq.heappop(self._waiters)
+            if not handed.done():  # a cancelled waiter is skipped
+                handed.set_result(None)
+                return
+        self._free += 1
+
+
 class Gateway:
     """Owns one aiohttp session and the in-flight limit of validations."""
 
@@ -104,21 +148,48 @@ class Gateway:
     ) -> None:
         self._session = session
         self._url = base_url.rstrip("/") + "/payment"
-        self._slots = asyncio.Semaphore(max_in_flight)
+        self._max_in_flight = max_in_flight
+        self._slots = OldestFirst(max_in_flight)
         self._timeout = aiohttp.ClientTimeout(total=timeout_s)
         self._attempts = attempts
         self._budget_s = budget_s
         self.breaker = breaker or CircuitBreaker()
 
-    async def validate(self, body: bytes) -> Verdict:
+    async def validate_all(self, bodies: Sequence[bytes]) -> list[Verdict | GatewayUnavailable]:
+        """Validate each body; the list of verdicts (or why there is none) in the same order.
+
+        At most the in-flight limit of lanes work through the list: a task per payment, most of
+        them queued on the limit, cost a sixth of the processor's CPU when profiled. The calls of
+        an earlier `validate_all` go first.
+        """
+        priority = time.monotonic()
+        results: list[Verdict | GatewayUnavailable] = []
+        pending = iter(enumerate(bodies))
+        answers: dict[int, Verdict | GatewayUnavailable] = {}
+
+        async def lane() -> None:
+            for i, body in pending:
+                try:
+                    answers[i] = await self.validate(body, priority)
+                except GatewayUnavailable as exc:
+                    answers[i] = exc
+
+        async with asyncio.TaskGroup() as group:
+            for _ in range(min(self._max_in_flight, len(bodies))):
+                group.create_task(lane())
+        results.extend(answers[i] for i in range(len(bodies)))
+        return results
+
+    async def validate(self, body: bytes, priority: float | None = None) -> Verdict:
         """POST the payment as it arrived. Raises GatewayUnavailable once the budget is spent.
 
         The first attempt is made directly: building a retry context costs about as much CPU as
         the HTTP call itself (profiled), and nearly every call succeeds the first time.
         """
         started = time.monotonic()
+        priority = started if priority is None else priority
         try:
-            return await self._attempt(body)
+            return await self._attempt(body, priority)
         except _Transient as exc:
             if self._attempts <= 1:
                 raise GatewayUnavailable(str(exc)) from exc
@@ -134,24 +205,24 @@ class Gateway:
                 wait_max=2.0,
             ):
                 with attempt:
-                    return await self._attempt(body)
+                    return await self._attempt(body, priority)
         except _Transient as exc:
             raise GatewayUnavailable(str(exc)) from exc
         raise AssertionError("unreachable: retry_context either returns or raises")
 
-    async def _attempt(self, body: bytes) -> Verdict:
+    async def _attempt(self, body: bytes, priority: float) -> Verdict:
         if not self.breaker.allow():
             raise GatewayUnavailable("circuit open after repeated gateway failures")
         try:
-            verdict = await self._call(body)
+            verdict = await self._call(body, priority)
         except _Transient:
             self.breaker.failed()
             raise
         self.breaker.succeeded()
         return verdict
 
-    async def _call(self, body: bytes) -> Verdict:
-        async with self._slots:
+    async def _call(self, body: bytes, priority: float) -> Verdict:
+        async with self._slots.slot(priority):
             started = time.perf_counter()
             try:
                 async with self._session.post(

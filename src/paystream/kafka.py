@@ -32,7 +32,11 @@ class KafkaConsumer:
             "enable.auto.offset.store": False,
             # A new group must not miss what was produced before it joined.
             "auto.offset.reset": "earliest",
-            "partition.assignment.strategy": "cooperative-sticky",
+            # Round-robin over the partitions of both topics, so every instance gets its share of
+            # each kind of payment. cooperative-sticky balances only the partition count: with two
+            # instances it gave one every online partition and the other every offline one (seen
+            # in `make bench`), leaving the gateway work on a single instance.
+            "partition.assignment.strategy": "roundrobin",
             "session.timeout.ms": 10_000,
             "heartbeat.interval.ms": 1_000,
             "max.poll.interval.ms": 300_000,

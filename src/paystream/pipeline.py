@@ -8,7 +8,6 @@ a redelivered record a no-op. Every write is idempotent, so order between batche
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -19,7 +18,7 @@ import psycopg_pool
 from paystream import store
 from paystream.codec import DecodeError, decode
 from paystream.errors import DatabaseUnavailable, GatewayUnavailable
-from paystream.gateway import Approved, Declined, Gateway, Verdict
+from paystream.gateway import Approved, Declined, Gateway
 from paystream.metrics import KEPT, REDELIVERED, STORED
 from paystream.model import Kept, Payment, PaymentType, Reason, Record, RecordId
 
@@ -163,20 +162,13 @@ class Pipeline:
         """Ask the gateway once per distinct payment in the batch, all concurrently."""
         if not online:
             return
-        verdicts: dict[Payment, asyncio.Task[Verdict | GatewayUnavailable]] = {}
-
-        async def ask(record: Record) -> Verdict | GatewayUnavailable:
-            try:
-                return await self._gateway.validate(record.value or b"")
-            except GatewayUnavailable as exc:
-                return exc
-
-        async with asyncio.TaskGroup() as group:
-            for record, payment in online:
-                if payment not in verdicts:
-                    verdicts[payment] = group.create_task(ask(record))
+        distinct: dict[Payment, Record] = {}
         for record, payment in online:
-            match verdicts[payment].result():
+            distinct.setdefault(payment, record)
+        answers = await self._gateway.validate_all([r.value or b"" for r in distinct.values()])
+        verdicts = dict(zip(distinct, answers, strict=True))
+        for record, payment in online:
+            match verdicts[payment]:
                 case Approved():
                     prepared.candidates.append(
                         _Candidate(record=record, payment=payment, validated=True)

@@ -55,40 +55,45 @@ async def processed_records(
 
     A record is done when (with `kept`) it is kept, or when its payment_id is given and the
     stored payment of that id came from this very record. Pass no payment_id for a record about
-    to be inserted: the insert's conflict tells a redelivery apart more cheaply.
+    to be inserted: the insert's conflict tells a redelivery apart more cheaply. Kept records are
+    looked up by offset range per partition, one index range scan each, not one probe a record.
     """
-    if not checks or not (kept or any(pid is not None for _, pid in checks)):
+    stored = [(i, pid) for i, pid in checks if pid is not None]
+    ranges: dict[tuple[str, int], tuple[int, int]] = {}
+    if kept:
+        for i, _ in checks:
+            lo, hi = ranges.get((i.topic, i.partition), (i.offset, i.offset))
+            ranges[(i.topic, i.partition)] = (min(lo, i.offset), max(hi, i.offset))
+    if not stored and not ranges:
         return set()
     cursor = await conn.execute(
         """
-        WITH batch(topic, "partition", "offset", kafka_ts, payment_id) AS (
-            SELECT t, p, o, s, i
-            FROM json_to_recordset(%s::json) AS r(t text, p int, o bigint, s bigint, i text)
-        )
-        SELECT b.topic, b."partition", b."offset", b.kafka_ts
-        FROM batch AS b JOIN paystream.payment_origins AS o
-            ON o.payment_id = b.payment_id
-            AND (o.topic, o."partition", o."offset", o.kafka_ts)
-                = (b.topic, b."partition", b."offset", b.kafka_ts)
+        SELECT o.topic, o."partition", o."offset", o.kafka_ts
+        FROM json_to_recordset(%s::json) AS b(i text, t text, p int, o bigint, s bigint)
+        JOIN paystream.payment_origins AS o ON o.payment_id = b.i
+            AND (o.topic, o."partition", o."offset", o.kafka_ts) = (b.t, b.p, b.o, b.s)
         UNION ALL
-        SELECT topic, "partition", "offset", kafka_ts
-        FROM paystream.kept_records JOIN batch USING (topic, "partition", "offset", kafka_ts)
-        WHERE %s
+        SELECT k.topic, k."partition", k."offset", k.kafka_ts
+        FROM json_to_recordset(%s::json) AS r(t text, p int, lo bigint, hi bigint)
+        JOIN paystream.kept_records AS k
+            ON k.topic = r.t AND k."partition" = r.p AND k."offset" BETWEEN r.lo AND r.hi
         """,
         (
             _json(
                 [
-                    {"t": i.topic, "p": i.partition, "o": i.offset, "s": i.timestamp_ms, "i": pid}
-                    for i, pid in checks
+                    {"i": pid, "t": i.topic, "p": i.partition, "o": i.offset, "s": i.timestamp_ms}
+                    for i, pid in stored
                 ]
             ),
-            kept,
+            _json([{"t": t, "p": p, "lo": lo, "hi": hi} for (t, p), (lo, hi) in ranges.items()]),
         ),
     )
-    return {
+    asked = {i for i, _ in checks}
+    found = (
         RecordId(topic=t, partition=p, offset=o, timestamp_ms=ts)
         for t, p, o, ts in await cursor.fetchall()
-    }
+    )
+    return {i for i in found if i in asked}
 
 
 async def stored_payment_ids(conn: Conn, payment_ids: Sequence[str]) -> set[str]:

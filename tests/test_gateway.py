@@ -1,0 +1,92 @@
+"""The gateway client's in-flight limit and batch validation, against the real simulator."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import uuid
+
+import aiohttp
+import orjson
+
+from paystream.errors import GatewayUnavailable
+from paystream.gateway import Approved, Declined, Gateway, OldestFirst, Verdict
+from paystream.simulator.streams import is_declined
+from tests.conftest import SimulatorClient, async_wait_for
+
+
+async def _queue(slots: OldestFirst, priority: float, served: list[float]) -> None:
+    async with slots.slot(priority):
+        served.append(priority)
+
+
+async def test_waiters_get_the_slot_oldest_first() -> None:
+    """Whatever order they arrive in, waiters are served by ascending priority."""
+    slots = OldestFirst(1)
+    served: list[float] = []
+    release = asyncio.Event()
+
+    async def holder() -> None:
+        async with slots.slot(0):
+            await release.wait()
+
+    async with asyncio.TaskGroup() as group:
+        group.create_task(holder())
+        await asyncio.sleep(0)  # let the holder take the only slot
+        for priority in (3.0, 1.0, 2.0):
+            group.create_task(_queue(slots, priority, served))
+        await async_wait_for(lambda: len(slots._waiters) == 3, 5, "three waiters")
+        release.set()
+    assert [1.0, 2.0, 3.0] == served
+
+
+async def test_a_cancelled_waiter_does_not_keep_a_slot() -> None:
+    """A waiter cancelled while queued is skipped, and the limit is whole again afterwards."""
+    slots = OldestFirst(1)
+    served: list[float] = []
+    release = asyncio.Event()
+
+    async def holder() -> None:
+        async with slots.slot(0):
+            await release.wait()
+
+    async with asyncio.TaskGroup() as group:
+        group.create_task(holder())
+        await asyncio.sleep(0)
+        doomed = group.create_task(_queue(slots, 1.0, served))
+        group.create_task(_queue(slots, 2.0, served))
+        await async_wait_for(lambda: len(slots._waiters) == 2, 5, "two waiters")
+        doomed.cancel()
+        release.set()
+    assert [2.0] == served
+    async with asyncio.timeout(5), slots.slot(9.0):  # free at once: nothing leaked
+        served.append(9.0)
+    assert slots._free == 1
+
+
+async def test_validate_all_answers_each_payment_in_order(simulator: SimulatorClient) -> None:
+    """Verdicts come back in the order of the bodies, each the simulator's own for that id,
+    with fewer lanes than payments."""
+    rng = random.Random(7)
+    ids = [str(uuid.UUID(int=rng.getrandbits(128), version=4)) for _ in range(300)]
+    bodies = [
+        orjson.dumps(
+            {
+                "payment_id": pid,
+                "account_id": 1,
+                "payment_type": "online",
+                "credit_card": "4111111111111111",
+                "amount": 10,
+            }
+        )
+        for pid in ids
+    ]
+    async with aiohttp.ClientSession() as session:
+        gateway = Gateway(
+            session, simulator.url, max_in_flight=16, timeout_s=2, attempts=2, budget_s=3
+        )
+        verdicts: list[Verdict | GatewayUnavailable] = await gateway.validate_all(bodies)
+    expected = [Declined if is_declined(pid, 0.1) else Approved for pid in ids]
+    assert expected == [type(v) for v in verdicts]
+    assert Declined in expected
+    assert Approved in expected
