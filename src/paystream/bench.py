@@ -52,6 +52,8 @@ class Workload:
     cpu_s_per_1000: float
     peak_rss_mb: float
     bound_by: str
+    machine_busy: float
+    """Share of all the machine's cores busy during the run (every process, not just ours)."""
     seconds: float
     instances: int = 1
 
@@ -114,6 +116,17 @@ def _peak_rss_mb(pid: int) -> float:
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024
     return 0.0
+
+
+def _machine_ticks() -> tuple[int, int]:
+    """(all, idle) CPU ticks of the whole machine so far."""
+    ticks = [int(t) for t in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return sum(ticks), ticks[3] + ticks[4]
+
+
+def _machine_busy_since(before: tuple[int, int]) -> float:
+    total, idle = _machine_ticks()
+    return 1 - (idle - before[1]) / max(total - before[0], 1)
 
 
 def _ready(url: str) -> bool:
@@ -210,8 +223,10 @@ class Bench:
 
     def drain(
         self, settings: Settings, instances: int = 1, backlog: Callable[[], None] | None = None
-    ) -> tuple[float, float, float, float, float]:
-        """Start processors on the backlog; return (seconds, cpu_s, peak_rss_mb, p50, p99).
+    ) -> tuple[float, float, float, float, float, float]:
+        """Start processors on the backlog.
+
+        Returns (seconds, cpu_s, peak_rss_mb, p50, p99, machine_busy).
 
         With `backlog`, the backlog is produced only once every instance holds its partitions,
         so that the first one up does not take all of it before the others join.
@@ -225,6 +240,7 @@ class Bench:
             started_wall = time.time()
             started = time.monotonic()
             cpu0 = sum(_proc_cpu_s(p.pid) for p in procs)
+            machine0 = _machine_ticks()
             if backlog is not None:
                 backlog()
             _wait(
@@ -235,13 +251,14 @@ class Bench:
                 poll_s=0.1,
             )
             seconds = time.monotonic() - started
+            busy = _machine_busy_since(machine0)
             cpu = sum(_proc_cpu_s(p.pid) for p in procs) - cpu0
             rss = max(_peak_rss_mb(p.pid) for p in procs)
         if profiler is not None:
             profiler.wait(60)
         # For a backlog, latency counts from the processor's start, not from production.
         p50, p99 = _latency(settings.database_url, started_wall * 1000)
-        return seconds, cpu, rss, p50, p99
+        return seconds, cpu, rss, p50, p99, busy
 
 
 def _members_assigned(settings: Settings) -> int:
@@ -348,11 +365,16 @@ async def gateway_capacity(url: str, concurrency: int, seconds: float = 3.0) -> 
         return calls / (time.monotonic() - started)
 
 
-def _bound(rate: float, ceiling_name: str, ceiling: float, utilisation: float) -> str:
+def _bound(
+    rate: float, ceiling_name: str, ceiling: float, utilisation: float, machine_busy: float
+) -> str:
     if utilisation > 0.85:
         return f"processor CPU ({utilisation:.0%} of a core per instance)"
     if rate / ceiling >= 0.7:
         return f"{ceiling_name} ceiling"
+    if machine_busy > 0.8:
+        # Broker, database, gateway and processor compete for the same cores.
+        return f"the shared cores ({machine_busy:.0%} busy; processor {utilisation:.0%} of one)"
     # Well below every ceiling and not CPU-bound: the time each batch takes end to end.
     return f"batch latency, under the {ceiling_name} ceiling (CPU {utilisation:.0%} of a core)"
 
@@ -365,6 +387,7 @@ def _workload(
     rss: float,
     p50: float,
     p99: float,
+    machine_busy: float,
     ceilings: dict[str, float],
     instances: int = 1,
     bound_by: str | None = None,
@@ -382,7 +405,8 @@ def _workload(
         p99_ms=round(p99, 1),
         cpu_s_per_1000=round(cpu / records * 1000, 3),
         peak_rss_mb=round(rss, 1),
-        bound_by=bound_by or _bound(rate, bound_name, ceiling, utilisation),
+        bound_by=bound_by or _bound(rate, bound_name, ceiling, utilisation, machine_busy),
+        machine_busy=round(machine_busy, 2),
         seconds=round(seconds, 2),
         instances=instances,
     )
@@ -523,6 +547,7 @@ def _steady(
         producer = Producer({"bootstrap.servers": settings.kafka_bootstrap_servers, "linger.ms": 1})
         total = int(rate * seconds)
         cpu0 = _proc_cpu_s(proc.pid)
+        machine0 = _machine_ticks()
         started = time.monotonic()
         for i in range(total):
             kind = "online" if rng.random() < 0.69 else "offline"
@@ -537,6 +562,7 @@ def _steady(
             120,
         )
         elapsed = time.monotonic() - started
+        busy = _machine_busy_since(machine0)
         cpu = _proc_cpu_s(proc.pid) - cpu0
         rss = _peak_rss_mb(proc.pid)
     p50, p99 = _latency(settings.database_url, 0)
@@ -548,6 +574,7 @@ def _steady(
         rss,
         p50,
         p99,
+        busy,
         ceilings=base,
         bound_by="offered load (1000/s)",
     )

@@ -21,8 +21,8 @@ class Settings(BaseSettings):
     online_topic: str = "online"
     offline_topic: str = "offline"
 
-    batch_size: int = Field(default=2000, ge=1, le=10_000)
-    batches_in_flight: int = Field(default=4, ge=1, le=64)
+    batch_size: int = Field(default=4000, ge=1, le=10_000)
+    batches_in_flight: int = Field(default=2, ge=1, le=64)
     gateway_max_in_flight: int = Field(default=256, ge=1, le=10_000)
     gateway_timeout_s: float = Field(default=5.0, gt=0)
     gateway_attempts: int = Field(default=3, ge=1)
