@@ -163,7 +163,6 @@ class Gateway:
         an earlier `validate_all` go first.
         """
         priority = time.monotonic()
-        results: list[Verdict | GatewayUnavailable] = []
         pending = iter(enumerate(bodies))
         answers: dict[int, Verdict | GatewayUnavailable] = {}
 
@@ -177,8 +176,7 @@ class Gateway:
         async with asyncio.TaskGroup() as group:
             for _ in range(min(self._max_in_flight, len(bodies))):
                 group.create_task(lane())
-        results.extend(answers[i] for i in range(len(bodies)))
-        return results
+        return [answers[i] for i in range(len(bodies))]
 
     async def validate(self, body: bytes, priority: float | None = None) -> Verdict:
         """POST the payment as it arrived. Raises GatewayUnavailable once the budget is spent.
