@@ -70,6 +70,7 @@ class BatchConsumer:
         self._commits = OrderedCommits()
         self._committer: asyncio.Task[None] | None = None
         self._last_committed: Offsets = {}
+        self._commit_not_before = 0.0
 
     async def run(self, stop: asyncio.Event) -> None:
         """Until `stop`: poll, process, commit. In-flight batches finish before it returns."""
@@ -87,12 +88,16 @@ class BatchConsumer:
                 await self._kafka.resume()
                 records = pending or await self._kafka.consume(self._batch_size, 0.05)
                 pending = []
+                # Offsets of batches that finished while their partitions were being reassigned
+                # are committed once the partitions are back, even if no new record arrives.
+                self._commit_soon()
                 if not records:
                     self._slots.release()
                     continue
                 group.create_task(self._run_batch(self._commits.begin(), records, stop))
         if self._committer is not None:
             await self._committer
+        await self._commit()  # a last try on the way out, whatever the back-off
 
     async def _run_batch(self, seq: int, records: list[Record], stop: asyncio.Event) -> None:
         try:
@@ -110,8 +115,7 @@ class BatchConsumer:
             # Durable (or given up on): the slot is free for the next batch while offsets are
             # committed in the background.
             self._slots.release()
-        if self._committer is None or self._committer.done():
-            self._committer = asyncio.create_task(self._commit())
+        self._commit_soon()
 
     async def _process_until_durable(
         self, records: list[Record], stop: asyncio.Event
@@ -139,9 +143,25 @@ class BatchConsumer:
                 continue
             return result
 
+    def _uncommitted(self) -> Offsets:
+        """Committable offsets not yet committed, of partitions this consumer owns now."""
+        return {
+            key: offset
+            for key, offset in self._commits.committable.items()
+            if self._last_committed.get(key) != offset and key in self._kafka.assignment
+        }
+
+    def _commit_soon(self) -> None:
+        idle = self._committer is None or self._committer.done()
+        if idle and time.monotonic() >= self._commit_not_before and self._uncommitted():
+            self._committer = asyncio.create_task(self._commit())
+
     async def _commit(self) -> None:
-        """One committer at a time; it goes on while batches finish during its broker call."""
-        while (offsets := dict(self._commits.committable)) != self._last_committed:
-            if not await self._kafka.commit(offsets):
+        """One committer at a time; it goes on while batches finish during its broker call.
+        After a failed commit (a rebalance, the broker away) the next try waits a second."""
+        while offsets := self._uncommitted():
+            committed = await self._kafka.commit(offsets)
+            if not committed:
+                self._commit_not_before = time.monotonic() + 1.0
                 return
-            self._last_committed = offsets
+            self._last_committed.update(committed)

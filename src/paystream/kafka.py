@@ -135,22 +135,24 @@ class KafkaConsumer:
         if self._paused:
             await self._call(self._set_paused, False)
 
-    def _commit(self, offsets: Offsets) -> bool:
+    def _commit(self, offsets: Offsets) -> Offsets:
         assert self._consumer is not None
-        owned = [
-            TopicPartition(t, p, o) for (t, p), o in offsets.items() if (t, p) in self.assignment
-        ]
+        owned = {key: offset for key, offset in offsets.items() if key in self.assignment}
         if not owned:
-            return False
+            return {}
         try:
-            self._consumer.commit(offsets=owned, asynchronous=False)
+            self._consumer.commit(
+                offsets=[TopicPartition(t, p, o) for (t, p), o in owned.items()],
+                asynchronous=False,
+            )
         except KafkaException as exc:
             # Lost the partition in a rebalance: its new owner re-reads; every write is idempotent.
             log.warning("offset commit failed (%s); records will be redelivered", exc)
-            return False
-        return True
+            return {}
+        return owned
 
-    async def commit(self, offsets: Offsets) -> bool:
+    async def commit(self, offsets: Offsets) -> Offsets:
+        """Commit the offsets of the partitions this consumer owns; returns those it committed."""
         return await self._call(self._commit, offsets)
 
     def _close(self) -> None:
