@@ -4,8 +4,28 @@ from __future__ import annotations
 
 import time
 
+from confluent_kafka import Consumer, TopicPartition
+
 from paystream.kafka import KafkaConsumer
 from tests.conftest import Env
+
+
+async def _assigned(consumer: KafkaConsumer) -> None:
+    """Start the consumer and call consume until the group has given it partitions."""
+    await consumer.start()
+    deadline = time.monotonic() + 30
+    while not consumer.assignment and time.monotonic() < deadline:
+        await consumer.consume(100, 0.05)  # the group protocol advances inside consume
+    assert consumer.assignment
+
+
+def _group_offset(env: Env, group_id: str, topic: str) -> int:
+    reader = Consumer({"bootstrap.servers": env.bootstrap, "group.id": group_id})
+    try:
+        (committed,) = reader.committed([TopicPartition(topic, 0)], timeout=10)
+        return int(committed.offset)
+    finally:
+        reader.close()
 
 
 async def test_each_instance_gets_partitions_of_both_topics(env: Env) -> None:
@@ -40,3 +60,26 @@ async def test_each_instance_gets_partitions_of_both_topics(env: Env) -> None:
         await first.close()
     for share in shares:
         assert {topic for topic, _ in share} == set(topics)
+
+
+async def test_a_stale_offset_never_moves_the_group_back(env: Env) -> None:
+    """An instance holding an older finished offset for a partition another instance has since
+    taken further (it got the partition back) does not commit it over the newer one."""
+    settings = env.settings()
+    topics = [env.online_topic, env.offline_topic]
+    key = (env.online_topic, 0)
+    for offset in (10, 20):  # two owners in turn, each further than the last
+        owner = KafkaConsumer(settings.kafka_bootstrap_servers, settings.group_id, topics)
+        await _assigned(owner)
+        assert {key: offset} == await owner.commit({key: offset})
+        await owner.close()
+    assert 20 == _group_offset(env, settings.group_id, env.online_topic)
+
+    late = KafkaConsumer(settings.kafka_bootstrap_servers, settings.group_id, topics)
+    await _assigned(late)
+    try:
+        covered = await late.commit({key: 15})  # finished while it did not hold the partition
+    finally:
+        await late.close()
+    assert {key: 15} == covered
+    assert 20 == _group_offset(env, settings.group_id, env.online_topic)

@@ -50,6 +50,9 @@ class KafkaConsumer:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kafka")
         self._consumer: Consumer | None = None
         self.assignment: set[tuple[str, int]] = set()
+        # The group's committed offset of each owned partition, as far as this consumer knows:
+        # read when the partition is assigned, raised by each commit. Never committed below.
+        self._committed: Offsets = {}
         self._paused = False
         self.broker_ok = True
 
@@ -63,6 +66,14 @@ class KafkaConsumer:
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         self.assignment |= {(p.topic, p.partition) for p in partitions}
+        try:
+            for tp in consumer.committed(partitions, timeout=10) if partitions else []:
+                if tp.offset >= 0:
+                    self._committed[(tp.topic, tp.partition)] = tp.offset
+                else:
+                    self._committed.pop((tp.topic, tp.partition), None)
+        except KafkaException as exc:
+            log.warning("could not read committed offsets on assignment: %s", exc)
         if self._paused and partitions:
             consumer.pause(partitions)
         log.info("assigned %s", sorted((p.topic, p.partition) for p in partitions))
@@ -138,21 +149,25 @@ class KafkaConsumer:
     def _commit(self, offsets: Offsets) -> Offsets:
         assert self._consumer is not None
         owned = {key: offset for key, offset in offsets.items() if key in self.assignment}
-        if not owned:
-            return {}
-        try:
-            self._consumer.commit(
-                offsets=[TopicPartition(t, p, o) for (t, p), o in owned.items()],
-                asynchronous=False,
-            )
-        except KafkaException as exc:
-            # Lost the partition in a rebalance: its new owner re-reads; every write is idempotent.
-            log.warning("offset commit failed (%s); records will be redelivered", exc)
-            return {}
+        # An offset at or below the group's (another owner got further while this one did not
+        # hold the partition) is already covered: committing it would move the group back.
+        ahead = {k: o for k, o in owned.items() if o > self._committed.get(k, -1)}
+        if ahead:
+            try:
+                self._consumer.commit(
+                    offsets=[TopicPartition(t, p, o) for (t, p), o in ahead.items()],
+                    asynchronous=False,
+                )
+            except KafkaException as exc:
+                # Lost the partition in a rebalance: its new owner re-reads; writes are idempotent.
+                log.warning("offset commit failed (%s); records will be redelivered", exc)
+                return {}
+            self._committed.update(ahead)
         return owned
 
     async def commit(self, offsets: Offsets) -> Offsets:
-        """Commit the offsets of the partitions this consumer owns; returns those it committed."""
+        """Commit the offsets of the partitions this consumer owns, never below what the group
+        has committed already; returns the owned offsets now covered by a commit."""
         return await self._call(self._commit, offsets)
 
     def _close(self) -> None:
