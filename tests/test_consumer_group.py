@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 from confluent_kafka import Consumer, TopicPartition
 
@@ -10,13 +11,19 @@ from paystream.kafka import KafkaConsumer
 from tests.conftest import Env
 
 
-async def _assigned(consumer: KafkaConsumer) -> None:
-    """Start the consumer and call consume until the group has given it partitions."""
-    await consumer.start()
+async def _consume_until(consumers: list[KafkaConsumer], done: Callable[[], bool]) -> None:
+    """Call consume on each (the group protocol advances inside it) until `done`, at most 30 s."""
     deadline = time.monotonic() + 30
-    while not consumer.assignment and time.monotonic() < deadline:
-        await consumer.consume(100, 0.05)  # the group protocol advances inside consume
-    assert consumer.assignment
+    while not done() and time.monotonic() < deadline:
+        for consumer in consumers:
+            await consumer.consume(100, 0.05)
+    assert done(), [c.assignment for c in consumers]
+
+
+async def _assigned(consumer: KafkaConsumer) -> None:
+    """Start the consumer and wait until the group has given it partitions."""
+    await consumer.start()
+    await _consume_until([consumer], lambda: bool(consumer.assignment))
 
 
 def _group_offset(env: Env, group_id: str, topic: str) -> int:
@@ -48,11 +55,7 @@ async def test_each_instance_gets_partitions_of_both_topics(env: Env) -> None:
     try:
         await second.start()
         try:
-            deadline = time.monotonic() + 30
-            while not settled() and time.monotonic() < deadline:
-                await first.consume(100, 0.05)  # the group protocol advances inside consume
-                await second.consume(100, 0.05)
-            assert settled(), (first.assignment, second.assignment)
+            await _consume_until([first, second], settled)
             shares = [set(first.assignment), set(second.assignment)]
         finally:
             await second.close()

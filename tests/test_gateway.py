@@ -24,19 +24,11 @@ async def test_waiters_get_the_slot_oldest_first() -> None:
     """Whatever order they arrive in, waiters are served by ascending priority."""
     slots = OldestFirst(1)
     served: list[float] = []
-    release = asyncio.Event()
-
-    async def holder() -> None:
-        async with slots.slot(0):
-            await release.wait()
-
-    async with asyncio.TaskGroup() as group:
-        group.create_task(holder())
-        await asyncio.sleep(0)  # let the holder take the only slot
+    # The only slot is held while the waiters queue; leaving the block releases it.
+    async with asyncio.TaskGroup() as group, slots.slot(0):
         for priority in (3.0, 1.0, 2.0):
             group.create_task(_queue(slots, priority, served))
         await async_wait_for(lambda: len(slots._waiters) == 3, 5, "three waiters")
-        release.set()
     assert [1.0, 2.0, 3.0] == served
 
 
@@ -44,20 +36,11 @@ async def test_a_cancelled_waiter_does_not_keep_a_slot() -> None:
     """A waiter cancelled while queued is skipped, and the limit is whole again afterwards."""
     slots = OldestFirst(1)
     served: list[float] = []
-    release = asyncio.Event()
-
-    async def holder() -> None:
-        async with slots.slot(0):
-            await release.wait()
-
-    async with asyncio.TaskGroup() as group:
-        group.create_task(holder())
-        await asyncio.sleep(0)
+    async with asyncio.TaskGroup() as group, slots.slot(0):
         doomed = group.create_task(_queue(slots, 1.0, served))
         group.create_task(_queue(slots, 2.0, served))
         await async_wait_for(lambda: len(slots._waiters) == 2, 5, "two waiters")
         doomed.cancel()
-        release.set()
     assert [2.0] == served
     async with asyncio.timeout(5), slots.slot(9.0):  # free at once: nothing leaked
         served.append(9.0)

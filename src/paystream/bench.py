@@ -21,7 +21,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import aiohttp
 import orjson
@@ -56,6 +56,17 @@ class Workload:
     """Share of all the machine's cores busy during the run (every process, not just ours)."""
     seconds: float
     instances: int = 1
+
+
+class Drained(NamedTuple):
+    """What one run of processors measured."""
+
+    seconds: float
+    cpu_s: float
+    peak_rss_mb: float
+    p50_ms: float
+    p99_ms: float
+    machine_busy: float
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -223,10 +234,8 @@ class Bench:
 
     def drain(
         self, settings: Settings, instances: int = 1, backlog: Callable[[], None] | None = None
-    ) -> tuple[float, float, float, float, float, float]:
-        """Start processors on the backlog.
-
-        Returns (seconds, cpu_s, peak_rss_mb, p50, p99, machine_busy).
+    ) -> Drained:
+        """Start processors on the backlog and measure them until it is drained.
 
         With `backlog`, the backlog is produced only once every instance holds its partitions,
         so that the first one up does not take all of it before the others join.
@@ -258,7 +267,7 @@ class Bench:
             profiler.wait(60)
         # For a backlog, latency counts from the processor's start, not from production.
         p50, p99 = _latency(settings.database_url, started_wall * 1000)
-        return seconds, cpu, rss, p50, p99, busy
+        return Drained(seconds, cpu, rss, p50, p99, busy)
 
 
 def _members_assigned(settings: Settings) -> int:
@@ -382,32 +391,27 @@ def _bound(
 def _workload(
     name: str,
     records: int,
-    seconds: float,
-    cpu: float,
-    rss: float,
-    p50: float,
-    p99: float,
-    machine_busy: float,
+    run: Drained,
     ceilings: dict[str, float],
     instances: int = 1,
     bound_by: str | None = None,
 ) -> Workload:
-    rate = records / seconds
+    rate = records / run.seconds
     bound_name, ceiling = min(ceilings.items(), key=lambda item: item[1])
-    utilisation = cpu / seconds / instances
+    utilisation = run.cpu_s / run.seconds / instances
     return Workload(
         name=name,
         payments=records,
         payments_per_s=round(rate, 1),
         ceiling_per_s=round(ceiling, 1),
         ceiling_ratio=round(rate / ceiling, 3),
-        p50_ms=round(p50, 1),
-        p99_ms=round(p99, 1),
-        cpu_s_per_1000=round(cpu / records * 1000, 3),
-        peak_rss_mb=round(rss, 1),
-        bound_by=bound_by or _bound(rate, bound_name, ceiling, utilisation, machine_busy),
-        machine_busy=round(machine_busy, 2),
-        seconds=round(seconds, 2),
+        p50_ms=round(run.p50_ms, 1),
+        p99_ms=round(run.p99_ms, 1),
+        cpu_s_per_1000=round(run.cpu_s / records * 1000, 3),
+        peak_rss_mb=round(run.peak_rss_mb, 1),
+        bound_by=bound_by or _bound(rate, bound_name, ceiling, utilisation, run.machine_busy),
+        machine_busy=round(run.machine_busy, 2),
+        seconds=round(run.seconds, 2),
         instances=instances,
     )
 
@@ -448,7 +452,7 @@ def _run(bench: Bench, sizes: Sizes) -> dict[str, Any]:
     }
     progress("offline: draining")
     result = bench.drain(settings)
-    workloads.append(_workload("offline", sizes.offline, *result, ceilings=base))
+    workloads.append(_workload("offline", sizes.offline, result, ceilings=base))
 
     progress("offline with 2 instances (6 partitions)")
     settings = bench.fresh(partitions=6)
@@ -458,7 +462,7 @@ def _run(bench: Bench, sizes: Sizes) -> dict[str, Any]:
         backlog=functools.partial(bench.backlog, settings, "offline", sizes.offline, rng),
     )
     workloads.append(
-        _workload("offline-2-instances", sizes.offline, *result, ceilings=base, instances=2)
+        _workload("offline-2-instances", sizes.offline, result, ceilings=base, instances=2)
     )
 
     for latency_ms in (20, 100):
@@ -477,7 +481,7 @@ def _run(bench: Bench, sizes: Sizes) -> dict[str, Any]:
             _workload(
                 f"online-{latency_ms}ms",
                 sizes.online,
-                *result,
+                result,
                 ceilings={**base, "gateway capacity": capacity, "Little's law": little},
             )
         )
@@ -498,7 +502,7 @@ def _run(bench: Bench, sizes: Sizes) -> dict[str, Any]:
             _workload(
                 f"scale-out-{instances}",
                 sizes.scale,
-                *result,
+                result,
                 ceilings={
                     **base,
                     "gateway capacity": ceilings["gateway_capacity_100ms_per_s"],
@@ -526,7 +530,7 @@ def _run(bench: Bench, sizes: Sizes) -> dict[str, Any]:
         / (validations + reports),
         "Little's law": ceilings["littles_law_20ms_per_s"] * len(planned) / validations,
     }
-    workloads.append(_workload("original-mix", sizes.mix, *result, ceilings=mix_ceilings))
+    workloads.append(_workload("original-mix", sizes.mix, result, ceilings=mix_ceilings))
 
     progress(f"steady 1000/s for {sizes.steady_s:.0f} s (true produce → stored latency)")
     workloads.append(_steady(bench, rng, 1000, sizes.steady_s, base))
@@ -535,7 +539,7 @@ def _run(bench: Bench, sizes: Sizes) -> dict[str, Any]:
     settings = bench.fresh()
     bench.backlog(settings, "offline", sizes.memory, rng)
     result = bench.drain(settings)
-    workloads.append(_workload("offline-1m-backlog", sizes.memory, *result, ceilings=base))
+    workloads.append(_workload("offline-1m-backlog", sizes.memory, result, ceilings=base))
     return {
         "workloads": [asdict(w) for w in workloads],
         "ceilings": {k: round(v, 1) for k, v in ceilings.items()},
@@ -574,12 +578,7 @@ def _steady(
     return _workload(
         "steady-1000-per-s",
         total,
-        elapsed,
-        cpu,
-        rss,
-        p50,
-        p99,
-        busy,
+        Drained(elapsed, cpu, rss, p50, p99, busy),
         ceilings=base,
         bound_by="offered load (1000/s)",
     )

@@ -69,7 +69,6 @@ class BatchConsumer:
         self._on_batch = on_batch
         self._commits = OrderedCommits()
         self._committer: asyncio.Task[None] | None = None
-        self._last_committed: Offsets = {}
         self._commit_not_before = 0.0
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -143,25 +142,16 @@ class BatchConsumer:
                 continue
             return result
 
-    def _uncommitted(self) -> Offsets:
-        """Committable offsets not yet committed, of partitions this consumer owns now."""
-        return {
-            key: offset
-            for key, offset in self._commits.committable.items()
-            if self._last_committed.get(key) != offset and key in self._kafka.assignment
-        }
-
     def _commit_soon(self) -> None:
         idle = self._committer is None or self._committer.done()
-        if idle and time.monotonic() >= self._commit_not_before and self._uncommitted():
+        due = time.monotonic() >= self._commit_not_before
+        if idle and due and self._kafka.uncommitted(self._commits.committable):
             self._committer = asyncio.create_task(self._commit())
 
     async def _commit(self) -> None:
         """One committer at a time; it goes on while batches finish during its broker call.
         After a failed commit (a rebalance, the broker away) the next try waits a second."""
-        while offsets := self._uncommitted():
-            committed = await self._kafka.commit(offsets)
-            if not committed:
+        while offsets := self._kafka.uncommitted(self._commits.committable):
+            if not await self._kafka.commit(offsets):
                 self._commit_not_before = time.monotonic() + 1.0
                 return
-            self._last_committed.update(committed)

@@ -146,12 +146,22 @@ class KafkaConsumer:
         if self._paused:
             await self._call(self._set_paused, False)
 
+    def uncommitted(self, offsets: Offsets) -> Offsets:
+        """Those of `offsets` for partitions owned now and beyond the group's committed offset.
+
+        One at or below it (another owner got further while this one did not hold the partition)
+        is covered already: committing it would move the group back.
+        """
+        return {
+            key: offset
+            for key, offset in offsets.items()
+            if key in self.assignment and offset > self._committed.get(key, -1)
+        }
+
     def _commit(self, offsets: Offsets) -> Offsets:
         assert self._consumer is not None
         owned = {key: offset for key, offset in offsets.items() if key in self.assignment}
-        # An offset at or below the group's (another owner got further while this one did not
-        # hold the partition) is already covered: committing it would move the group back.
-        ahead = {k: o for k, o in owned.items() if o > self._committed.get(k, -1)}
+        ahead = self.uncommitted(owned)
         if ahead:
             try:
                 self._consumer.commit(
