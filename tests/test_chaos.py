@@ -120,6 +120,22 @@ def processes(settings: Any, folder: Path) -> Iterator[Callable[[], ChildProcess
                 proc.kill()
 
 
+@contextlib.contextmanager
+def stream_under_faults(
+    stack: Stack, folder: Path, seed: int, **faults: Any
+) -> Iterator[tuple[Env, SimulatorClient, Any]]:
+    """A processor running on the hostile stream, with the simulator's `faults` set from the
+    start. Yields (env, simulator, settings)."""
+    env = new_env(stack)
+    with running_simulator(env) as simulator:
+        settings = chaos_settings(env)
+        simulator.faults(**faults)
+        with processes(settings, folder) as start:
+            start()
+            simulator.start(records=RECORDS, seed=seed, profile="hostile", rate=RATE)
+            yield env, simulator, settings
+
+
 def _produced_at_least(simulator: SimulatorClient, share: float) -> Callable[[], bool]:
     return lambda: simulator.status().get("delivered", 0) >= share * RECORDS
 
@@ -127,56 +143,38 @@ def _produced_at_least(simulator: SimulatorClient, share: float) -> Callable[[],
 @pytest.mark.parametrize("seed", seeds("gateway-faults"))
 def test_gateway_errors_hangs_and_drops(stack: Stack, tmp_path: Path, seed: int) -> None:
     """5xx, hangs past the timeout and dropped connections: retried, kept, re-validated later."""
-    env = new_env(stack)
-    with running_simulator(env) as simulator:
-        settings = chaos_settings(env)
-        simulator.faults(error_rate=0.3, hang_rate=0.05, hang_s=3, drop_rate=0.1)
-        with processes(settings, tmp_path) as start:
-            start()
-            simulator.start(records=RECORDS, seed=seed, profile="hostile", rate=RATE)
-            wait_for(_produced_at_least(simulator, 1.0), 60, "the stream")
-            simulator.faults(error_rate=0, hang_rate=0, drop_rate=0)
-            check(env, simulator, settings, "gateway-faults", seed, time.monotonic())
+    faults = {"error_rate": 0.3, "hang_rate": 0.05, "hang_s": 3, "drop_rate": 0.1}
+    with stream_under_faults(stack, tmp_path, seed, **faults) as (env, simulator, settings):
+        wait_for(_produced_at_least(simulator, 1.0), 60, "the stream")
+        simulator.faults(error_rate=0, hang_rate=0, drop_rate=0)
+        check(env, simulator, settings, "gateway-faults", seed, time.monotonic())
 
 
 @pytest.mark.parametrize("seed", seeds("gateway-outage"))
 def test_gateway_outage_keeps_offline_flowing(stack: Stack, tmp_path: Path, seed: int) -> None:
     """During a full gateway outage the breaker opens, offline payments are still stored, and
     online ones are stored once the gateway is back."""
-    env = new_env(stack)
-    with running_simulator(env) as simulator:
-        settings = chaos_settings(env)
-        simulator.faults(gateway_outage=True)
-        with processes(settings, tmp_path) as start:
-            start()
-            simulator.start(records=RECORDS, seed=seed, profile="hostile", rate=RATE)
+    with stream_under_faults(stack, tmp_path, seed, gateway_outage=True) as running:
+        env, simulator, settings = running
 
-            def offline_stored() -> bool:
-                rows = env.query("SELECT count(*) FROM payments WHERE payment_type = 'offline'")
-                return int(rows[0][0]) > 20
+        def offline_stored() -> bool:
+            rows = env.query("SELECT count(*) FROM payments WHERE payment_type = 'offline'")
+            return int(rows[0][0]) > 20
 
-            wait_for(offline_stored, 60, "offline payments stored during the outage")
-            assert env.query("SELECT count(*) FROM payments WHERE payment_type = 'online'") == [
-                (0,)
-            ]
-            simulator.faults(gateway_outage=False)
-            check(env, simulator, settings, "gateway-outage", seed, time.monotonic())
+        wait_for(offline_stored, 60, "offline payments stored during the outage")
+        assert env.query("SELECT count(*) FROM payments WHERE payment_type = 'online'") == [(0,)]
+        simulator.faults(gateway_outage=False)
+        check(env, simulator, settings, "gateway-outage", seed, time.monotonic())
 
 
 @pytest.mark.parametrize("seed", seeds("log-outage"))
 def test_log_service_outage(stack: Stack, tmp_path: Path, seed: int) -> None:
     """Reports queue durably while the log service is down and all arrive afterwards."""
-    env = new_env(stack)
-    with running_simulator(env) as simulator:
-        settings = chaos_settings(env)
-        simulator.faults(log_outage=True)
-        with processes(settings, tmp_path) as start:
-            start()
-            simulator.start(records=RECORDS, seed=seed, profile="hostile", rate=RATE)
-            wait_for(_produced_at_least(simulator, 1.0), 60, "the stream")
-            assert simulator.logs() == []
-            simulator.faults(log_outage=False)
-            check(env, simulator, settings, "log-outage", seed, time.monotonic())
+    with stream_under_faults(stack, tmp_path, seed, log_outage=True) as (env, simulator, settings):
+        wait_for(_produced_at_least(simulator, 1.0), 60, "the stream")
+        assert simulator.logs() == []
+        simulator.faults(log_outage=False)
+        check(env, simulator, settings, "log-outage", seed, time.monotonic())
 
 
 @pytest.mark.parametrize("seed", seeds("crash"))
