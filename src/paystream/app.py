@@ -18,7 +18,7 @@ from paystream.config import Settings
 from paystream.consumer import BatchConsumer
 from paystream.dashboard import DashboardState
 from paystream.errors import ConfigurationError, DatabaseUnavailable
-from paystream.gateway import Gateway
+from paystream.gateway import Gateway, third_party_session
 from paystream.kafka import KafkaConsumer
 from paystream.migrations import migrate
 from paystream.model import PaymentType, Reason
@@ -147,9 +147,7 @@ async def run_processor(
     totals = totals or Totals()
     async with (
         open_pool(settings, max_size=settings.batches_in_flight + 4) as pool,
-        aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=settings.gateway_max_in_flight + 32)
-        ) as session,
+        third_party_session(settings.gateway_max_in_flight + 32) as session,
     ):
         gateway = make_gateway(settings, session)
         log_client = LogClient(session, settings.log_url, settings.log_timeout_s)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import signal
 import sys
@@ -39,6 +40,19 @@ def _stop_on_signals(stop: asyncio.Event) -> None:
         loop.add_signal_handler(sig, stop.set)
 
 
+def _collect_garbage_rarely() -> None:
+    """Tune the cyclic garbage collector for a stream of short-lived objects.
+
+    Reference counting frees nearly all of the processor's garbage: draining 50 000 online
+    payments, 2 600 collections found 1 424 objects in cycles, yet took 2.3 s of the run's 8.4 s
+    of CPU (make bench, online-20ms). Collections at 50 000 new objects instead of 700, with the
+    startup heap frozen out of full passes, take a few percent; cycles are still collected.
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 100)
+
+
 @app.command()
 def run() -> None:
     """Run the processor until SIGTERM / Ctrl-C, configured by PAYSTREAM_* variables or .env.
@@ -50,6 +64,7 @@ def run() -> None:
 
     settings = Settings()
     logs.configure(settings.log_level)
+    _collect_garbage_rarely()
 
     async def main() -> None:
         stop = asyncio.Event()

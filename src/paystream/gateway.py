@@ -23,6 +23,13 @@ from paystream.errors import GatewayUnavailable
 from paystream.metrics import CIRCUIT_OPEN, GATEWAY_CALLS, GATEWAY_SECONDS
 
 _TRANSIENT_STATUSES = frozenset({408, 425, 429})
+JSON = {"Content-Type": "application/json"}
+
+
+def third_party_session(connections: int) -> aiohttp.ClientSession:
+    """The HTTP session for the third party's gateway and log API. The bench measures the
+    gateway's capacity through one made here, sending the body the processor sends."""
+    return aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=connections))
 
 
 @dataclass(frozen=True, slots=True)
@@ -226,7 +233,7 @@ class Gateway:
                 async with self._session.post(
                     self._url,
                     data=body,
-                    headers={"Content-Type": "application/json"},
+                    headers=JSON,
                     timeout=self._timeout,
                 ) as response:
                     await response.read()
