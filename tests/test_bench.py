@@ -54,4 +54,5 @@ def test_bench_quick_reports_every_workload(tmp_path: Path) -> None:
         "database_insert_per_s",
         "gateway_capacity_20ms_per_s",
         "littles_law_20ms_per_s",
+        "log_capacity_per_s",
     } <= set(report["ceilings"])
