@@ -25,15 +25,16 @@ from typing import Any, NamedTuple
 
 import orjson
 import psycopg
+import stamina
 import uvloop
-from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
 
 from paystream import store
 from paystream.config import Settings
 from paystream.devenv.processes import ChildProcess, free_port, run_processor
 from paystream.devenv.stack import Simulator, Stack
-from paystream.gateway import JSON, third_party_session
+from paystream.gateway import JSON_HEADERS, third_party_session
 from paystream.model import Payment, PaymentType
 from paystream.simulator.streams import Profile, plan
 
@@ -328,7 +329,9 @@ class _GroupLag:
                 )
                 self._ends[(topic, partition)] = high
 
+    @stamina.retry(on=KafkaException, attempts=5, timeout=30)
     def remaining(self) -> int:
+        """Retried: the group coordinator answers with transient errors while it loads."""
         committed = self._consumer.committed(
             [TopicPartition(t, p) for t, p in self._ends], timeout=10
         )
@@ -449,7 +452,7 @@ async def third_party_capacity(url: str, body: bytes, concurrency: int, seconds:
         async def caller(until: float) -> int:
             calls = 0
             while time.monotonic() < until:
-                async with session.post(url, data=body, headers=JSON) as response:
+                async with session.post(url, data=body, headers=JSON_HEADERS) as response:
                     await response.read()
                 calls += 1
             return calls

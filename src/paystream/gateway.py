@@ -23,7 +23,7 @@ from paystream.errors import GatewayUnavailable
 from paystream.metrics import CIRCUIT_OPEN, GATEWAY_CALLS, GATEWAY_SECONDS
 
 _TRANSIENT_STATUSES = frozenset({408, 425, 429})
-JSON = {"Content-Type": "application/json"}
+JSON_HEADERS = {"Content-Type": "application/json"}
 
 
 def third_party_session(connections: int) -> aiohttp.ClientSession:
@@ -233,7 +233,7 @@ class Gateway:
                 async with self._session.post(
                     self._url,
                     data=body,
-                    headers=JSON,
+                    headers=JSON_HEADERS,
                     timeout=self._timeout,
                 ) as response:
                     await response.read()
