@@ -31,6 +31,8 @@ def _ids(ids: Sequence[RecordId]) -> str:
 
 
 _IDS = "json_to_recordset(%s::json) AS r(t text, p int, o bigint, s bigint)"
+_PAYMENT_IDS = "ARRAY(SELECT value::varchar FROM json_array_elements_text(%s::json))"
+"""A list of payment ids as one JSON document (see `_json`), as an array for `= ANY(...)`."""
 
 
 async def lock_partitions(conn: Conn, partitions: Iterable[tuple[str, int]]) -> None:
@@ -100,8 +102,8 @@ async def stored_payment_ids(conn: Conn, payment_ids: Sequence[str]) -> set[str]
     if not payment_ids:
         return set()
     cursor = await conn.execute(
-        "SELECT payment_id FROM payments WHERE payment_id = ANY(%s::varchar[])",
-        (list(payment_ids),),
+        f"SELECT payment_id FROM payments WHERE payment_id = ANY({_PAYMENT_IDS})",
+        (_json(list(payment_ids)),),
     )
     return {row[0] for row in await cursor.fetchall()}
 
@@ -225,13 +227,13 @@ async def existing_payments(conn: Conn, payment_ids: Sequence[str]) -> dict[str,
     if not payment_ids:
         return {}
     cursor = await conn.execute(
-        """
+        f"""
         SELECT p.payment_id, p.account_id, p.payment_type, p.credit_card, p.amount,
                o.topic, o."partition", o."offset", o.kafka_ts
         FROM payments AS p LEFT JOIN paystream.payment_origins AS o USING (payment_id)
-        WHERE p.payment_id = ANY(%s::varchar[])
+        WHERE p.payment_id = ANY({_PAYMENT_IDS})
         """,
-        (list(set(payment_ids)),),
+        (_json(list(set(payment_ids))),),
     )
     found = {}
     for pid, account, ptype, card, amount, topic, partition, offset, ts in await cursor.fetchall():
