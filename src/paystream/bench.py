@@ -3,7 +3,8 @@
 Everything runs on this machine: broker, database, gateway (the simulator with a fixed latency)
 and the processor, which runs as its own process so its CPU time and peak RSS can be read from
 /proc. Ceilings are measured in the same run: raw consumer read rate, raw batched insert rate,
-the gateway's own capacity and the Little's-law bound (in-flight limit ÷ gateway latency).
+the gateway's and the log API's own capacities (the third party answers both kinds of call) and
+the Little's-law bound (in-flight limit ÷ gateway latency).
 """
 
 from __future__ import annotations
