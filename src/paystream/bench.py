@@ -81,10 +81,20 @@ class Sizes:
     memory: int = 1_000_000
     scale: int = 8_000
     steady_s: float = 10.0
+    probe_s: float = 3.0
+    """How long each capacity probe of the third party runs."""
 
     @classmethod
     def quick(cls) -> Sizes:
-        return cls(offline=5_000, online=1_000, mix=2_000, memory=10_000, scale=400, steady_s=2.0)
+        return cls(
+            offline=5_000,
+            online=1_000,
+            mix=2_000,
+            memory=10_000,
+            scale=400,
+            steady_s=2.0,
+            probe_s=0.5,
+        )
 
 
 SCALE_IN_FLIGHT = 64
@@ -260,11 +270,10 @@ class Bench:
         )
 
     def drain_between_capacities(
-        self, settings: Settings, concurrency: int, records: int
+        self, settings: Settings, concurrency: int, seconds: float
     ) -> tuple[float, Drained]:
         """Drain, with the gateway's capacity measured just before and just after: their mean
         (one measurement alone drifted by a fifth between runs on this machine)."""
-        seconds = 3.0 if records > 1000 else 0.5
         body = _document(random.Random(2), "online")
         before = self.capacity("/payment", body, concurrency, seconds)
         result = self.drain(settings)
@@ -284,23 +293,38 @@ class Bench:
             if backlog is not None:
                 _wait(lambda: _members_assigned(settings) == instances, 60)
             profiler = self._profile(procs[0].pid, settings.group_id)
-            started_wall = time.time()
-            started = time.monotonic()
-            cpu0 = sum(_proc_cpu_s(p.pid) for p in procs)
-            machine0 = _machine_ticks()
+            meter = _Meter(procs)
             if backlog is not None:
                 backlog()
-            with _GroupLag(settings) as lag:
-                _wait(lambda: lag.remaining() == 0, 1800)
-            seconds = time.monotonic() - started
-            finished_at = time.time()
-            busy = _machine_busy_since(machine0)
-            cpu = sum(_proc_cpu_s(p.pid) for p in procs) - cpu0
-            rss = max(_peak_rss_mb(p.pid) for p in procs)
+            # For a backlog, latency counts from the processor's start, not from production.
+            result = meter.until_drained(settings, 1800, latency_from_ms=meter.started_at * 1000)
         if profiler is not None:
             profiler.wait(60)
-        # For a backlog, latency counts from the processor's start, not from production.
-        p50, p99 = _latency(settings.database_url, started_wall * 1000)
+        return result
+
+
+class _Meter:
+    """Wall clock, CPU and memory of running processors, and the whole machine's busy share,
+    from its creation until the group has drained its topics."""
+
+    def __init__(self, procs: list[ChildProcess]) -> None:
+        self._procs = procs
+        self.started_at = time.time()
+        self._started = time.monotonic()
+        self._cpu0 = sum(_proc_cpu_s(p.pid) for p in procs)
+        self._machine0 = _machine_ticks()
+
+    def until_drained(
+        self, settings: Settings, timeout_s: float, *, latency_from_ms: float
+    ) -> Drained:
+        with _GroupLag(settings) as lag:
+            _wait(lambda: lag.remaining() == 0, timeout_s)
+        seconds = time.monotonic() - self._started
+        finished_at = time.time()
+        busy = _machine_busy_since(self._machine0)
+        cpu = sum(_proc_cpu_s(p.pid) for p in self._procs) - self._cpu0
+        rss = max(_peak_rss_mb(p.pid) for p in self._procs)
+        p50, p99 = _latency(settings.database_url, latency_from_ms)
         return Drained(seconds, cpu, rss, p50, p99, busy, finished_at)
 
 
@@ -561,9 +585,7 @@ def _run(bench: Bench, sizes: Sizes) -> dict[str, Any]:
 
     # Every kept record is reported to the third party's log API, which shares its capacity
     # with the gateway: online ceilings count both kinds of call.
-    ceilings["log_capacity_per_s"] = bench.capacity(
-        "/log", _REPORT, in_flight, 3.0 if sizes.online > 1000 else 0.5
-    )
+    ceilings["log_capacity_per_s"] = bench.capacity("/log", _REPORT, in_flight, sizes.probe_s)
 
     def third_party(
         settings: Settings, run: Drained, records: int, validations: int, latency_ms: int
@@ -582,7 +604,7 @@ def _run(bench: Bench, sizes: Sizes) -> dict[str, Any]:
         settings = bench.fresh()
         progress(f"online-{latency_ms}ms: preloading {sizes.online} records")
         bench.backlog(settings, "online", sizes.online, rng)
-        capacity, result = bench.drain_between_capacities(settings, in_flight, sizes.online)
+        capacity, result = bench.drain_between_capacities(settings, in_flight, sizes.probe_s)
         little = in_flight / (latency_ms / 1000)
         ceilings[f"gateway_capacity_{latency_ms}ms_per_s"] = capacity
         ceilings[f"littles_law_{latency_ms}ms_per_s"] = little
@@ -664,11 +686,10 @@ def _steady(
     """A steady offline+online load while the processor runs: true end-to-end latency."""
     settings = bench.fresh()
     topics = [settings.online_topic, settings.offline_topic]
-    with bench.processors(settings, 1, "steady") as (proc,):
+    with bench.processors(settings, 1, "steady") as procs:
         producer = Producer({"bootstrap.servers": settings.kafka_bootstrap_servers, "linger.ms": 1})
         total = int(rate * seconds)
-        cpu0 = _proc_cpu_s(proc.pid)
-        machine0 = _machine_ticks()
+        meter = _Meter(procs)
         started = time.monotonic()
         for i in range(total):
             kind = "online" if rng.random() < 0.69 else "offline"
@@ -678,18 +699,11 @@ def _steady(
             if wait > 0:
                 time.sleep(wait)  # pacing the offered load, not waiting for a result
         producer.flush(30)
-        with _GroupLag(settings) as lag:
-            _wait(lambda: lag.remaining() == 0, 120)
-        elapsed = time.monotonic() - started
-        finished_at = time.time()
-        busy = _machine_busy_since(machine0)
-        cpu = _proc_cpu_s(proc.pid) - cpu0
-        rss = _peak_rss_mb(proc.pid)
-    p50, p99 = _latency(settings.database_url, 0)
+        result = meter.until_drained(settings, 120, latency_from_ms=0)
     return _workload(
         "steady-1000-per-s",
         total,
-        Drained(elapsed, cpu, rss, p50, p99, busy, finished_at),
+        result,
         ceilings=base,
         bound_by="offered load (1000/s)",
     )

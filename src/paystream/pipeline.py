@@ -160,7 +160,7 @@ class Pipeline:
         return prepared, [(r, p) for r, p in online if p.payment_id not in stored]
 
     async def _validate(self, online: list[tuple[Record, Payment]], prepared: _Prepared) -> None:
-        """Ask the gateway once per distinct payment in the batch, all concurrently."""
+        """Ask the gateway once per distinct payment in the batch, up to its in-flight limit."""
         if not online:
             return
         distinct: dict[Payment, Record] = {}

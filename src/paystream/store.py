@@ -149,14 +149,12 @@ async def insert_payments(
         }
         for p in payments
     ]
-    if origins is None:
-        statement = _INSERT_PAYMENTS + "SELECT payment_id, account_id, created_on FROM inserted"
-    else:
+    if origins is not None:
         for row, origin in zip(rows, origins, strict=True):
             row.update(
                 rt=origin.topic, rp=origin.partition, ro=origin.offset, rs=origin.timestamp_ms
             )
-        statement = _INSERT_PAYMENTS + _AND_ORIGINS
+    statement = _INSERT_PAYMENTS + ("" if origins is None else _AND_ORIGINS) + _INSERTED
     cursor = await conn.execute(statement, (_json(rows),))
     return [
         Inserted(payment_id=r[0], account_id=r[1], created_on=r[2]) for r in await cursor.fetchall()
@@ -185,8 +183,9 @@ _AND_ORIGINS = """
             topic = EXCLUDED.topic, "partition" = EXCLUDED."partition",
             "offset" = EXCLUDED."offset", kafka_ts = EXCLUDED.kafka_ts, stored_at = now()
     )
-    SELECT payment_id, account_id, created_on FROM inserted
 """
+
+_INSERTED = "SELECT payment_id, account_id, created_on FROM inserted"
 
 
 async def stamp_accounts(conn: Conn, inserted: Sequence[Inserted]) -> None:
