@@ -6,11 +6,19 @@ import asyncio
 import random
 import uuid
 
-import aiohttp
 import orjson
+import pytest
 
+from paystream.devenv.processes import free_port
 from paystream.errors import GatewayUnavailable
-from paystream.gateway import Approved, Declined, Gateway, OldestFirst, Verdict
+from paystream.gateway import (
+    Approved,
+    Declined,
+    Gateway,
+    OldestFirst,
+    Verdict,
+    third_party_client,
+)
 from paystream.simulator.streams import is_declined
 from tests.conftest import SimulatorClient, async_wait_for
 
@@ -64,12 +72,61 @@ async def test_validate_all_answers_each_payment_in_order(simulator: SimulatorCl
         )
         for pid in ids
     ]
-    async with aiohttp.ClientSession() as session:
+    async with third_party_client(16) as client:
         gateway = Gateway(
-            session, simulator.url, max_in_flight=16, timeout_s=2, attempts=2, budget_s=3
+            client, simulator.url, max_in_flight=16, timeout_s=2, attempts=2, budget_s=3
         )
         verdicts: list[Verdict | GatewayUnavailable] = await gateway.validate_all(bodies)
     expected = [Declined if is_declined(pid, 0.1) else Approved for pid in ids]
     assert expected == [type(v) for v in verdicts]
     assert Declined in expected
     assert Approved in expected
+
+
+_BODY = orjson.dumps(
+    {
+        "payment_id": "c0ffee00-0000-4000-8000-000000000000",
+        "account_id": 1,
+        "payment_type": "online",
+        "credit_card": "4111111111111111",
+        "amount": 10,
+    }
+)
+
+
+@pytest.mark.parametrize(
+    ("faults", "reason"),
+    [
+        ({"hang_rate": 1.0, "hang_s": 5}, "gateway timed out"),
+        ({"drop_rate": 1.0}, r"gateway connection failed \(\w+\)"),
+        ({"error_rate": 1.0}, "gateway answered HTTP 503"),
+    ],
+)
+async def test_a_failing_gateway_makes_the_payment_wait_with_the_reason(
+    simulator: SimulatorClient, faults: dict[str, float], reason: str
+) -> None:
+    """Hangs past the timeout, dropped connections and 5xx are retried, then end in
+    GatewayUnavailable saying which it was; the client is still usable afterwards."""
+    simulator.faults(**faults)
+    async with third_party_client(4) as client:
+        gateway = Gateway(
+            client, simulator.url, max_in_flight=4, timeout_s=0.3, attempts=2, budget_s=2
+        )
+        with pytest.raises(GatewayUnavailable, match=reason):
+            await gateway.validate(_BODY)
+        simulator.faults(hang_rate=0, drop_rate=0, error_rate=0)
+        assert isinstance(await gateway.validate(_BODY), Approved | Declined)
+
+
+async def test_a_gateway_nobody_answers_on_is_unavailable() -> None:
+    async with third_party_client(4) as client:
+        gateway = Gateway(
+            client,
+            f"http://127.0.0.1:{free_port()}",
+            max_in_flight=4,
+            timeout_s=1,
+            attempts=2,
+            budget_s=2,
+        )
+        with pytest.raises(GatewayUnavailable, match=r"gateway connection failed \(\w+\)"):
+            await gateway.validate(_BODY)

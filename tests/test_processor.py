@@ -6,13 +6,12 @@ import base64
 import logging
 from collections import Counter
 
-import aiohttp
 import orjson
 import pytest
 from confluent_kafka import Producer
 
 from paystream.app import open_pool
-from paystream.gateway import Gateway
+from paystream.gateway import Gateway, third_party_client
 from paystream.kafka import KafkaConsumer
 from paystream.model import PaymentType
 from paystream.pipeline import Pipeline
@@ -127,9 +126,9 @@ async def test_record_redelivered_after_crash_before_offset_commit(
             break
     await kafka.close()
     assert len(records) == 300
-    async with open_pool(settings) as pool, aiohttp.ClientSession() as session:
+    async with open_pool(settings) as pool, third_party_client(50) as client:
         gateway = Gateway(
-            session, simulator.url, max_in_flight=50, timeout_s=2, attempts=2, budget_s=3
+            client, simulator.url, max_in_flight=50, timeout_s=2, attempts=2, budget_s=3
         )
         topics = {env.online_topic: PaymentType.ONLINE, env.offline_topic: PaymentType.OFFLINE}
         first = await Pipeline(pool, gateway, topics).process(records)

@@ -9,16 +9,16 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-import aiohttp
 import psycopg
 import psycopg_pool
 from aiohttp import web
+from pyreqwest.client import Client
 
 from paystream.config import Settings
 from paystream.consumer import BatchConsumer
 from paystream.dashboard import DashboardState
 from paystream.errors import ConfigurationError, DatabaseUnavailable
-from paystream.gateway import Gateway, third_party_session
+from paystream.gateway import Gateway, third_party_client
 from paystream.kafka import KafkaConsumer
 from paystream.migrations import migrate
 from paystream.model import PaymentType, Reason
@@ -79,9 +79,9 @@ def topic_types(settings: Settings) -> dict[str, PaymentType]:
     return {settings.online_topic: PaymentType.ONLINE, settings.offline_topic: PaymentType.OFFLINE}
 
 
-def make_gateway(settings: Settings, session: aiohttp.ClientSession) -> Gateway:
+def make_gateway(settings: Settings, client: Client) -> Gateway:
     return Gateway(
-        session,
+        client,
         settings.gateway_url,
         max_in_flight=settings.gateway_max_in_flight,
         timeout_s=settings.gateway_timeout_s,
@@ -147,10 +147,10 @@ async def run_processor(
     totals = totals or Totals()
     async with (
         open_pool(settings, max_size=settings.batches_in_flight + 4) as pool,
-        third_party_session(settings.gateway_max_in_flight + 32) as session,
+        third_party_client(settings.gateway_max_in_flight + 32) as client,
     ):
-        gateway = make_gateway(settings, session)
-        log_client = LogClient(session, settings.log_url, settings.log_timeout_s)
+        gateway = make_gateway(settings, client)
+        log_client = LogClient(client, settings.log_url, settings.log_timeout_s)
         relay = OutboxRelay(
             pool, log_client, claim_batch=settings.outbox_batch, idle_s=settings.outbox_idle_s
         )

@@ -21,6 +21,7 @@ import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -35,7 +36,7 @@ from paystream import store
 from paystream.config import Settings
 from paystream.devenv.processes import ChildProcess, free_port, run_processor
 from paystream.devenv.stack import Simulator, Stack
-from paystream.gateway import JSON_HEADERS, third_party_session
+from paystream.gateway import post, third_party_client
 from paystream.model import Payment, PaymentType
 from paystream.simulator.streams import Profile, plan
 
@@ -472,13 +473,13 @@ async def database_ceiling(database_url: str, records: int, batch: int = 500) ->
 async def third_party_capacity(url: str, body: bytes, concurrency: int, seconds: float) -> float:
     """Calls per second the third party answers at `url` with `concurrency` callers, each
     waiting for its answer before the next call (connections opened beforehand, not timed)."""
-    async with third_party_session(concurrency) as session:
+    timeout = timedelta(seconds=30)
+    async with third_party_client(concurrency) as client:
 
         async def caller(until: float) -> int:
             calls = 0
             while time.monotonic() < until:
-                async with session.post(url, data=body, headers=JSON_HEADERS) as response:
-                    await response.read()
+                await post(client, url, body, timeout)
                 calls += 1
             return calls
 

@@ -221,9 +221,8 @@ def replay(
 
     Example: paystream replay --reason unknown_account
     """
-    import aiohttp
-
     from paystream.app import make_gateway, topic_types
+    from paystream.gateway import third_party_client
     from paystream.pipeline import Pipeline
     from paystream.replay import replay as run_replay
 
@@ -236,8 +235,8 @@ def replay(
             SpinnerColumn(), TextColumn("replaying: {task.completed} records"), console=console
         ) as progress:
             task = progress.add_task("replay", total=None)
-            async with aiohttp.ClientSession() as session:
-                pipeline = Pipeline(pool, make_gateway(settings, session), topic_types(settings))
+            async with third_party_client(settings.gateway_max_in_flight) as client:
+                pipeline = Pipeline(pool, make_gateway(settings, client), topic_types(settings))
                 return await run_replay(
                     pool,
                     pipeline,

@@ -15,9 +15,11 @@ import random
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 
-import aiohttp
 import stamina
+from pyreqwest.client import Client, ClientBuilder
+from pyreqwest.exceptions import RequestError
 
 from paystream.errors import GatewayUnavailable
 from paystream.metrics import CIRCUIT_OPEN, GATEWAY_CALLS, GATEWAY_SECONDS
@@ -26,10 +28,29 @@ _TRANSIENT_STATUSES = frozenset({408, 425, 429})
 JSON_HEADERS = {"Content-Type": "application/json"}
 
 
-def third_party_session(connections: int) -> aiohttp.ClientSession:
-    """The HTTP session for the third party's gateway and log API. The bench measures the
+def third_party_client(connections: int) -> Client:
+    """The HTTP client for the third party's gateway and log API. The bench measures the
     gateway's capacity through one made here, sending the body the processor sends."""
-    return aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=connections))
+    return ClientBuilder().max_connections(connections).default_headers(JSON_HEADERS).build()
+
+
+class Unanswered(Exception):
+    """A call got no HTTP answer: it timed out or the connection failed."""
+
+    def __init__(self, reason: str, *, timed_out: bool) -> None:
+        super().__init__(reason)
+        self.timed_out = timed_out
+
+
+async def post(client: Client, url: str, body: bytes, timeout: timedelta) -> int:
+    """POST a JSON body and read the whole answer; its HTTP status."""
+    try:
+        response = await client.post(url).body_bytes(body).timeout(timeout).build().send()
+    except TimeoutError as exc:
+        raise Unanswered("timed out", timed_out=True) from exc
+    except RequestError as exc:
+        raise Unanswered(f"connection failed ({type(exc).__name__})", timed_out=False) from exc
+    return response.status
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,11 +161,11 @@ class OldestFirst:
 
 
 class Gateway:
-    """Owns one aiohttp session and the in-flight limit of validations."""
+    """Validates through the shared third-party client, within the in-flight limit."""
 
     def __init__(
         self,
-        session: aiohttp.ClientSession,
+        client: Client,
         base_url: str,
         *,
         max_in_flight: int,
@@ -153,11 +174,11 @@ class Gateway:
         budget_s: float,
         breaker: CircuitBreaker | None = None,
     ) -> None:
-        self._session = session
+        self._client = client
         self._url = base_url.rstrip("/") + "/payment"
         self._max_in_flight = max_in_flight
         self._slots = OldestFirst(max_in_flight)
-        self._timeout = aiohttp.ClientTimeout(total=timeout_s)
+        self._timeout = timedelta(seconds=timeout_s)
         self._attempts = attempts
         self._budget_s = budget_s
         self.breaker = breaker or CircuitBreaker()
@@ -230,20 +251,11 @@ class Gateway:
         async with self._slots.slot(priority):
             started = time.perf_counter()
             try:
-                async with self._session.post(
-                    self._url,
-                    data=body,
-                    headers=JSON_HEADERS,
-                    timeout=self._timeout,
-                ) as response:
-                    await response.read()
-                    status = response.status
-            except TimeoutError as exc:
-                GATEWAY_CALLS.labels(outcome="timeout").inc()
-                raise _Transient("gateway timed out") from exc
-            except aiohttp.ClientError as exc:
-                GATEWAY_CALLS.labels(outcome="connection_error").inc()
-                raise _Transient(f"gateway connection failed ({type(exc).__name__})") from exc
+                status = await post(self._client, self._url, body, self._timeout)
+            except Unanswered as exc:
+                outcome = "timeout" if exc.timed_out else "connection_error"
+                GATEWAY_CALLS.labels(outcome=outcome).inc()
+                raise _Transient(f"gateway {exc}") from exc
             finally:
                 GATEWAY_SECONDS.observe(time.perf_counter() - started)
         GATEWAY_CALLS.labels(outcome=str(status)).inc()

@@ -10,12 +10,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from datetime import timedelta
 
-import aiohttp
+import orjson
 import psycopg
 import psycopg_pool
+from pyreqwest.client import Client
 
 from paystream import store
+from paystream.gateway import Unanswered, post
 from paystream.metrics import OUTBOX_DEPTH, REPORTS
 
 log = logging.getLogger(__name__)
@@ -26,10 +29,10 @@ class ReportFailed(Exception):
 
 
 class LogClient:
-    def __init__(self, session: aiohttp.ClientSession, base_url: str, timeout_s: float) -> None:
-        self._session = session
+    def __init__(self, client: Client, base_url: str, timeout_s: float) -> None:
+        self._client = client
         self._url = base_url.rstrip("/") + "/log"
-        self._timeout = aiohttp.ClientTimeout(total=timeout_s)
+        self._timeout = timedelta(seconds=timeout_s)
 
     async def send(self, payment_id: str | None, error_type: str, description: str) -> None:
         # The statement's model calls the field `error`, its curl example `error_type`: send both.
@@ -40,12 +43,11 @@ class LogClient:
             "error_description": description,
         }
         try:
-            async with self._session.post(self._url, json=body, timeout=self._timeout) as response:
-                await response.read()
-                if not 200 <= response.status < 300:
-                    raise ReportFailed(f"log service answered HTTP {response.status}")
-        except (TimeoutError, aiohttp.ClientError) as exc:
-            raise ReportFailed(f"log service unreachable ({type(exc).__name__})") from exc
+            status = await post(self._client, self._url, orjson.dumps(body), self._timeout)
+        except Unanswered as exc:
+            raise ReportFailed(f"log service unreachable: {exc}") from exc
+        if not 200 <= status < 300:
+            raise ReportFailed(f"log service answered HTTP {status}")
 
 
 class OutboxRelay:
