@@ -55,6 +55,20 @@ async def test_a_cancelled_waiter_does_not_keep_a_slot() -> None:
     assert slots._free == 1
 
 
+async def test_a_released_slot_goes_to_an_older_caller_asking_again() -> None:
+    """The oldest batch keeps its pace: a slot released by one of its calls goes to its next
+    call, asked for in the same step, rather than to a younger batch's queued call."""
+    slots = OldestFirst(1)
+    served: list[float] = []
+    async with asyncio.TaskGroup() as group:
+        async with slots.slot(0):
+            group.create_task(_queue(slots, 1.0, served))
+            await async_wait_for(lambda: len(slots._waiters) == 1, 5, "a younger waiter")
+        async with slots.slot(0):
+            served.append(0.0)
+    assert [0.0, 1.0] == served
+
+
 async def test_validate_all_answers_each_payment_in_order(simulator: SimulatorClient) -> None:
     """Verdicts come back in the order of the bodies, each the simulator's own for that id,
     with fewer lanes than payments."""

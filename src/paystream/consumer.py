@@ -22,6 +22,12 @@ from paystream.pipeline import BatchResult, Pipeline
 
 log = logging.getLogger(__name__)
 
+_STALLED_S = 10.0
+"""How long every batch slot may stay busy before fetching is paused. Pausing throws away what
+the consumer prefetched (librdkafka purges its queue), so it is kept for a real stall: at 1 s,
+every online batch (1-2 s of gateway calls) paused it, and the next batch came 0.4 s after a
+slot freed instead of at once."""
+
 Reporter = Callable[[str], Awaitable[None]]
 """Sends a best-effort error report that does not depend on the database."""
 
@@ -77,7 +83,7 @@ class BatchConsumer:
         async with asyncio.TaskGroup() as group:
             while not stop.is_set():
                 try:
-                    await asyncio.wait_for(self._slots.acquire(), timeout=1.0)
+                    await asyncio.wait_for(self._slots.acquire(), timeout=_STALLED_S)
                 except TimeoutError:
                     # Every slot is busy (the database may be down): stop fetching, but keep
                     # calling consume so the group does not evict us.

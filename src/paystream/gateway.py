@@ -121,25 +121,33 @@ class CircuitBreaker:
 
 
 class OldestFirst:
-    """A limit on concurrent calls whose waiters get a free slot in order of `priority`.
+    """A limit on concurrent calls where a free slot goes to the oldest caller (lowest
+    `priority`), whether it is queued or just arriving.
 
     Batches that validate at once would otherwise share the slots round-robin, finish their
     gateway calls together and then all wait on the database while the gateway idles. Served
     oldest batch first, one batch is written while the next is being validated.
+
+    A released slot is handed over on the event loop's next turn, not at once: the caller that
+    released it usually asks again in the same step (a lane moving to its batch's next payment),
+    and handing over at once would give the slot to a queued younger batch every time.
     """
 
     def __init__(self, limit: int) -> None:
         self._free = limit
         self._waiters: list[tuple[float, int, asyncio.Future[None]]] = []
         self._arrivals = itertools.count()
+        self._handing_over = False
 
     @contextlib.asynccontextmanager
     async def slot(self, priority: float) -> AsyncIterator[None]:
-        if self._free > 0 and not self._waiters:
+        if self._free > 0 and (not self._waiters or priority < self._waiters[0][0]):
             self._free -= 1
         else:
             handed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             heapq.heappush(self._waiters, (priority, next(self._arrivals), handed))
+            if self._free > 0:  # free, but an older waiter (perhaps one since cancelled) is queued
+                self._hand_over_soon()
             try:
                 await handed
             except asyncio.CancelledError:
@@ -152,12 +160,22 @@ class OldestFirst:
             self._release()
 
     def _release(self) -> None:
-        while self._waiters:
+        self._free += 1
+        if self._waiters:
+            self._hand_over_soon()
+
+    def _hand_over_soon(self) -> None:
+        if not self._handing_over:
+            self._handing_over = True
+            asyncio.get_running_loop().call_soon(self._hand_over)
+
+    def _hand_over(self) -> None:
+        self._handing_over = False
+        while self._free > 0 and self._waiters:
             _, _, handed = heapq.heappop(self._waiters)
             if not handed.done():  # a cancelled waiter is skipped
+                self._free -= 1
                 handed.set_result(None)
-                return
-        self._free += 1
 
 
 class Gateway:
