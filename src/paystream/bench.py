@@ -59,6 +59,9 @@ class Workload:
     """Share of all the machine's cores busy during the run (every process, not just ours)."""
     seconds: float
     instances: int = 1
+    run_ratios: list[float] | None = None
+    """When the workload was drained several times: each drain's ceiling ratio, ascending. The
+    row is the median drain."""
 
 
 class Drained(NamedTuple):
@@ -84,6 +87,9 @@ class Sizes:
     steady_s: float = 10.0
     probe_s: float = 3.0
     """How long each capacity probe of the third party runs."""
+    capacity_drains: int = 3
+    """Drains of a workload whose ceiling is the gateway's measured capacity: the probe and the
+    drain share the cores with everything else, and one drain's ratio ranged 0.72-0.98 here."""
 
     @classmethod
     def quick(cls) -> Sizes:
@@ -95,6 +101,7 @@ class Sizes:
             scale=400,
             steady_s=2.0,
             probe_s=0.5,
+            capacity_drains=1,
         )
 
 
@@ -600,29 +607,41 @@ def _run(bench: Bench, sizes: Sizes) -> dict[str, Any]:
             log_per_s=ceilings["log_capacity_per_s"],
         )
 
-    for latency_ms in (20, 100):
-        bench.set_latency(latency_ms)
+    def online(latency_ms: int) -> tuple[Workload, float]:
+        """Drain an online backlog; the workload and the gateway's capacity measured around it."""
         settings = bench.fresh()
         progress(f"online-{latency_ms}ms: preloading {sizes.online} records")
         bench.backlog(settings, "online", sizes.online, rng)
         capacity, result = bench.drain_between_capacities(settings, in_flight, sizes.probe_s)
-        little = in_flight / (latency_ms / 1000)
         ceilings[f"gateway_capacity_{latency_ms}ms_per_s"] = capacity
-        ceilings[f"littles_law_{latency_ms}ms_per_s"] = little
-        workloads.append(
-            _workload(
-                f"online-{latency_ms}ms",
-                sizes.online,
-                result,
-                ceilings={
-                    **base,
-                    "third-party capacity": third_party(
-                        settings, result, sizes.online, sizes.online, latency_ms
-                    ),
-                    "Little's law": little,
-                },
-            )
+        workload = _workload(
+            f"online-{latency_ms}ms",
+            sizes.online,
+            result,
+            ceilings={
+                **base,
+                "third-party capacity": third_party(
+                    settings, result, sizes.online, sizes.online, latency_ms
+                ),
+                "Little's law": in_flight / (latency_ms / 1000),
+            },
         )
+        return workload, capacity
+
+    for latency_ms in (20, 100):
+        bench.set_latency(latency_ms)
+        ceilings[f"littles_law_{latency_ms}ms_per_s"] = in_flight / (latency_ms / 1000)
+        runs = [online(latency_ms)]
+        if runs[0][0].ceiling_per_s < ceilings[f"littles_law_{latency_ms}ms_per_s"]:
+            # Bound by the measured third-party capacity, not the computed Little's law: the
+            # median of several drains, each next to its own probes, not a single draw.
+            runs += [online(latency_ms) for _ in range(sizes.capacity_drains - 1)]
+        runs.sort(key=lambda run: run[0].ceiling_ratio)
+        workload, capacity = runs[len(runs) // 2]
+        ceilings[f"gateway_capacity_{latency_ms}ms_per_s"] = capacity
+        if len(runs) > 1:
+            workload.run_ratios = [run.ceiling_ratio for run, _ in runs]
+        workloads.append(workload)
 
     # Scale-out: each instance is held to a small in-flight limit, so the bound is the instances'
     # own concurrency, while the gateway (still at 100 ms) and the database have room to spare.

@@ -342,12 +342,20 @@ def bench(
         sys.stdout.write(json.dumps(result) + "\n")
         return
     table = Table(title="paystream bench")
-    columns = [f.name for f in fields(benchmark.Workload) if f.name != "seconds"]
+    columns = [
+        f.name for f in fields(benchmark.Workload) if f.name not in ("seconds", "run_ratios")
+    ]
     for column in columns:
         table.add_column(column, justify="left" if column in ("name", "bound_by") else "right")
     for workload in result["workloads"]:
         table.add_row(*(str(workload[c]) for c in columns))
     out.print(table)
+    for workload in result["workloads"]:
+        if ratios := workload["run_ratios"]:
+            out.print(
+                f"{workload['name']}: the median of {len(ratios)} drains, whose ratios were "
+                + ", ".join(f"{r:.3f}" for r in ratios)
+            )
     ceilings = Table(title="ceilings measured in the same run")
     ceilings.add_column("ceiling")
     ceilings.add_column("per second", justify="right")
