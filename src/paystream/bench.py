@@ -277,17 +277,6 @@ class Bench:
             for callers in (concurrency, 4 * concurrency)
         )
 
-    def drain_between_capacities(
-        self, settings: Settings, concurrency: int, seconds: float
-    ) -> tuple[float, Drained]:
-        """Drain, with the gateway's capacity measured just before and just after: their mean
-        (one measurement alone drifted by a fifth between runs on this machine)."""
-        body = _document(random.Random(2), "online")
-        before = self.capacity("/payment", body, concurrency, seconds)
-        result = self.drain(settings)
-        after = self.capacity("/payment", body, concurrency, seconds)
-        return (before + after) / 2, result
-
     def drain(
         self, settings: Settings, instances: int = 1, backlog: Callable[[], None] | None = None
     ) -> Drained:
@@ -607,13 +596,20 @@ def _run(bench: Bench, sizes: Sizes) -> dict[str, Any]:
             log_per_s=ceilings["log_capacity_per_s"],
         )
 
-    def online(latency_ms: int) -> tuple[Workload, float]:
-        """Drain an online backlog; the workload and the gateway's capacity measured around it."""
+    def gateway_capacity() -> float:
+        body = _document(random.Random(2), "online")
+        return bench.capacity("/payment", body, in_flight, sizes.probe_s)
+
+    def online(latency_ms: int, before: float) -> tuple[Workload, float, float]:
+        """Drain an online backlog, against the mean of the gateway's capacity measured just
+        before and just after it (one probe alone drifted by a fifth between runs here).
+        The workload, that mean, and the capacity after."""
         settings = bench.fresh()
         progress(f"online-{latency_ms}ms: preloading {sizes.online} records")
         bench.backlog(settings, "online", sizes.online, rng)
-        capacity, result = bench.drain_between_capacities(settings, in_flight, sizes.probe_s)
-        ceilings[f"gateway_capacity_{latency_ms}ms_per_s"] = capacity
+        result = bench.drain(settings)
+        after = gateway_capacity()
+        capacity = ceilings[f"gateway_capacity_{latency_ms}ms_per_s"] = (before + after) / 2
         workload = _workload(
             f"online-{latency_ms}ms",
             sizes.online,
@@ -626,16 +622,20 @@ def _run(bench: Bench, sizes: Sizes) -> dict[str, Any]:
                 "Little's law": in_flight / (latency_ms / 1000),
             },
         )
-        return workload, capacity
+        return workload, capacity, after
 
     for latency_ms in (20, 100):
         bench.set_latency(latency_ms)
-        ceilings[f"littles_law_{latency_ms}ms_per_s"] = in_flight / (latency_ms / 1000)
-        runs = [online(latency_ms)]
-        if runs[0][0].ceiling_per_s < ceilings[f"littles_law_{latency_ms}ms_per_s"]:
+        little = ceilings[f"littles_law_{latency_ms}ms_per_s"] = in_flight / (latency_ms / 1000)
+        workload, capacity, probe = online(latency_ms, gateway_capacity())
+        runs = [(workload, capacity)]
+        if workload.ceiling_per_s < little:
             # Bound by the measured third-party capacity, not the computed Little's law: the
-            # median of several drains, each next to its own probes, not a single draw.
-            runs += [online(latency_ms) for _ in range(sizes.capacity_drains - 1)]
+            # median of several drains, not a single draw. A probe between two drains serves
+            # as the one after the first and the one before the second.
+            for _ in range(sizes.capacity_drains - 1):
+                workload, capacity, probe = online(latency_ms, probe)
+                runs.append((workload, capacity))
         runs.sort(key=lambda run: run[0].ceiling_ratio)
         workload, capacity = runs[len(runs) // 2]
         ceilings[f"gateway_capacity_{latency_ms}ms_per_s"] = capacity
