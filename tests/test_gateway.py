@@ -8,11 +8,13 @@ import uuid
 
 import orjson
 import pytest
+from prometheus_client import REGISTRY
 
 from paystream.devenv.processes import free_port
 from paystream.errors import GatewayUnavailable
 from paystream.gateway import (
     Approved,
+    CircuitBreaker,
     Declined,
     Gateway,
     OldestFirst,
@@ -20,7 +22,7 @@ from paystream.gateway import (
     third_party_client,
 )
 from paystream.simulator.streams import is_declined
-from tests.conftest import SimulatorClient, async_wait_for
+from tests.conftest import SimulatorClient, async_wait_for, wait_for
 
 
 async def _queue(slots: OldestFirst, priority: float, served: list[float]) -> None:
@@ -67,6 +69,25 @@ async def test_a_released_slot_goes_to_an_older_caller_asking_again() -> None:
         async with slots.slot(0):
             served.append(0.0)
     assert [0.0, 1.0] == served
+
+
+def test_the_breaker_opens_probes_once_and_closes_on_success() -> None:
+    """Closed until `threshold` failures in a row; open for the cool-down; then exactly one
+    probe; a successful probe closes it and the gauge follows."""
+    breaker = CircuitBreaker(threshold=3, cooldown_s=0.05)
+    for _ in range(3):
+        assert breaker.allow()
+        breaker.failed()
+    assert "open" == breaker.state
+    assert not breaker.allow()
+    assert 1 == REGISTRY.get_sample_value("paystream_gateway_circuit_open")
+    wait_for(lambda: breaker.state == "half-open", 5, "the cool-down to pass")
+    assert breaker.allow()
+    assert not breaker.allow()  # one probe at a time
+    breaker.succeeded()
+    assert "closed" == breaker.state
+    assert breaker.allow()
+    assert 0 == REGISTRY.get_sample_value("paystream_gateway_circuit_open")
 
 
 async def test_validate_all_answers_each_payment_in_order(simulator: SimulatorClient) -> None:

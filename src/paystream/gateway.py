@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import heapq
 import itertools
 import random
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 
 import stamina
+from prometheus_client import Counter
 from pyreqwest.client import Client, ClientBuilder
 from pyreqwest.exceptions import RequestError
 
@@ -95,9 +97,9 @@ class CircuitBreaker:
         return "half-open" if time.monotonic() >= self._open_until else "open"
 
     def allow(self) -> bool:
+        if self._failures < self._threshold:
+            return True
         match self.state:
-            case "closed":
-                return True
             case "half-open" if not self._probing:
                 self._probing = True
                 return True
@@ -105,10 +107,11 @@ class CircuitBreaker:
                 return False
 
     def succeeded(self) -> None:
-        self._failures = 0
-        self._probing = False
-        self._cooldown_s = self._base_cooldown_s
-        CIRCUIT_OPEN.set(0)
+        if self._failures or self._probing:
+            self._failures = 0
+            self._probing = False
+            self._cooldown_s = self._base_cooldown_s
+            CIRCUIT_OPEN.set(0)
 
     def failed(self) -> None:
         self._failures += 1
@@ -141,25 +144,29 @@ class OldestFirst:
 
     @contextlib.asynccontextmanager
     async def slot(self, priority: float) -> AsyncIterator[None]:
-        if self._free > 0 and (not self._waiters or priority < self._waiters[0][0]):
-            self._free -= 1
-        else:
-            handed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-            heapq.heappush(self._waiters, (priority, next(self._arrivals), handed))
-            if self._free > 0:  # free, but an older waiter (perhaps one since cancelled) is queued
-                self._hand_over_soon()
-            try:
-                await handed
-            except asyncio.CancelledError:
-                if handed.done() and not handed.cancelled():
-                    self._release()  # the slot was handed over just as this waiter was cancelled
-                raise
+        await self.acquire(priority)
         try:
             yield
         finally:
-            self._release()
+            self.release()
 
-    def _release(self) -> None:
+    async def acquire(self, priority: float) -> None:
+        """Wait for a slot; `release` it when done (or use `slot`, which costs a generator)."""
+        if self._free > 0 and (not self._waiters or priority < self._waiters[0][0]):
+            self._free -= 1
+            return
+        handed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        heapq.heappush(self._waiters, (priority, next(self._arrivals), handed))
+        if self._free > 0:  # free, but an older waiter (perhaps one since cancelled) is queued
+            self._hand_over_soon()
+        try:
+            await handed
+        except asyncio.CancelledError:
+            if handed.done() and not handed.cancelled():
+                self.release()  # the slot was handed over just as this waiter was cancelled
+            raise
+
+    def release(self) -> None:
         self._free += 1
         if self._waiters:
             self._hand_over_soon()
@@ -266,19 +273,25 @@ class Gateway:
         return verdict
 
     async def _call(self, body: bytes, priority: float) -> Verdict:
-        async with self._slots.slot(priority):
-            started = time.perf_counter()
-            try:
-                status = await post(self._client, self._url, body, self._timeout)
-            except Unanswered as exc:
-                outcome = "timeout" if exc.timed_out else "connection_error"
-                GATEWAY_CALLS.labels(outcome=outcome).inc()
-                raise _Transient(f"gateway {exc}") from exc
-            finally:
-                GATEWAY_SECONDS.observe(time.perf_counter() - started)
-        GATEWAY_CALLS.labels(outcome=str(status)).inc()
+        await self._slots.acquire(priority)
+        started = time.perf_counter()
+        try:
+            status = await post(self._client, self._url, body, self._timeout)
+        except Unanswered as exc:
+            _calls("timeout" if exc.timed_out else "connection_error").inc()
+            raise _Transient(f"gateway {exc}") from exc
+        finally:
+            self._slots.release()
+            GATEWAY_SECONDS.observe(time.perf_counter() - started)
+        _calls(status).inc()
         if 200 <= status < 300:
             return Approved(status)
         if status >= 500 or status in _TRANSIENT_STATUSES:
             raise _Transient(f"gateway answered HTTP {status}")
         return Declined(status)
+
+
+@functools.cache
+def _calls(outcome: int | str) -> Counter:
+    """The gateway-calls counter of one outcome (looked up once: `labels` takes a lock)."""
+    return GATEWAY_CALLS.labels(outcome=str(outcome))
