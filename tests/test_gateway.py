@@ -25,20 +25,35 @@ from paystream.simulator.streams import is_declined
 from tests.conftest import SimulatorClient, async_wait_for, wait_for
 
 
+def _body(payment_id: str) -> bytes:
+    """An online payment as the gateway receives it."""
+    return orjson.dumps(
+        {
+            "payment_id": payment_id,
+            "account_id": 1,
+            "payment_type": "online",
+            "credit_card": "4111111111111111",
+            "amount": 10,
+        }
+    )
+
+
 async def _queue(slots: OldestFirst, priority: float, served: list[float]) -> None:
-    async with slots.slot(priority):
-        served.append(priority)
+    await slots.acquire(priority)
+    served.append(priority)
+    slots.release()
 
 
 async def test_waiters_get_the_slot_oldest_first() -> None:
     """Whatever order they arrive in, waiters are served by ascending priority."""
     slots = OldestFirst(1)
     served: list[float] = []
-    # The only slot is held while the waiters queue; leaving the block releases it.
-    async with asyncio.TaskGroup() as group, slots.slot(0):
+    await slots.acquire(0)  # the only slot, held while the waiters queue
+    async with asyncio.TaskGroup() as group:
         for priority in (3.0, 1.0, 2.0):
             group.create_task(_queue(slots, priority, served))
         await async_wait_for(lambda: len(slots._waiters) == 3, 5, "three waiters")
+        slots.release()
     assert [1.0, 2.0, 3.0] == served
 
 
@@ -46,14 +61,17 @@ async def test_a_cancelled_waiter_does_not_keep_a_slot() -> None:
     """A waiter cancelled while queued is skipped, and the limit is whole again afterwards."""
     slots = OldestFirst(1)
     served: list[float] = []
-    async with asyncio.TaskGroup() as group, slots.slot(0):
+    await slots.acquire(0)
+    async with asyncio.TaskGroup() as group:
         doomed = group.create_task(_queue(slots, 1.0, served))
         group.create_task(_queue(slots, 2.0, served))
         await async_wait_for(lambda: len(slots._waiters) == 2, 5, "two waiters")
         doomed.cancel()
+        slots.release()
     assert [2.0] == served
-    async with asyncio.timeout(5), slots.slot(9.0):  # free at once: nothing leaked
-        served.append(9.0)
+    async with asyncio.timeout(5):  # free at once: nothing leaked
+        await slots.acquire(9.0)
+    slots.release()
     assert slots._free == 1
 
 
@@ -62,12 +80,14 @@ async def test_a_released_slot_goes_to_an_older_caller_asking_again() -> None:
     call, asked for in the same step, rather than to a younger batch's queued call."""
     slots = OldestFirst(1)
     served: list[float] = []
+    await slots.acquire(0)
     async with asyncio.TaskGroup() as group:
-        async with slots.slot(0):
-            group.create_task(_queue(slots, 1.0, served))
-            await async_wait_for(lambda: len(slots._waiters) == 1, 5, "a younger waiter")
-        async with slots.slot(0):
-            served.append(0.0)
+        group.create_task(_queue(slots, 1.0, served))
+        await async_wait_for(lambda: len(slots._waiters) == 1, 5, "a younger waiter")
+        slots.release()
+        await slots.acquire(0)  # asked again in the same step as the release
+        served.append(0.0)
+        slots.release()
     assert [0.0, 1.0] == served
 
 
@@ -95,18 +115,7 @@ async def test_validate_all_answers_each_payment_in_order(simulator: SimulatorCl
     with fewer lanes than payments."""
     rng = random.Random(7)
     ids = [str(uuid.UUID(int=rng.getrandbits(128), version=4)) for _ in range(300)]
-    bodies = [
-        orjson.dumps(
-            {
-                "payment_id": pid,
-                "account_id": 1,
-                "payment_type": "online",
-                "credit_card": "4111111111111111",
-                "amount": 10,
-            }
-        )
-        for pid in ids
-    ]
+    bodies = [_body(pid) for pid in ids]
     async with third_party_client(16) as client:
         gateway = Gateway(
             client, simulator.url, max_in_flight=16, timeout_s=2, attempts=2, budget_s=3
@@ -118,15 +127,7 @@ async def test_validate_all_answers_each_payment_in_order(simulator: SimulatorCl
     assert Approved in expected
 
 
-_BODY = orjson.dumps(
-    {
-        "payment_id": "c0ffee00-0000-4000-8000-000000000000",
-        "account_id": 1,
-        "payment_type": "online",
-        "credit_card": "4111111111111111",
-        "amount": 10,
-    }
-)
+_BODY = _body("c0ffee00-0000-4000-8000-000000000000")
 
 
 @pytest.mark.parametrize(

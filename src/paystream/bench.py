@@ -596,14 +596,14 @@ def _run(bench: Bench, sizes: Sizes) -> dict[str, Any]:
     ceilings["log_capacity_per_s"] = bench.capacity("/log", _REPORT, in_flight, sizes.probe_s)
 
     def third_party(
-        settings: Settings, run: Drained, records: int, validations: int, latency_ms: int
+        settings: Settings, run: Drained, records: int, validations: int, gateway_per_s: float
     ) -> float:
         return _third_party_ceiling(
             settings,
             run,
             records,
             validations=validations,
-            gateway_per_s=ceilings[f"gateway_capacity_{latency_ms}ms_per_s"],
+            gateway_per_s=gateway_per_s,
             log_per_s=ceilings["log_capacity_per_s"],
         )
 
@@ -620,7 +620,7 @@ def _run(bench: Bench, sizes: Sizes) -> dict[str, Any]:
         bench.backlog(settings, "online", sizes.online, rng)
         result = bench.drain(settings)
         after = gateway_capacity()
-        capacity = ceilings[f"gateway_capacity_{latency_ms}ms_per_s"] = (before + after) / 2
+        capacity = (before + after) / 2
         workload = _workload(
             f"online-{latency_ms}ms",
             sizes.online,
@@ -628,7 +628,7 @@ def _run(bench: Bench, sizes: Sizes) -> dict[str, Any]:
             ceilings={
                 **base,
                 "third-party capacity": third_party(
-                    settings, result, sizes.online, sizes.online, latency_ms
+                    settings, result, sizes.online, sizes.online, capacity
                 ),
                 "Little's law": in_flight / (latency_ms / 1000),
             },
@@ -674,7 +674,11 @@ def _run(bench: Bench, sizes: Sizes) -> dict[str, Any]:
                 ceilings={
                     **base,
                     "third-party capacity": third_party(
-                        settings, result, sizes.scale, sizes.scale, 100
+                        settings,
+                        result,
+                        sizes.scale,
+                        sizes.scale,
+                        ceilings["gateway_capacity_100ms_per_s"],
                     ),
                     "Little's law": SCALE_IN_FLIGHT * instances / 0.100,
                 },
@@ -692,7 +696,9 @@ def _run(bench: Bench, sizes: Sizes) -> dict[str, Any]:
     result = bench.drain(settings)
     mix_ceilings = {
         **base,
-        "third-party capacity": third_party(settings, result, sizes.mix, validations, 20),
+        "third-party capacity": third_party(
+            settings, result, sizes.mix, validations, ceilings["gateway_capacity_20ms_per_s"]
+        ),
         "Little's law": ceilings["littles_law_20ms_per_s"] * len(planned) / validations,
     }
     workloads.append(_workload("original-mix", sizes.mix, result, ceilings=mix_ceilings))

@@ -8,13 +8,12 @@ GatewayUnavailable so the pipeline keeps the payment for later re-validation.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import heapq
 import itertools
 import random
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -27,13 +26,13 @@ from paystream.errors import GatewayUnavailable
 from paystream.metrics import CIRCUIT_OPEN, GATEWAY_CALLS, GATEWAY_SECONDS
 
 _TRANSIENT_STATUSES = frozenset({408, 425, 429})
-JSON_HEADERS = {"Content-Type": "application/json"}
+_JSON_HEADERS = {"Content-Type": "application/json"}
 
 
 def third_party_client(connections: int) -> Client:
     """The HTTP client for the third party's gateway and log API. The bench measures the
     gateway's capacity through one made here, sending the body the processor sends."""
-    return ClientBuilder().max_connections(connections).default_headers(JSON_HEADERS).build()
+    return ClientBuilder().max_connections(connections).default_headers(_JSON_HEADERS).build()
 
 
 class Unanswered(Exception):
@@ -142,16 +141,8 @@ class OldestFirst:
         self._arrivals = itertools.count()
         self._handing_over = False
 
-    @contextlib.asynccontextmanager
-    async def slot(self, priority: float) -> AsyncIterator[None]:
-        await self.acquire(priority)
-        try:
-            yield
-        finally:
-            self.release()
-
     async def acquire(self, priority: float) -> None:
-        """Wait for a slot; `release` it when done (or use `slot`, which costs a generator)."""
+        """Wait for a slot; `release` it when done."""
         if self._free > 0 and (not self._waiters or priority < self._waiters[0][0]):
             self._free -= 1
             return
