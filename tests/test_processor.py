@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import logging
 from collections import Counter
+from uuid import uuid4
 
 import orjson
 import pytest
 from confluent_kafka import Producer
 
+from paystream import store
 from paystream.app import open_pool
-from paystream.gateway import Gateway, third_party_client
+from paystream.config import Settings
+from paystream.gateway import CircuitBreaker, Gateway, third_party_client
 from paystream.kafka import KafkaConsumer
-from paystream.model import PaymentType
+from paystream.model import PaymentType, Record
 from paystream.pipeline import Pipeline
 from paystream.simulator.streams import is_declined
 from tests.conftest import (
@@ -115,17 +119,7 @@ async def test_record_redelivered_after_crash_before_offset_commit(
     simulator.wait_produced()
 
     # The first run processes everything but "crashes" before committing any offset.
-    kafka = KafkaConsumer(
-        settings.kafka_bootstrap_servers, settings.group_id, [env.online_topic, env.offline_topic]
-    )
-    await kafka.start()
-    records = []
-    for _ in range(200):
-        records += await kafka.consume(500, 0.2)
-        if len(records) >= 300:
-            break
-    await kafka.close()
-    assert len(records) == 300
+    records = await _all_records(env, settings, 300)
     async with open_pool(settings) as pool, third_party_client(50) as client:
         gateway = Gateway(
             client, simulator.url, max_in_flight=50, timeout_s=2, attempts=2, budget_s=3
@@ -145,6 +139,102 @@ async def test_record_redelivered_after_crash_before_offset_commit(
     assert report.problems == []
     assert report.duplicate_reports == 0
     assert first.kept == len(simulator.logs())
+
+
+async def _all_records(env: Env, settings: Settings, count: int) -> list[Record]:
+    """Every record of the test's topics, read once by a consumer that commits nothing."""
+    kafka = KafkaConsumer(
+        settings.kafka_bootstrap_servers, settings.group_id, [env.online_topic, env.offline_topic]
+    )
+    await kafka.start()
+    records: list[Record] = []
+    try:
+        for _ in range(200):
+            records += (await kafka.consume(500, 0.2)).records
+            if len(records) >= count:
+                break
+    finally:
+        await kafka.close()
+    assert len(records) == count
+    return records
+
+
+async def test_a_partition_changes_writer_only_between_transactions(env: Env) -> None:
+    """The transactions of one writer hold a partition side by side; a new writer takes it over
+    only once they have all ended, and from then on the old writer no longer holds it."""
+    settings = env.settings()
+    key = (env.online_topic, 0)
+    old, new = uuid4(), uuid4()
+    async with (
+        open_pool(settings) as pool,
+        pool.connection() as a,
+        pool.connection() as b,
+        pool.connection() as c,
+    ):
+        async with a.transaction():
+            await store.take_partitions(a, old, [key])
+
+        async def take_over() -> None:
+            async with c.transaction():
+                await store.take_partitions(c, new, [key])
+
+        def taker_waits_for_a_lock() -> bool:
+            rows = env.query(
+                "SELECT wait_event_type FROM pg_stat_activity WHERE pid = %s",
+                (c.info.backend_pid,),
+            )
+            return rows == [("Lock",)]
+
+        async with a.transaction(), b.transaction():
+            assert await store.hold_partitions(a, old, [key]) == set()
+            assert await store.hold_partitions(b, old, [key]) == set()
+            taking = asyncio.create_task(take_over())
+            await async_wait_for(taker_waits_for_a_lock, 30, "the take-over to wait")
+            assert not taking.done()
+        await asyncio.wait_for(taking, 30)
+        async with a.transaction():
+            assert await store.hold_partitions(a, old, [key]) == {key}
+            assert await store.hold_partitions(a, new, [key]) == set()
+
+
+async def test_two_owners_of_a_partition_at_once_decide_each_record_once(
+    env: Env, simulator: SimulatorClient
+) -> None:
+    """Two owners of the same partitions (a rebalance's overlap) process the same records at the
+    same time, against a gateway whose answer changes from call to call (half its calls fail):
+    each record still gets one outcome, from one of them, never stored by one and kept by the
+    other."""
+    settings = env.settings()
+    simulator.faults(error_rate=0.5)
+    simulator.start(records=300, seed=17)
+    simulator.wait_produced()
+    records = await _all_records(env, settings, 300)
+    topics = {env.online_topic: PaymentType.ONLINE, env.offline_topic: PaymentType.OFFLINE}
+    async with open_pool(settings) as pool, third_party_client(100) as client:
+
+        def owner() -> Pipeline:
+            gateway = Gateway(
+                client,
+                simulator.url,
+                max_in_flight=50,
+                timeout_s=2,
+                attempts=1,
+                budget_s=3,
+                breaker=CircuitBreaker(threshold=10_000),
+            )
+            return Pipeline(pool, gateway, topics)
+
+        first, second = await asyncio.gather(owner().process(records), owner().process(records))
+    assert first.stored + first.kept + second.stored + second.kept == 300
+    assert first.redelivered + second.redelivered == 300
+    both = env.query(
+        """
+        SELECT count(*) FROM paystream.kept_records
+        JOIN paystream.payment_origins USING (topic, "partition", "offset", kafka_ts)
+        """
+    )
+    assert both == [(0,)]
+    assert env.query("SELECT count(*) FROM payments") == [(first.stored + second.stored,)]
 
 
 async def test_reprocessing_from_the_start_changes_nothing(

@@ -15,7 +15,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable
 
 from paystream.errors import DatabaseUnavailable
-from paystream.kafka import KafkaConsumer, Offsets, merge_offsets
+from paystream.kafka import Fetched, KafkaConsumer, Offsets, merge_offsets
 from paystream.metrics import BATCH_SECONDS, BATCH_SIZE, DB_FAILURES, RECORDS
 from paystream.model import Record
 from paystream.pipeline import BatchResult, Pipeline
@@ -79,7 +79,7 @@ class BatchConsumer:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Until `stop`: poll, process, commit. In-flight batches finish before it returns."""
-        pending: list[Record] = []
+        pending: list[Fetched] = []  # fetched while every slot was busy, oldest first
         async with asyncio.TaskGroup() as group:
             while not stop.is_set():
                 try:
@@ -88,26 +88,33 @@ class BatchConsumer:
                     # Every slot is busy (the database may be down): stop fetching, but keep
                     # calling consume so the group does not evict us.
                     await self._kafka.pause()
-                    pending += await self._kafka.consume(self._batch_size, 0.05)
+                    fetched = await self._kafka.consume(self._batch_size, 0.05)
+                    if pending and pending[-1].writer == fetched.writer:
+                        pending[-1].records.extend(fetched.records)
+                    elif fetched.records:
+                        pending.append(fetched)
                     continue
                 await self._kafka.resume()
-                records = pending or await self._kafka.consume(self._batch_size, 0.05)
-                pending = []
+                if pending:
+                    batch = pending.pop(0)
+                else:
+                    batch = await self._kafka.consume(self._batch_size, 0.05)
                 # Offsets of batches that finished while their partitions were being reassigned
                 # are committed once the partitions are back, even if no new record arrives.
                 self._commit_soon()
-                if not records:
+                if not batch.records:
                     self._slots.release()
                     continue
-                group.create_task(self._run_batch(self._commits.begin(), records, stop))
+                group.create_task(self._run_batch(self._commits.begin(), batch, stop))
         if self._committer is not None:
             await self._committer
         await self._commit()  # a last try on the way out, whatever the back-off
 
-    async def _run_batch(self, seq: int, records: list[Record], stop: asyncio.Event) -> None:
+    async def _run_batch(self, seq: int, batch: Fetched, stop: asyncio.Event) -> None:
+        records = batch.records
         try:
             started = time.perf_counter()
-            result = await self._process_until_durable(records, stop)
+            result = await self._process_until_durable(batch, stop)
             if result is None:
                 return  # stopping: left uncommitted, so it is redelivered
             BATCH_SECONDS.observe(time.perf_counter() - started)
@@ -123,13 +130,14 @@ class BatchConsumer:
         self._commit_soon()
 
     async def _process_until_durable(
-        self, records: list[Record], stop: asyncio.Event
+        self, batch: Fetched, stop: asyncio.Event
     ) -> BatchResult | None:
+        records = batch.records
         delay_s = 0.2
         reported = False
         while True:
             try:
-                result = await self._pipeline.process(records)
+                result = await self._pipeline.process(records, writer=batch.writer)
             except DatabaseUnavailable as exc:
                 DB_FAILURES.inc()
                 log.warning("%s; batch of %d waits and retries", exc, len(records))

@@ -10,7 +10,9 @@ import asyncio
 import logging
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any, TypeVar
+from uuid import UUID, uuid4
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
@@ -21,6 +23,16 @@ T = TypeVar("T")
 
 Offsets = dict[tuple[str, int], int]
 """(topic, partition) → the next offset to read, i.e. the offset to commit."""
+
+
+@dataclass(frozen=True, slots=True)
+class Fetched:
+    """The records of one consume call, and who writes their outcomes: a new writer with every
+    assignment, since after one a partition may be read again from its committed offset while
+    the batches of the previous assignment are still being written."""
+
+    records: list[Record]
+    writer: UUID
 
 
 class KafkaConsumer:
@@ -54,6 +66,7 @@ class KafkaConsumer:
         # read when the partition is assigned, raised by each commit. Never committed below.
         self._committed: Offsets = {}
         self._paused = False
+        self._writer = uuid4()
         self.broker_ok = True
 
     async def _call(self, fn: Callable[..., T], *args: Any) -> T:
@@ -66,6 +79,7 @@ class KafkaConsumer:
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         self.assignment |= {(p.topic, p.partition) for p in partitions}
+        self._writer = uuid4()
         try:
             for tp in consumer.committed(partitions, timeout=10) if partitions else []:
                 if tp.offset >= 0:
@@ -94,7 +108,7 @@ class KafkaConsumer:
     async def start(self) -> None:
         await self._call(self._open)
 
-    def _consume(self, max_records: int, timeout_s: float) -> list[Record]:
+    def _consume(self, max_records: int, timeout_s: float) -> Fetched:
         assert self._consumer is not None
         if not self.broker_ok:
             try:
@@ -125,9 +139,11 @@ class KafkaConsumer:
                     value=message.value(),
                 )
             )
-        return records
+        # Rebalance callbacks run inside consume, and librdkafka drops what the call fetched for
+        # partitions revoked meanwhile: every record returned belongs to the current assignment.
+        return Fetched(records, self._writer)
 
-    async def consume(self, max_records: int, timeout_s: float) -> list[Record]:
+    async def consume(self, max_records: int, timeout_s: float) -> Fetched:
         return await self._call(self._consume, max_records, timeout_s)
 
     def _set_paused(self, paused: bool) -> None:

@@ -1,9 +1,10 @@
 """One batch of Kafka records: decode → validate online payments concurrently → one transaction.
 
 The transaction is the only place outcomes become durable, and the caller commits Kafka offsets
-only after it. Inside it, per-partition advisory locks serialise the (rare) overlap of two owners
-of a partition during a rebalance, and the re-check of which records already have an outcome makes
-a redelivered record a no-op. Every write is idempotent, so order between batches does not matter.
+only after it. Inside it, the batch holds its partitions for its writer (`store.hold_partitions`):
+the batches of one owner run side by side, while two owners of a partition (they overlap during a
+rebalance) take turns. The re-check of which records already have an outcome then makes a
+redelivered record a no-op. Every write is idempotent, so order between batches does not matter.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import logging
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from uuid import UUID, uuid4
 
 import psycopg
 import psycopg_pool
@@ -100,10 +102,15 @@ class Pipeline:
         self._gateway = gateway
         self._topic_types = topic_types
         self._on_kept = on_kept
+        self._writer = uuid4()
 
-    async def process(self, records: Sequence[Record], *, replay: bool = False) -> BatchResult:
+    async def process(
+        self, records: Sequence[Record], *, writer: UUID | None = None, replay: bool = False
+    ) -> BatchResult:
         """Make every record's outcome durable. Raises DatabaseUnavailable (retry the batch).
 
+        `writer` names who decides these records: the consumer passes one per assignment of its
+        partitions; without it, this pipeline's own (a replay, say) is used.
         With `replay`, the records are kept ones being re-driven: their kept rows are updated
         (resolved when the payment is now stored) instead of counting as an outcome already.
         """
@@ -113,7 +120,7 @@ class Pipeline:
                 prepared, online = await self._prepare(conn, records, replay=replay)
             # The connection goes back to the pool before the (possibly slow) gateway calls.
             await self._validate(online, prepared)
-            result = await self._write(prepared, replay=replay)
+            result = await self._write(prepared, writer or self._writer, replay=replay)
             result.redelivered += prepared.redelivered
         except (psycopg.OperationalError, psycopg_pool.PoolTimeout) as exc:
             raise DatabaseUnavailable(f"database unavailable: {type(exc).__name__}") from exc
@@ -145,7 +152,7 @@ class Pipeline:
             return prepared, []
         # Spare the gateway a call for a record already kept (declined, say) and for a payment
         # already stored, which can only end as a redelivery or a duplicate. Everything else is
-        # decided under the batch's locks.
+        # decided in the batch's transaction.
         done = await store.processed_records(
             conn, [(r.id, None) for r, _ in online], kept=not replay
         )
@@ -193,24 +200,37 @@ class Pipeline:
                         )
                     )
 
-    async def _write(self, prepared: _Prepared, *, replay: bool) -> BatchResult:
+    async def _write(self, prepared: _Prepared, writer: UUID, *, replay: bool) -> BatchResult:
         """One transaction; on a data error, split the batch until the bad record is isolated."""
         try:
-            async with self._pool.connection() as conn, conn.transaction():
-                return await self._write_in(conn, prepared, replay=replay)
+            return await self._transaction(prepared, writer, replay=replay)
         except _DATA_ERRORS as exc:
             items: list[_Candidate | Kept] = [*prepared.candidates, *prepared.kept]
             if len(items) == 1:
-                return await self._reject(items[0], exc, replay=replay)
+                return await self._reject(items[0], exc, writer, replay=replay)
             log.warning("batch hit %s; isolating the record", type(exc).__name__)
             middle = len(items) // 2
             result = BatchResult()
             for part in (items[:middle], items[middle:]):
-                result.add(await self._write(_Prepared.of(part), replay=replay))
+                result.add(await self._write(_Prepared.of(part), writer, replay=replay))
             return result
 
+    async def _transaction(self, prepared: _Prepared, writer: UUID, *, replay: bool) -> BatchResult:
+        """`_write_in` in one transaction that holds the batch's partitions for `writer`, after
+        taking over those another writer had (a rebalance; replay and the consumer in turn)."""
+        partitions = {(r.topic, r.partition) for r in prepared.records()}
+        async with self._pool.connection() as conn:
+            while True:
+                async with conn.transaction():
+                    others = await store.hold_partitions(conn, writer, partitions)
+                    if not others:
+                        return await self._write_in(conn, prepared, replay=replay)
+                log.info("taking over the writing of %s", sorted(others))
+                async with conn.transaction():
+                    await store.take_partitions(conn, writer, others)
+
     async def _reject(
-        self, item: _Candidate | Kept, exc: Exception, *, replay: bool
+        self, item: _Candidate | Kept, exc: Exception, writer: UUID, *, replay: bool
     ) -> BatchResult:
         """A single record the database refuses: keep it as a database error (no values echoed)."""
         pid = item.payment.payment_id if isinstance(item, _Candidate) else item.payment_id
@@ -221,15 +241,13 @@ class Pipeline:
             reason=Reason.DATABASE_REJECTED,
             description=f"database rejected the record ({type(exc).__name__}, SQLSTATE {sqlstate})",
         )
-        async with self._pool.connection() as conn, conn.transaction():
-            return await self._write_in(conn, _Prepared(kept=[kept]), replay=replay)
+        return await self._transaction(_Prepared(kept=[kept]), writer, replay=replay)
 
     async def _write_in(
         self, conn: store.Conn, prepared: _Prepared, *, replay: bool
     ) -> BatchResult:
         result = BatchResult()
-        await store.lock_partitions(conn, {(r.topic, r.partition) for r in prepared.records()})
-        # Authoritative re-check under the locks: another owner may have finished these. A
+        # Authoritative re-check, the partitions held: another owner may have finished these. A
         # candidate that stored its payment before shows up below as a conflict from itself.
         done = await store.processed_records(
             conn,

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import base64
-import zlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from uuid import UUID
 
 import orjson
 from psycopg import AsyncConnection
@@ -35,19 +35,50 @@ _PAYMENT_IDS = "ARRAY(SELECT value::varchar FROM json_array_elements_text(%s::js
 """A list of payment ids as one JSON document (see `_json`), as an array for `= ANY(...)`."""
 
 
-async def lock_partitions(conn: Conn, partitions: Iterable[tuple[str, int]]) -> None:
-    """Serialise writers of the same partitions (two owners overlap during a rebalance).
+Partition = tuple[str, int]
 
-    Locks are taken in one global order, so two batches can never deadlock on them.
+
+def _partitions(partitions: Iterable[Partition]) -> str:
+    return _json([{"t": t, "p": p} for t, p in sorted(set(partitions))])
+
+
+async def hold_partitions(
+    conn: Conn, writer: UUID, partitions: Iterable[Partition]
+) -> set[Partition]:
+    """Hold, until the transaction ends, those of the partitions `writer` writes; return the
+    others, which it must take over (`take_partitions`) before writing their records.
+
+    Held FOR SHARE, so the batches of one writer never wait for each other; rows are locked in
+    key order, the order `take_partitions` locks them in, so no two transactions deadlock here.
     """
-    keys = sorted(
-        {(zlib.crc32(topic.encode()) - 2**31, partition) for topic, partition in partitions}
+    wanted = set(partitions)
+    cursor = await conn.execute(
+        """
+        SELECT w.topic, w."partition"
+        FROM paystream.partition_writers AS w
+        JOIN json_to_recordset(%s::json) AS r(t text, p int)
+            ON (w.topic, w."partition") = (r.t, r.p)
+        WHERE w.writer = %s
+        ORDER BY 1, 2
+        FOR SHARE OF w
+        """,
+        (_partitions(wanted), writer),
     )
-    if keys:
-        await conn.execute(
-            "SELECT pg_advisory_xact_lock(k1, k2) FROM unnest(%s::int[], %s::int[]) AS t(k1, k2)",
-            ([k[0] for k in keys], [k[1] for k in keys]),
-        )
+    return wanted - {(t, p) for t, p in await cursor.fetchall()}
+
+
+async def take_partitions(conn: Conn, writer: UUID, partitions: Iterable[Partition]) -> None:
+    """Make `writer` the writer of these partitions (commit it at once). Waits until every
+    transaction holding them for their previous writer has ended, so a record is never decided
+    by two writers at the same time (two owners of a partition overlap during a rebalance)."""
+    await conn.execute(
+        """
+        INSERT INTO paystream.partition_writers (topic, "partition", writer)
+        SELECT t, p, %s FROM json_to_recordset(%s::json) AS r(t text, p int) ORDER BY 1, 2
+        ON CONFLICT (topic, "partition") DO UPDATE SET writer = EXCLUDED.writer, since = now()
+        """,
+        (writer, _partitions(partitions)),
+    )
 
 
 async def processed_records(
