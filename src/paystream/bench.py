@@ -37,7 +37,8 @@ from paystream.config import Settings
 from paystream.devenv.processes import ChildProcess, free_port, run_processor
 from paystream.devenv.stack import Simulator, Stack
 from paystream.gateway import post, third_party_client
-from paystream.model import Payment, PaymentType
+from paystream.migrations import migrate
+from paystream.model import Payment, PaymentType, RecordId
 from paystream.simulator.streams import Profile, plan
 
 Progress = Callable[[str], None]
@@ -453,8 +454,10 @@ def consumer_ceiling(settings: Settings, records: int) -> float:
     return read / elapsed if elapsed > 0 else 0.0
 
 
-async def database_ceiling(database_url: str, records: int, batch: int = 500) -> float:
-    """How fast the database takes the same rows through the same statements, in batches."""
+async def database_ceiling(database_url: str, records: int, batch: int, clients: int) -> float:
+    """How fast the database takes the same rows through the same statements as the processor,
+    `batch` rows a transaction and `clients` transactions at a time, as the processor sends them
+    (one client with small batches took half as many rows a second here)."""
     rng = random.Random(1)
     payments = [
         Payment(
@@ -466,14 +469,30 @@ async def database_ceiling(database_url: str, records: int, batch: int = 500) ->
         )
         for _ in range(records)
     ]
-    async with await psycopg.AsyncConnection.connect(database_url) as conn:
-        started = time.monotonic()
-        for i in range(0, records, batch):
-            chunk = payments[i : i + batch]
+    origins = [
+        RecordId(topic="ceiling", partition=i % 3, offset=i, timestamp_ms=0) for i in range(records)
+    ]
+    chunks = iter(range(0, records, batch))
+
+    async def client(conn: store.Conn) -> None:
+        for i in chunks:
             async with conn.transaction():
+                chunk = payments[i : i + batch]
                 await store.existing_accounts(conn, [p.account_id for p in chunk])
-                inserted = await store.insert_payments(conn, chunk)
+                inserted = await store.insert_payments(conn, chunk, origins[i : i + batch])
                 await store.stamp_accounts(conn, inserted)
+
+    async with contextlib.AsyncExitStack() as connections:
+        conns = [
+            await connections.enter_async_context(
+                await psycopg.AsyncConnection.connect(database_url)
+            )
+            for _ in range(clients)
+        ]
+        await migrate(conns[0])  # the table of origins
+        await conns[0].set_autocommit(False)
+        started = time.monotonic()
+        await asyncio.gather(*(client(conn) for conn in conns))
         return records / (time.monotonic() - started)
 
 
@@ -570,7 +589,9 @@ def _run(bench: Bench, sizes: Sizes) -> dict[str, Any]:
     ceilings["consumer_read_per_s"] = consumer_ceiling(settings, sizes.offline)
     scratch = bench.fresh()
     ceilings["database_insert_per_s"] = asyncio.run(
-        database_ceiling(scratch.database_url, sizes.offline)
+        database_ceiling(
+            scratch.database_url, sizes.offline, defaults.batch_size, defaults.batches_in_flight
+        )
     )
     base = {
         "consumer": ceilings["consumer_read_per_s"],
