@@ -120,7 +120,8 @@ class Pipeline:
                 prepared, online = await self._prepare(conn, records, replay=replay)
             # The connection goes back to the pool before the (possibly slow) gateway calls.
             await self._validate(online, prepared)
-            result = await self._write(prepared, writer or self._writer, replay=replay)
+            writer = self._writer if writer is None else writer
+            result = await self._write(prepared, writer, replay=replay)
             result.redelivered += prepared.redelivered
         except (psycopg.OperationalError, psycopg_pool.PoolTimeout) as exc:
             raise DatabaseUnavailable(f"database unavailable: {type(exc).__name__}") from exc
