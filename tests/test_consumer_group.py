@@ -86,3 +86,35 @@ async def test_a_stale_offset_never_moves_the_group_back(env: Env) -> None:
         await late.close()
     assert {key: 15} == covered
     assert 20 == _group_offset(env, settings.group_id, env.online_topic)
+
+
+async def test_every_assignment_gets_a_writer_of_its_own(env: Env) -> None:
+    """After a rebalance a consumer may read its partitions again from the committed offsets
+    while batches of its previous assignment are still being written: its records then carry a
+    new writer, so that the database keeps the two apart (`store.hold_partitions`)."""
+    settings = env.settings()
+    topics = [env.online_topic, env.offline_topic]
+    first = KafkaConsumer(settings.kafka_bootstrap_servers, settings.group_id, topics)
+    second = KafkaConsumer(settings.kafka_bootstrap_servers, settings.group_id, topics)
+    await _assigned(first)
+    try:
+        before = (await first.consume(1, 0.05)).writer
+        assert before == (await first.consume(1, 0.05)).writer  # the same assignment
+        await second.start()
+        try:
+            everything = {(t, p) for t in topics for p in range(env.stack.partitions)}
+
+            def shared() -> bool:  # first holds its share only once it was assigned anew
+                return (
+                    bool(first.assignment and second.assignment)
+                    and not first.assignment & second.assignment
+                    and first.assignment | second.assignment == everything
+                )
+
+            await _consume_until([first, second], shared)
+            after = (await first.consume(1, 0.05)).writer
+        finally:
+            await second.close()
+    finally:
+        await first.close()
+    assert after != before
