@@ -268,11 +268,10 @@ class _Gateway:
             if not message.get("more_body"):
                 break
         status, document = await self.simulator.validate(body)
-        await send({"type": "http.response.start", "status": status, "headers": _JSON})
-        await send({"type": "http.response.body", "body": orjson.dumps(document)})
-
-
-_JSON = [(b"content-type", b"application/json")]
+        answer = orjson.dumps(document)
+        headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(answer))]
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": answer})
 
 
 _PAGE = """<!doctype html><html><head><title>paystream simulator</title>
