@@ -38,6 +38,9 @@ def _body(payment_id: str) -> bytes:
     )
 
 
+_BODY = _body("c0ffee00-0000-4000-8000-000000000000")
+
+
 async def _queue(slots: OldestFirst, priority: float, served: list[float]) -> None:
     await slots.acquire(priority)
     served.append(priority)
@@ -125,9 +128,6 @@ async def test_validate_all_answers_each_payment_in_order(simulator: SimulatorCl
     assert expected == [type(v) for v in verdicts]
     assert Declined in expected
     assert Approved in expected
-
-
-_BODY = _body("c0ffee00-0000-4000-8000-000000000000")
 
 
 @pytest.mark.parametrize(

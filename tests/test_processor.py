@@ -13,11 +13,11 @@ import pytest
 from confluent_kafka import Producer
 
 from paystream import store
-from paystream.app import open_pool
+from paystream.app import open_pool, topic_types
 from paystream.config import Settings
 from paystream.gateway import CircuitBreaker, Gateway, third_party_client
 from paystream.kafka import KafkaConsumer
-from paystream.model import PaymentType, Record
+from paystream.model import Record
 from paystream.pipeline import Pipeline
 from paystream.simulator.streams import is_declined
 from tests.conftest import (
@@ -124,8 +124,7 @@ async def test_record_redelivered_after_crash_before_offset_commit(
         gateway = Gateway(
             client, simulator.url, max_in_flight=50, timeout_s=2, attempts=2, budget_s=3
         )
-        topics = {env.online_topic: PaymentType.ONLINE, env.offline_topic: PaymentType.OFFLINE}
-        first = await Pipeline(pool, gateway, topics).process(records)
+        first = await Pipeline(pool, gateway, topic_types(settings)).process(records)
     assert first.stored + first.kept == 300
     before = env.query("SELECT payment_id, created_on FROM payments ORDER BY 1")
     dates = env.query("SELECT account_id, last_payment_date FROM accounts ORDER BY 1")
@@ -209,7 +208,6 @@ async def test_two_owners_of_a_partition_at_once_decide_each_record_once(
     simulator.start(records=300, seed=17)
     simulator.wait_produced()
     records = await _all_records(env, settings, 300)
-    topics = {env.online_topic: PaymentType.ONLINE, env.offline_topic: PaymentType.OFFLINE}
     async with open_pool(settings) as pool, third_party_client(100) as client:
 
         def owner() -> Pipeline:
@@ -222,7 +220,7 @@ async def test_two_owners_of_a_partition_at_once_decide_each_record_once(
                 budget_s=3,
                 breaker=CircuitBreaker(threshold=10_000),
             )
-            return Pipeline(pool, gateway, topics)
+            return Pipeline(pool, gateway, topic_types(settings))
 
         first, second = await asyncio.gather(owner().process(records), owner().process(records))
     assert first.stored + first.kept + second.stored + second.kept == 300

@@ -482,6 +482,8 @@ async def database_ceiling(database_url: str, records: int, batch: int, clients:
                 inserted = await store.insert_payments(conn, chunk, origins[i : i + batch])
                 await store.stamp_accounts(conn, inserted)
 
+    async with await psycopg.AsyncConnection.connect(database_url) as conn:
+        await migrate(conn)  # the table of origins
     async with contextlib.AsyncExitStack() as connections:
         conns = [
             await connections.enter_async_context(
@@ -489,8 +491,6 @@ async def database_ceiling(database_url: str, records: int, batch: int, clients:
             )
             for _ in range(clients)
         ]
-        await migrate(conns[0])  # the table of origins
-        await conns[0].set_autocommit(False)
         started = time.monotonic()
         await asyncio.gather(*(client(conn) for conn in conns))
         return records / (time.monotonic() - started)
@@ -632,7 +632,7 @@ def _run(bench: Bench, sizes: Sizes) -> dict[str, Any]:
         body = _document(random.Random(2), "online")
         return bench.capacity("/payment", body, in_flight, sizes.probe_s)
 
-    def online(latency_ms: int, before: float) -> tuple[Workload, float, float]:
+    def online(latency_ms: int, little: float, before: float) -> tuple[Workload, float, float]:
         """Drain an online backlog, against the mean of the gateway's capacity measured just
         before and just after it (one probe alone drifted by a fifth between runs here).
         The workload, that mean, and the capacity after."""
@@ -651,7 +651,7 @@ def _run(bench: Bench, sizes: Sizes) -> dict[str, Any]:
                 "third-party capacity": third_party(
                     settings, result, sizes.online, sizes.online, capacity
                 ),
-                "Little's law": in_flight / (latency_ms / 1000),
+                "Little's law": little,
             },
         )
         return workload, capacity, after
@@ -659,14 +659,14 @@ def _run(bench: Bench, sizes: Sizes) -> dict[str, Any]:
     for latency_ms in (20, 100):
         bench.set_latency(latency_ms)
         little = ceilings[f"littles_law_{latency_ms}ms_per_s"] = in_flight / (latency_ms / 1000)
-        workload, capacity, probe = online(latency_ms, gateway_capacity())
+        workload, capacity, probe = online(latency_ms, little, gateway_capacity())
         runs = [(workload, capacity)]
         if workload.ceiling_per_s < little:
             # Bound by the measured third-party capacity, not the computed Little's law: the
             # median of several drains, not a single draw. A probe between two drains serves
             # as the one after the first and the one before the second.
             for _ in range(sizes.capacity_drains - 1):
-                workload, capacity, probe = online(latency_ms, probe)
+                workload, capacity, probe = online(latency_ms, little, probe)
                 runs.append((workload, capacity))
         runs.sort(key=lambda run: run[0].ceiling_ratio)
         workload, capacity = runs[len(runs) // 2]
