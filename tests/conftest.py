@@ -155,6 +155,11 @@ class SimulatorClient:
         records: list[dict[str, Any]] = self.request("GET", "/ledger")["records"]
         return records
 
+    def gateway_calls(self, payment_id: str) -> dict[str, int]:
+        """The gateway calls made for one payment, counted by their Idempotency-Key."""
+        calls: dict[str, int] = self.request("GET", f"/calls?payment_id={payment_id}")
+        return calls
+
     def logs(self) -> list[dict[str, Any]]:
         logs: list[dict[str, Any]] = self.request("GET", "/logs")
         return logs

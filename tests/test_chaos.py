@@ -34,12 +34,14 @@ from paystream.reconcile import Reconciliation
 from tests.conftest import (
     Env,
     SimulatorClient,
+    caught_up,
     new_env,
     private_postgres,
     reconcile_now,
     running_simulator,
     settings_env,
     settled,
+    unresolved_gateway_failures,
     wait_for,
 )
 
@@ -165,6 +167,50 @@ def test_gateway_outage_keeps_offline_flowing(stack: Stack, tmp_path: Path, seed
         assert env.query("SELECT count(*) FROM payments WHERE payment_type = 'online'") == [(0,)]
         simulator.faults(gateway_outage=False)
         check(env, simulator, settings, "gateway-outage", seed, time.monotonic())
+
+
+@pytest.mark.parametrize("seed", seeds("late-gateway-flap"))
+@pytest.mark.parametrize(
+    ("name", "fault"), [("outage", {"drop_rate": 1.0}), ("5xx-burst", {"error_rate": 1.0})]
+)
+def test_a_gateway_flap_at_the_end_strands_nothing(
+    stack: Stack, tmp_path: Path, seed: int, name: str, fault: dict[str, float]
+) -> None:
+    """The gateway fails (connections dropped, or every call answered 503) for the last part of
+    the stream, the circuit opens, and no traffic follows: once the gateway is back, every valid
+    payment is stored within max cool-down + re-validation period + the drain, by nobody."""
+    env = new_env(stack)
+    with running_simulator(env) as simulator:
+        settings = chaos_settings(
+            env, gateway_breaker_threshold=5, gateway_breaker_max_cooldown_s=4.0
+        )
+        with processes(settings, tmp_path) as start:
+            start()
+            simulator.start(records=RECORDS, seed=seed, profile="hostile", rate=RATE)
+            wait_for(_produced_at_least(simulator, 0.8), 60, "most of the stream")
+            simulator.faults(**fault)
+            wait_for(
+                lambda: simulator.status().get("done") is True and caught_up(env, settings),
+                90,
+                "the whole stream consumed during the fault",
+            )
+            refused = env.query(
+                "SELECT count(*) FROM paystream.kept_records"
+                " WHERE description LIKE '%%circuit open%%'"
+            )
+            assert 0 < refused[0][0], "the circuit never opened: the scenario tests nothing"
+            simulator.faults(drop_rate=0, error_rate=0)
+            recovered = time.monotonic()
+            drain_s = 30  # re-validating a few hundred payments, with room for a busy machine
+            bound_s = (
+                settings.gateway_breaker_max_cooldown_s + settings.revalidate_every_s + drain_s
+            )
+            wait_for(
+                lambda: unresolved_gateway_failures(env) == 0,
+                bound_s,
+                "every payment kept on the gateway to be re-validated without an operator",
+            )
+            check(env, simulator, settings, f"late-gateway-{name}", seed, recovered)
 
 
 @pytest.mark.parametrize("seed", seeds("log-outage"))

@@ -19,6 +19,7 @@ from paystream.gateway import (
     Gateway,
     OldestFirst,
     Verdict,
+    idempotency_key,
     third_party_client,
 )
 from paystream.simulator.streams import is_declined
@@ -38,7 +39,8 @@ def _body(payment_id: str) -> bytes:
     )
 
 
-_BODY = _body("c0ffee00-0000-4000-8000-000000000000")
+_ID = "c0ffee00-0000-4000-8000-000000000000"
+_BODY = _body(_ID)
 
 
 async def _queue(slots: OldestFirst, priority: float, served: list[float]) -> None:
@@ -95,8 +97,8 @@ async def test_a_released_slot_goes_to_an_older_caller_asking_again() -> None:
 
 
 def test_the_breaker_opens_probes_once_and_closes_on_success() -> None:
-    """Closed until `threshold` failures in a row; open for the cool-down; then exactly one
-    probe; a successful probe closes it and the gauge follows."""
+    """Closed until `threshold` failures in a row; open for the cool-down (the gauge says so
+    until it has passed, call or no call); then exactly one probe; a successful one closes it."""
     breaker = CircuitBreaker(threshold=3, cooldown_s=1.0)  # long next to the asserts around it
     for _ in range(3):
         assert breaker.allow()
@@ -105,6 +107,7 @@ def test_the_breaker_opens_probes_once_and_closes_on_success() -> None:
     assert not breaker.allow()
     assert 1 == REGISTRY.get_sample_value("paystream_gateway_circuit_open")
     wait_for(lambda: breaker.state == "half-open", 5, "the cool-down to pass")
+    assert 0 == REGISTRY.get_sample_value("paystream_gateway_circuit_open")  # no call needed
     assert breaker.allow()
     assert not breaker.allow()  # one probe at a time
     breaker.succeeded()
@@ -113,17 +116,56 @@ def test_the_breaker_opens_probes_once_and_closes_on_success() -> None:
     assert 0 == REGISTRY.get_sample_value("paystream_gateway_circuit_open")
 
 
+def test_a_cancelled_probe_lets_the_next_call_probe() -> None:
+    """A half-open breaker whose probe was cancelled (no outcome) lets the next call probe,
+    instead of refusing every call for good."""
+    breaker = CircuitBreaker(threshold=1, cooldown_s=0.2)
+    breaker.failed()
+    wait_for(lambda: breaker.state == "half-open", 5, "the cool-down to pass")
+    assert breaker.allow()
+    assert not breaker.allow()
+    breaker.abandoned()
+    assert breaker.allow()
+
+
+async def test_every_call_for_a_payment_carries_its_idempotency_key(
+    simulator: SimulatorClient,
+) -> None:
+    """Retries of one payment, and a later re-validation of it, send the same Idempotency-Key,
+    derived from its payment_id; another payment sends another."""
+    simulator.faults(error_rate=1.0)
+    async with third_party_client(4) as client:
+        gateway = Gateway(
+            client,
+            simulator.url,
+            max_in_flight=4,
+            timeout_s=1,
+            attempts=3,
+            budget_s=5,
+            breaker=CircuitBreaker(threshold=100),
+        )
+        with pytest.raises(GatewayUnavailable):
+            await gateway.validate(_ID, _BODY)
+        simulator.faults(error_rate=0)
+        await gateway.validate(_ID, _BODY)
+        other = str(uuid.UUID(int=1, version=4))
+        await gateway.validate(other, _body(other))
+    assert {idempotency_key(_ID): 4} == simulator.gateway_calls(_ID)
+    assert {idempotency_key(other): 1} == simulator.gateway_calls(other)
+    assert idempotency_key(_ID) != idempotency_key(other)
+
+
 async def test_validate_all_answers_each_payment_in_order(simulator: SimulatorClient) -> None:
     """Verdicts come back in the order of the bodies, each the simulator's own for that id,
     with fewer lanes than payments."""
     rng = random.Random(7)
     ids = [str(uuid.UUID(int=rng.getrandbits(128), version=4)) for _ in range(300)]
-    bodies = [_body(pid) for pid in ids]
+    payments = [(pid, _body(pid)) for pid in ids]
     async with third_party_client(16) as client:
         gateway = Gateway(
             client, simulator.url, max_in_flight=16, timeout_s=2, attempts=2, budget_s=3
         )
-        verdicts: list[Verdict | GatewayUnavailable] = await gateway.validate_all(bodies)
+        verdicts: list[Verdict | GatewayUnavailable] = await gateway.validate_all(payments)
     expected = [Declined if is_declined(pid, 0.1) else Approved for pid in ids]
     assert expected == [type(v) for v in verdicts]
     assert Declined in expected
@@ -149,9 +191,9 @@ async def test_a_failing_gateway_makes_the_payment_wait_with_the_reason(
             client, simulator.url, max_in_flight=4, timeout_s=0.3, attempts=2, budget_s=2
         )
         with pytest.raises(GatewayUnavailable, match=reason):
-            await gateway.validate(_BODY)
+            await gateway.validate(_ID, _BODY)
         simulator.faults(hang_rate=0, drop_rate=0, error_rate=0)
-        assert isinstance(await gateway.validate(_BODY), Approved | Declined)
+        assert isinstance(await gateway.validate(_ID, _BODY), Approved | Declined)
 
 
 async def test_a_gateway_nobody_answers_on_is_unavailable() -> None:
@@ -165,4 +207,4 @@ async def test_a_gateway_nobody_answers_on_is_unavailable() -> None:
             budget_s=2,
         )
         with pytest.raises(GatewayUnavailable, match=r"gateway connection failed \(\w+\)"):
-            await gateway.validate(_BODY)
+            await gateway.validate(_ID, _BODY)

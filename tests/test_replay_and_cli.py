@@ -98,7 +98,8 @@ async def test_gateway_outage_keeps_payments_for_replay(
     env: Env, simulator: SimulatorClient
 ) -> None:
     """Online payments that meet a gateway outage are kept as `network`; offline ones are still
-    stored meanwhile; once the gateway is back, replay stores the approved ones."""
+    stored meanwhile; a replay the open circuit refuses spends no attempt; once the gateway is
+    back, replay stores the approved ones."""
     settings = env.settings(gateway_attempts=2, gateway_budget_s=1.0)
     simulator.faults(gateway_outage=True, decline_rate=0.0)
     online = [
@@ -114,6 +115,19 @@ async def test_gateway_outage_keeps_payments_for_replay(
         "SELECT count(*), min(error_type) FROM paystream.kept_records"
         " WHERE reason = 'gateway_unavailable'"
     ) == [(5, "network")]
+    refused = _cli(
+        env,
+        "replay",
+        PAYSTREAM_GATEWAY_MAX_IN_FLIGHT="1",
+        PAYSTREAM_GATEWAY_BREAKER_THRESHOLD="1",
+        PAYSTREAM_GATEWAY_BREAKER_COOLDOWN_S="600",
+    )
+    assert 0 == refused.returncode, refused.stderr
+    # One payment reached the gateway (and opened the circuit); the four the open circuit
+    # refused were not tried, so they keep every attempt of their re-validation budget.
+    assert [(0, 4), (1, 1)] == env.query(
+        "SELECT replays, count(*) FROM paystream.kept_records GROUP BY 1 ORDER BY 1"
+    )
     simulator.faults(gateway_outage=False)
     result = _cli(env, "replay", "--type", "network")
     assert result.returncode == 0, result.stderr

@@ -17,14 +17,14 @@ from pyreqwest.client import Client
 from paystream.config import Settings
 from paystream.consumer import BatchConsumer
 from paystream.dashboard import DashboardState
-from paystream.errors import ConfigurationError, DatabaseUnavailable
-from paystream.gateway import Gateway, third_party_client
+from paystream.errors import ConfigurationError
+from paystream.gateway import CircuitBreaker, Gateway, third_party_client
 from paystream.kafka import KafkaConsumer
 from paystream.migrations import migrate
-from paystream.model import PaymentType, Reason
+from paystream.model import PaymentType
 from paystream.outbox import LogClient, OutboxRelay, ReportFailed
 from paystream.pipeline import BatchResult, Pipeline
-from paystream.replay import replay
+from paystream.replay import replay, revalidate
 from paystream.web import make_app
 
 log = logging.getLogger(__name__)
@@ -87,37 +87,12 @@ def make_gateway(settings: Settings, client: Client) -> Gateway:
         timeout_s=settings.gateway_timeout_s,
         attempts=settings.gateway_attempts,
         budget_s=settings.gateway_budget_s,
+        breaker=CircuitBreaker(
+            threshold=settings.gateway_breaker_threshold,
+            cooldown_s=settings.gateway_breaker_cooldown_s,
+            max_cooldown_s=settings.gateway_breaker_max_cooldown_s,
+        ),
     )
-
-
-async def revalidate(
-    settings: Settings,
-    pool: psycopg_pool.AsyncConnectionPool,
-    pipeline: Pipeline,
-    gateway: Gateway,
-    stop: asyncio.Event,
-) -> None:
-    """Every so often, while the gateway circuit is closed, re-drive the payments the gateway
-    could not answer; each gets at most `revalidate_max_attempts` tries before it waits for a
-    manual `paystream replay`."""
-    while not stop.is_set():
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), timeout=settings.revalidate_every_s)
-        if stop.is_set() or gateway.breaker.state != "closed":
-            continue
-        try:
-            result = await replay(
-                pool,
-                pipeline,
-                set(topic_types(settings)),
-                reason=Reason.GATEWAY_UNAVAILABLE.value,
-                max_replays=settings.revalidate_max_attempts,
-            )
-        except DatabaseUnavailable as exc:
-            log.warning("revalidation postponed: %s", exc)
-            continue
-        if result.stored or result.kept:
-            log.info("revalidated: %d stored, %d still kept", result.stored, result.kept)
 
 
 @dataclass(slots=True)
@@ -217,7 +192,17 @@ async def run_processor(
                     group.create_task(dashboard.refresh_lag(stop))
                 group.create_task(consumer.run(stop))
                 group.create_task(relay.run(stop))
-                group.create_task(revalidate(settings, pool, pipeline, gateway, stop))
+                group.create_task(
+                    revalidate(
+                        pool,
+                        pipeline,
+                        gateway,
+                        set(topic_types(settings)),
+                        stop,
+                        every_s=settings.revalidate_every_s,
+                        max_attempts=settings.revalidate_max_attempts,
+                    )
+                )
         finally:
             if runner is not None:
                 await runner.cleanup()

@@ -27,6 +27,13 @@ class Settings(BaseSettings):
     gateway_timeout_s: float = Field(default=5.0, gt=0)
     gateway_attempts: int = Field(default=3, ge=1)
     gateway_budget_s: float = Field(default=10.0, gt=0)
+    # The circuit breaker: this many transient failures in a row open it; it stays open for the
+    # cool-down, which doubles while probes keep failing, up to the max. Once the gateway is
+    # back, every kept payment is re-validated within max cool-down + revalidate_every_s + the
+    # drain (README, "Re-validation").
+    gateway_breaker_threshold: int = Field(default=20, ge=1)
+    gateway_breaker_cooldown_s: float = Field(default=2.0, gt=0)
+    gateway_breaker_max_cooldown_s: float = Field(default=30.0, gt=0)
     log_timeout_s: float = Field(default=5.0, gt=0)
     outbox_batch: int = Field(default=200, ge=1)
     outbox_idle_s: float = Field(default=1.0, gt=0)

@@ -4,6 +4,7 @@ PaystreamError
 ├── ConfigurationError    bad settings: fix the configuration, do not retry
 ├── DevenvError           local infrastructure could not start: read the message
 ├── GatewayUnavailable    transient gateway failure: retry later, keep the payment meanwhile
+│   └── CircuitOpen       nothing was sent (the breaker is open): as above, no attempt spent
 └── DatabaseUnavailable   the database cannot be reached or failed transiently: retry the batch
 """
 
@@ -22,6 +23,11 @@ class DevenvError(PaystreamError):
 
 class GatewayUnavailable(PaystreamError):
     """The gateway did not answer definitively (timeout, 5xx, 429, reset). Retry, then keep."""
+
+
+class CircuitOpen(GatewayUnavailable):
+    """The circuit breaker refused the call, so the gateway was not asked. Keep the payment; it
+    was not tried, so a re-validation that ends here does not count against its attempts."""
 
 
 class DatabaseUnavailable(PaystreamError):

@@ -3,6 +3,10 @@
 2XX approves; a definitive non-2XX (most 4xx) declines; anything transient (timeout, connection
 failure, 5xx, 408, 425, 429) is retried with back-off and jitter within a budget, then raises
 GatewayUnavailable so the pipeline keeps the payment for later re-validation.
+
+Every call carries an `Idempotency-Key` derived from the payment_id alone: a timed-out call may
+have been acted on by the provider, and the key makes its retries, later re-validations and the
+calls of other instances the same request in the provider's eyes, so none can double an effect.
 """
 
 from __future__ import annotations
@@ -13,7 +17,8 @@ import heapq
 import itertools
 import random
 import time
-from collections.abc import Sequence
+import uuid
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -22,11 +27,18 @@ from prometheus_client import Counter
 from pyreqwest.client import Client, ClientBuilder
 from pyreqwest.exceptions import RequestError
 
-from paystream.errors import GatewayUnavailable
+from paystream.errors import CircuitOpen, GatewayUnavailable
 from paystream.metrics import CIRCUIT_OPEN, GATEWAY_CALLS, GATEWAY_SECONDS
 
 _TRANSIENT_STATUSES = frozenset({408, 425, 429})
 _JSON_HEADERS = {"Content-Type": "application/json"}
+_IDEMPOTENCY_NAMESPACE = uuid.UUID("5b1d9a6e-4c1f-4e0a-9d0c-706179737472")
+
+
+def idempotency_key(payment_id: str) -> str:
+    """The key of every gateway call for this payment: the same from any instance, at any time,
+    and a valid header value whatever characters the payment_id holds."""
+    return str(uuid.uuid5(_IDEMPOTENCY_NAMESPACE, payment_id))
 
 
 def third_party_client(connections: int) -> Client:
@@ -43,10 +55,19 @@ class Unanswered(Exception):
         self.timed_out = timed_out
 
 
-async def post(client: Client, url: str, body: bytes, timeout: timedelta) -> int:
+async def post(
+    client: Client,
+    url: str,
+    body: bytes,
+    timeout: timedelta,
+    headers: Mapping[str, str] | None = None,
+) -> int:
     """POST a JSON body and read the whole answer; its HTTP status."""
+    request = client.post(url).body_bytes(body).timeout(timeout)
+    for name, value in (headers or {}).items():
+        request = request.header(name, value)
     try:
-        response = await client.post(url).body_bytes(body).timeout(timeout).build().send()
+        response = await request.build().send()
     except TimeoutError as exc:
         raise Unanswered("timed out", timed_out=True) from exc
     except RequestError as exc:
@@ -81,6 +102,7 @@ class CircuitBreaker:
     def __init__(
         self, *, threshold: int = 20, cooldown_s: float = 2.0, max_cooldown_s: float = 30.0
     ) -> None:
+        """The defaults are Settings' gateway_breaker_* defaults."""
         self._threshold = threshold
         self._base_cooldown_s = cooldown_s
         self._max_cooldown_s = max_cooldown_s
@@ -88,6 +110,9 @@ class CircuitBreaker:
         self._failures = 0
         self._open_until = 0.0
         self._probing = False
+        # Read from the state when scraped: a gauge set on calls would stay at 1 after the
+        # cool-down for as long as no call comes (an alert firing on an idle, healthy gateway).
+        CIRCUIT_OPEN.set_function(lambda: 1.0 if self.state == "open" else 0.0)
 
     @property
     def state(self) -> str:
@@ -110,7 +135,10 @@ class CircuitBreaker:
             self._failures = 0
             self._probing = False
             self._cooldown_s = self._base_cooldown_s
-            CIRCUIT_OPEN.set(0)
+
+    def abandoned(self) -> None:
+        """A call was cancelled before it had an outcome: a probe's turn passes to the next."""
+        self._probing = False
 
     def failed(self) -> None:
         self._failures += 1
@@ -119,7 +147,6 @@ class CircuitBreaker:
         self._probing = False
         if self._failures >= self._threshold:
             self._open_until = time.monotonic() + self._cooldown_s
-            CIRCUIT_OPEN.set(1)
 
 
 class OldestFirst:
@@ -199,39 +226,45 @@ class Gateway:
         self._budget_s = budget_s
         self.breaker = breaker or CircuitBreaker()
 
-    async def validate_all(self, bodies: Sequence[bytes]) -> list[Verdict | GatewayUnavailable]:
-        """Validate each body; the list of verdicts (or why there is none) in the same order.
+    async def validate_all(
+        self, payments: Sequence[tuple[str, bytes]]
+    ) -> list[Verdict | GatewayUnavailable]:
+        """Validate each (payment_id, body); the verdicts (or why there is none) in that order.
 
         At most the in-flight limit of lanes work through the list: a task per payment, most of
         them queued on the limit, cost a sixth of the processor's CPU when profiled. The calls of
         an earlier `validate_all` go first.
         """
         priority = time.monotonic()
-        pending = iter(enumerate(bodies))
+        pending = iter(enumerate(payments))
         answers: dict[int, Verdict | GatewayUnavailable] = {}
 
         async def lane() -> None:
-            for i, body in pending:
+            for i, (payment_id, body) in pending:
                 try:
-                    answers[i] = await self.validate(body, priority)
+                    answers[i] = await self.validate(payment_id, body, priority)
                 except GatewayUnavailable as exc:
                     answers[i] = exc
 
         async with asyncio.TaskGroup() as group:
-            for _ in range(min(self._max_in_flight, len(bodies))):
+            for _ in range(min(self._max_in_flight, len(payments))):
                 group.create_task(lane())
-        return [answers[i] for i in range(len(bodies))]
+        return [answers[i] for i in range(len(payments))]
 
-    async def validate(self, body: bytes, priority: float | None = None) -> Verdict:
-        """POST the payment as it arrived. Raises GatewayUnavailable once the budget is spent.
+    async def validate(
+        self, payment_id: str, body: bytes, priority: float | None = None
+    ) -> Verdict:
+        """POST the payment as it arrived. Raises GatewayUnavailable once the budget is spent
+        (CircuitOpen when the breaker refused every attempt, so nothing was sent).
 
         The first attempt is made directly: building a retry context costs about as much CPU as
         the HTTP call itself (profiled), and nearly every call succeeds the first time.
         """
         started = time.monotonic()
         priority = started if priority is None else priority
+        headers = {"Idempotency-Key": idempotency_key(payment_id)}
         try:
-            return await self._attempt(body, priority)
+            return await self._attempt(body, headers, priority)
         except _Transient as exc:
             if self._attempts <= 1:
                 raise GatewayUnavailable(str(exc)) from exc
@@ -247,27 +280,30 @@ class Gateway:
                 wait_max=2.0,
             ):
                 with attempt:
-                    return await self._attempt(body, priority)
-        except _Transient as exc:
+                    return await self._attempt(body, headers, priority)
+        except (_Transient, CircuitOpen) as exc:  # the first attempt was sent: it was tried
             raise GatewayUnavailable(str(exc)) from exc
         raise AssertionError("unreachable: retry_context either returns or raises")
 
-    async def _attempt(self, body: bytes, priority: float) -> Verdict:
+    async def _attempt(self, body: bytes, headers: Mapping[str, str], priority: float) -> Verdict:
         if not self.breaker.allow():
-            raise GatewayUnavailable("circuit open after repeated gateway failures")
+            raise CircuitOpen("circuit open after repeated gateway failures")
         try:
-            verdict = await self._call(body, priority)
+            verdict = await self._call(body, headers, priority)
         except _Transient:
             self.breaker.failed()
+            raise
+        except asyncio.CancelledError:
+            self.breaker.abandoned()  # else a cancelled probe would leave it half-open for good
             raise
         self.breaker.succeeded()
         return verdict
 
-    async def _call(self, body: bytes, priority: float) -> Verdict:
+    async def _call(self, body: bytes, headers: Mapping[str, str], priority: float) -> Verdict:
         await self._slots.acquire(priority)
         started = time.perf_counter()
         try:
-            status = await post(self._client, self._url, body, self._timeout)
+            status = await post(self._client, self._url, body, self._timeout, headers)
         except Unanswered as exc:
             _calls("timeout" if exc.timed_out else "connection_error").inc()
             raise _Transient(f"gateway {exc}") from exc

@@ -23,5 +23,6 @@ DB_FAILURES = Counter("paystream_database_failures_total", "Batch transactions t
 OUTBOX_DEPTH = Gauge("paystream_outbox_depth", "Kept records not yet reported to the log service")
 CONSUMER_LAG = Gauge("paystream_consumer_lag", "Records behind the end", ["topic", "partition"])
 CIRCUIT_OPEN = Gauge(
-    "paystream_gateway_circuit_open", "1 while the gateway circuit breaker is open"
+    "paystream_gateway_circuit_open",
+    "1 while the gateway circuit breaker is open (0 once its cool-down has passed)",
 )

@@ -88,6 +88,9 @@ class Kept:
     payment_id: str | None
     reason: Reason
     description: str
+    attempted: bool = True
+    """False when nothing was tried (the gateway's circuit was open): a replay that keeps the
+    record again then does not spend one of its attempts."""
 
     @property
     def error_type(self) -> ErrorType:

@@ -20,7 +20,7 @@ import psycopg_pool
 
 from paystream import store
 from paystream.codec import DecodeError, decode
-from paystream.errors import DatabaseUnavailable, GatewayUnavailable
+from paystream.errors import CircuitOpen, DatabaseUnavailable, GatewayUnavailable
 from paystream.gateway import Approved, Declined, Gateway
 from paystream.metrics import KEPT, REDELIVERED, STORED
 from paystream.model import Kept, Payment, PaymentType, Reason, Record, RecordId
@@ -174,7 +174,9 @@ class Pipeline:
         distinct: dict[Payment, Record] = {}
         for record, payment in online:
             distinct.setdefault(payment, record)
-        answers = await self._gateway.validate_all([r.value or b"" for r in distinct.values()])
+        answers = await self._gateway.validate_all(
+            [(p.payment_id, r.value or b"") for p, r in distinct.items()]
+        )
         verdicts = dict(zip(distinct, answers, strict=True))
         for record, payment in online:
             match verdicts[payment]:
@@ -189,6 +191,16 @@ class Pipeline:
                             payment_id=payment.payment_id,
                             reason=Reason.DECLINED,
                             description=f"gateway declined the payment (HTTP {status})",
+                        )
+                    )
+                case CircuitOpen() as exc:
+                    prepared.kept.append(
+                        Kept(
+                            record=record,
+                            payment_id=payment.payment_id,
+                            reason=Reason.GATEWAY_UNAVAILABLE,
+                            description=f"gateway not asked: {exc}",
+                            attempted=False,
                         )
                     )
                 case GatewayUnavailable() as exc:

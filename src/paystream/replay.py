@@ -4,6 +4,9 @@ twice; a record kept again keeps its row (re-reported only if the reason changed
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
 from collections.abc import Callable
 from datetime import datetime
 
@@ -11,8 +14,12 @@ import psycopg
 import psycopg_pool
 
 from paystream import store
-from paystream.errors import DatabaseUnavailable
+from paystream.errors import DatabaseUnavailable, GatewayUnavailable
+from paystream.gateway import Gateway
+from paystream.model import Reason
 from paystream.pipeline import BatchResult, Pipeline
+
+log = logging.getLogger(__name__)
 
 
 async def replay(
@@ -27,11 +34,13 @@ async def replay(
     max_replays: int | None = None,
     batch: int = 200,
     on_progress: Callable[[int], None] = lambda _: None,
+    proceed: Callable[[], bool] = lambda: True,
 ) -> BatchResult:
-    """Replay unresolved kept records of `topics` matching the filters, oldest first."""
+    """Replay unresolved kept records of `topics` matching the filters, oldest first, a batch at
+    a time for as long as `proceed()` holds."""
     total = BatchResult()
     after = 0
-    while True:
+    while proceed():
         try:
             async with pool.connection() as conn:
                 rows = await store.list_kept(
@@ -54,3 +63,79 @@ async def replay(
         if records:
             total.add(await pipeline.process(records, replay=True))
         on_progress(len(rows))
+    return total
+
+
+async def revalidate(
+    pool: psycopg_pool.AsyncConnectionPool,
+    pipeline: Pipeline,
+    gateway: Gateway,
+    topics: set[str],
+    stop: asyncio.Event,
+    *,
+    every_s: float,
+    max_attempts: int,
+) -> None:
+    """Every `every_s`, re-drive the payments the gateway could not answer, with no operator and
+    whether or not new traffic arrives; each gets at most `max_attempts` tries that reached the
+    gateway before it waits for a manual `paystream replay`.
+
+    The breaker decides when: while it is open nothing is sent; once half-open, this loop sends
+    the probe itself (the oldest such payment), since the breaker closes only on a successful
+    call and, once the stream has stopped, no other call comes. The replay then stops at the
+    first batch after which the breaker is no longer closed.
+    """
+
+    def closed() -> bool:
+        return gateway.breaker.state == "closed"
+
+    while not stop.is_set():
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), timeout=every_s)
+        if stop.is_set():
+            return
+        try:
+            if not closed() and not await _probe(pool, gateway, max_attempts):
+                continue
+            result = await replay(
+                pool,
+                pipeline,
+                topics,
+                reason=Reason.GATEWAY_UNAVAILABLE.value,
+                max_replays=max_attempts,
+                proceed=closed,
+            )
+        except DatabaseUnavailable as exc:
+            log.warning("revalidation postponed: %s", exc)
+            continue
+        if result.stored or result.kept:
+            log.info("revalidated: %d stored, %d still kept", result.stored, result.kept)
+
+
+async def _probe(
+    pool: psycopg_pool.AsyncConnectionPool, gateway: Gateway, max_attempts: int
+) -> bool:
+    """Whether a half-open breaker closed on one call for the oldest payment waiting on the
+    gateway. Its verdict is not kept: the replay that follows asks again, with the same
+    idempotency key, so the provider sees one request."""
+    if gateway.breaker.state != "half-open":
+        return False
+    try:
+        async with pool.connection() as conn:
+            rows = await store.list_kept(
+                conn,
+                reason=Reason.GATEWAY_UNAVAILABLE.value,
+                unresolved_only=True,
+                max_replays=max_attempts,
+                limit=1,
+            )
+    except (psycopg.OperationalError, psycopg_pool.PoolTimeout) as exc:
+        raise DatabaseUnavailable(f"database unavailable: {type(exc).__name__}") from exc
+    if not rows or rows[0].payment_id is None:
+        return False
+    try:
+        await gateway.validate(rows[0].payment_id, rows[0].record.value or b"")
+    except GatewayUnavailable as exc:
+        log.info("gateway probe failed, circuit stays open: %s", exc)
+        return False
+    return gateway.breaker.state == "closed"

@@ -511,12 +511,13 @@ async def resolve_kept(conn: Conn, ids: Sequence[RecordId]) -> None:
 
 
 async def update_kept(conn: Conn, kept: Sequence[Kept]) -> None:
-    """A replay kept these records again. A new reason is a new fact, so it is reported again."""
+    """A replay kept these records again. A new reason is a new fact, so it is reported again.
+    A record that was not tried (`Kept.attempted`) keeps its count of replays."""
     for k in kept:
         await conn.execute(
             """
             UPDATE paystream.kept_records SET
-                replays = replays + 1,
+                replays = replays + %(attempted)s::int,
                 reported_at = CASE WHEN reason = %(reason)s THEN reported_at END,
                 next_report_at = CASE WHEN reason = %(reason)s THEN next_report_at ELSE now() END,
                 reason = %(reason)s, error_type = %(etype)s, description = %(desc)s
@@ -526,6 +527,7 @@ async def update_kept(conn: Conn, kept: Sequence[Kept]) -> None:
                 "reason": k.reason.value,
                 "etype": k.error_type.value,
                 "desc": k.description,
+                "attempted": k.attempted,
                 "t": k.record.id.topic,
                 "p": k.record.id.partition,
                 "o": k.record.id.offset,

@@ -10,6 +10,7 @@ import html
 import logging
 import random
 import time
+from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -107,6 +108,8 @@ class Simulator:
         self.config = config
         self.faults = faults
         self.logs: list[dict[str, Any]] = []
+        # payment_id → Idempotency-Key → calls carrying it, so tests can see what retries sent.
+        self.gateway_calls: dict[str, Counter[str | None]] = {}
         self.production: Production | None = None
         self._task: asyncio.Task[None] | None = None
         self._rng = random.Random(config.seed)
@@ -114,7 +117,9 @@ class Simulator:
     def roll(self, rate: float) -> bool:
         return rate > 0 and self._rng.random() < rate
 
-    async def validate(self, body: bytes) -> tuple[int, dict[str, str]]:
+    async def validate(
+        self, body: bytes, idempotency_key: str | None = None
+    ) -> tuple[int, dict[str, str]]:
         """The gateway's answer to a payment: its HTTP status and JSON document."""
         faults = self.faults
         try:
@@ -122,6 +127,7 @@ class Simulator:
             payment_id = str(document["payment_id"])
         except (orjson.JSONDecodeError, KeyError, TypeError):
             return 400, {"error": "expected a JSON payment"}
+        self.gateway_calls.setdefault(payment_id, Counter())[idempotency_key] += 1
         if faults.gateway_outage or self.roll(faults.error_rate):
             return 503, {"error": "service unavailable"}
         if self.roll(faults.hang_rate):
@@ -152,6 +158,7 @@ class Simulator:
         await self.stop_production()
         await self.reset_database()
         self.logs.clear()
+        self.gateway_calls.clear()
         planned = plan(profile, records=records, seed=seed, decline_rate=self.faults.decline_rate)
         topics = {"online": self.config.online_topic, "offline": self.config.offline_topic}
         production = Production(profile=profile, seed=seed, rate=rate)
@@ -267,7 +274,8 @@ class _Gateway:
             body += message.get("body", b"")
             if not message.get("more_body"):
                 break
-        status, document = await self.simulator.validate(body)
+        key = next((v.decode() for k, v in scope["headers"] if k == b"idempotency-key"), None)
+        status, document = await self.simulator.validate(body, key)
         answer = orjson.dumps(document)
         headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(answer))]
         await send({"type": "http.response.start", "status": status, "headers": headers})
@@ -341,8 +349,14 @@ def create_app(simulator: Simulator) -> FastAPI:
     @app.post("/payment", summary="Validate a payment: 2XX approves, 4xx declines")
     async def payment(request: Request) -> Response:
         # Documents the call; as the simulator runs, `_Gateway` answers it before this route.
-        status, document = await simulator.validate(await request.body())
+        key = request.headers.get("idempotency-key")
+        status, document = await simulator.validate(await request.body(), key)
         return Response(orjson.dumps(document), status, media_type="application/json")
+
+    @app.get("/calls", summary="Gateway calls of one payment, counted by their Idempotency-Key")
+    async def calls(payment_id: str) -> dict[str, int]:
+        counted = simulator.gateway_calls.get(payment_id, Counter())
+        return {"" if key is None else key: n for key, n in counted.items()}
 
     @app.post("/log", status_code=201, summary="Store an error report")
     async def post_log(request: Request) -> Response:
