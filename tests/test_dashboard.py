@@ -53,8 +53,8 @@ def _offline(pid: str, account_id: int) -> dict[str, object]:
 async def test_dashboard_shows_live_numbers_and_replays(
     env: Env, simulator: SimulatorClient
 ) -> None:
-    """The page loads without a CDN, its numbers change as payments flow, and the replay button
-    stores a kept payment once its account exists. Saves test-artifacts/dashboard.png."""
+    """The page loads without a CDN, its numbers change as payments flow, the amount waiting on
+    a kept payment shows until the replay button stores it once its account exists. Saves test-artifacts/dashboard.png."""
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if chromium is None:
         pytest.skip("no Chromium: install Debian's 'chromium' package to run the browser test")
@@ -84,6 +84,11 @@ async def test_dashboard_shows_live_numbers_and_replays(
                     "document.getElementById('t-stored').textContent === '50'", timeout=20_000
                 )
                 assert "9999" in await page.locator("#latest").inner_text()
+                # The orphan's amount waits on its account: money at risk, at a glance.
+                await page.wait_for_function(
+                    "document.getElementById('t-risk').textContent === '12'", timeout=20_000
+                )
+                assert "1 payment, oldest" in await page.locator("#t-risk-detail").inner_text()
 
                 env.execute("INSERT INTO accounts (account_id, email) VALUES (9999, 'x@y.z')")
                 await page.fill("#token", "s3cret-token")
@@ -94,7 +99,9 @@ async def test_dashboard_shows_live_numbers_and_replays(
                     timeout=20_000,
                 )
                 await page.wait_for_function(
-                    "document.getElementById('t-stored').textContent === '51'", timeout=20_000
+                    "document.getElementById('t-stored').textContent === '51'"
+                    " && document.getElementById('t-risk').textContent === '0'",
+                    timeout=20_000,
                 )
                 ARTIFACTS.mkdir(exist_ok=True)
                 await page.screenshot(path=str(ARTIFACTS / "dashboard.png"), full_page=True)

@@ -14,6 +14,7 @@ import psycopg_pool
 from aiohttp import web
 from pyreqwest.client import Client
 
+from paystream import store
 from paystream.config import Settings
 from paystream.consumer import BatchConsumer
 from paystream.dashboard import DashboardState
@@ -25,6 +26,7 @@ from paystream.model import PaymentType
 from paystream.outbox import LogClient, OutboxRelay, ReportFailed
 from paystream.pipeline import BatchResult, Pipeline
 from paystream.replay import replay, revalidate
+from paystream.sealing import KeptCipher
 from paystream.web import make_app
 
 log = logging.getLogger(__name__)
@@ -79,6 +81,13 @@ def topic_types(settings: Settings) -> dict[str, PaymentType]:
     return {settings.online_topic: PaymentType.ONLINE, settings.offline_topic: PaymentType.OFFLINE}
 
 
+def kept_cipher(settings: Settings) -> KeptCipher | None:
+    """The keys that seal kept records, if configured; a bad key file is a ConfigurationError."""
+    if settings.kept_key_file is None:
+        return None
+    return KeptCipher.from_file(settings.kept_key_file)
+
+
 def make_gateway(settings: Settings, client: Client) -> Gateway:
     return Gateway(
         client,
@@ -129,7 +138,13 @@ async def run_processor(
         relay = OutboxRelay(
             pool, log_client, claim_batch=settings.outbox_batch, idle_s=settings.outbox_idle_s
         )
-        pipeline = Pipeline(pool, gateway, topic_types(settings), on_kept=relay.wake)
+        pipeline = Pipeline(
+            pool,
+            gateway,
+            topic_types(settings),
+            on_kept=relay.wake,
+            cipher=kept_cipher(settings),
+        )
 
         async def report_database_error(description: str) -> None:
             try:
@@ -159,7 +174,8 @@ async def run_processor(
                 return {"database": await database_answers(pool), "broker": kafka.broker_ok}
 
             async def replay_one(kept_id: int) -> dict[str, int]:
-                result = await replay(pool, pipeline, set(topic_types(settings)), ids=[kept_id])
+                where = store.KeptFilter(ids=[kept_id])
+                result = await replay(pool, pipeline, set(topic_types(settings)), where)
                 return {"stored": result.stored, "kept": result.kept}
 
             dashboard = DashboardState(
@@ -190,6 +206,7 @@ async def run_processor(
             async with asyncio.TaskGroup() as group:
                 if serve_web:
                     group.create_task(dashboard.refresh_lag(stop))
+                    group.create_task(dashboard.watch_kept(stop))
                 group.create_task(consumer.run(stop))
                 group.create_task(relay.run(stop))
                 group.create_task(

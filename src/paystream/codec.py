@@ -21,6 +21,7 @@ class DecodeError:
     reason: Reason
     description: str
     payment_id: str | None
+    amount: int | None = None
 
 
 def _is_int(value: Any) -> TypeGuard[int]:
@@ -57,9 +58,14 @@ def decode(value: bytes | None, topic_type: PaymentType) -> Payment | DecodeErro
             payment_id=None,
         )
     payment_id = _readable_id(document)
+    readable_amount = document.get("amount")
+    if not (_is_int(readable_amount) and 0 < readable_amount <= MAX_AMOUNT):
+        readable_amount = None
 
     def invalid(description: str, reason: Reason = Reason.INVALID) -> DecodeError:
-        return DecodeError(reason=reason, description=description, payment_id=payment_id)
+        return DecodeError(
+            reason=reason, description=description, payment_id=payment_id, amount=readable_amount
+        )
 
     raw_id = document.get("payment_id")
     if not isinstance(raw_id, str) or not raw_id.strip():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -40,6 +42,9 @@ class Settings(BaseSettings):
     db_retry_max_s: float = Field(default=5.0, gt=0)
     revalidate_every_s: float = Field(default=30.0, gt=0)
     revalidate_max_attempts: int = Field(default=10, ge=0)
+
+    # Seal kept records' raw bytes (card numbers included) with AES-GCM; see paystream.sealing.
+    kept_key_file: Path | None = None
 
     web_host: str = "127.0.0.1"
     web_port: int = Field(default=8000, ge=0, le=65535)

@@ -24,18 +24,25 @@ from prometheus_client import Counter, Histogram
 
 from paystream import store
 from paystream.config import Settings
+from paystream.errors import DatabaseUnavailable, SealedRecordUnreadable
 from paystream.metrics import (
     CONSUMER_LAG,
     DB_FAILURES,
     GATEWAY_CALLS,
     GATEWAY_SECONDS,
     KEPT,
+    KEPT_OLDEST_AGE,
+    KEPT_UNRESOLVED,
+    KEPT_UNRESOLVED_AMOUNT,
     RECORDS,
     REDELIVERED,
     REPORTS,
     STORED,
 )
+from paystream.model import Reason
 from paystream.reconcile import partition_lag
+
+_WAITING_REASONS = frozenset(r.value for r in Reason if r.waits)
 
 Replay = Callable[[int], Awaitable[dict[str, int]]]
 Checks = Callable[[], Awaitable[dict[str, bool]]]
@@ -103,6 +110,28 @@ class DashboardState:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=2.0)
 
+    async def watch_kept(self, stop: asyncio.Event, every_s: float = 5.0) -> None:
+        """Keep the at-risk gauges current: unresolved kept records, their amount and the age of
+        the oldest, by reason. Runs whether or not anything flows, so the numbers never freeze
+        at their last value when the stream stops."""
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError, psycopg.Error, psycopg_pool.PoolTimeout):
+                async with asyncio.timeout(every_s), self.pool.connection(timeout=every_s) as conn:
+                    summaries = {k.reason: k for k in await store.kept_by_reason(conn)}
+                now = time.time()
+                for reason in {r.value for r in Reason} | summaries.keys():
+                    found = summaries.get(reason)
+                    oldest = None if found is None else found.oldest_unresolved
+                    KEPT_UNRESOLVED.labels(reason=reason).set(found.unresolved if found else 0)
+                    KEPT_UNRESOLVED_AMOUNT.labels(reason=reason).set(
+                        float(found.unresolved_amount) if found else 0
+                    )
+                    KEPT_OLDEST_AGE.labels(reason=reason).set(
+                        0 if oldest is None else max(0.0, now - oldest.timestamp())
+                    )
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=every_s)
+
     async def snapshot(self) -> dict[str, Any]:
         calls = _by_label(GATEWAY_CALLS, "outcome")
         answered = sum(v for k, v in calls.items() if k.isdigit() and not k.startswith("5"))
@@ -110,13 +139,21 @@ class DashboardState:
         try:
             async with asyncio.timeout(3), self.pool.connection(timeout=3) as conn:
                 database["outbox_depth"] = await store.outbox_depth(conn)
-                cursor = await conn.execute(
-                    "SELECT reason, error_type, count(*), count(resolved_at)"
-                    " FROM paystream.kept_records GROUP BY 1, 2 ORDER BY 3 DESC"
-                )
+                now = time.time()
                 database["kept"] = [
-                    {"reason": r, "error_type": t, "count": n, "resolved": res}
-                    for r, t, n, res in await cursor.fetchall()
+                    {
+                        "reason": k.reason,
+                        "error_type": k.error_type,
+                        "count": k.kept,
+                        "resolved": k.resolved,
+                        "unresolved": k.unresolved,
+                        "unresolved_amount": int(k.unresolved_amount),
+                        "oldest_unresolved_s": None
+                        if k.oldest_unresolved is None
+                        else max(0.0, now - k.oldest_unresolved.timestamp()),
+                        "waits": k.reason in _WAITING_REASONS,
+                    }
+                    for k in await store.kept_by_reason(conn)
                 ]
                 database["latest"] = [row.as_json() for row in await store.latest_kept(conn, 12)]
         except (TimeoutError, psycopg.Error, psycopg_pool.PoolTimeout):
@@ -193,7 +230,12 @@ def add_routes(app: web.Application, state: DashboardState) -> None:
             kept_id = int(request.match_info["id"])
         except ValueError:
             raise web.HTTPBadRequest() from None
-        return web.json_response(await state.replay(kept_id))
+        try:
+            return web.json_response(await state.replay(kept_id))
+        except SealedRecordUnreadable as exc:
+            return web.json_response({"error": str(exc)}, status=409)
+        except DatabaseUnavailable as exc:
+            return web.json_response({"error": str(exc)}, status=503)
 
     app.router.add_get("/", page)
     app.router.add_get("/static/{name}", asset)

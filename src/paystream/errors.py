@@ -2,6 +2,7 @@
 
 PaystreamError
 ├── ConfigurationError    bad settings: fix the configuration, do not retry
+│   └── SealedRecordUnreadable  a kept record's key is missing or wrong: fix the key file
 ├── DevenvError           local infrastructure could not start: read the message
 ├── GatewayUnavailable    transient gateway failure: retry later, keep the payment meanwhile
 │   └── CircuitOpen       nothing was sent (the breaker is open): as above, no attempt spent
@@ -15,6 +16,11 @@ class PaystreamError(Exception):
 
 class ConfigurationError(PaystreamError):
     """The configuration is wrong; the message says what to change. Retrying will not help."""
+
+
+class SealedRecordUnreadable(ConfigurationError):
+    """A kept record's sealed raw bytes do not open with the configured keys. Nothing was
+    changed; add the right key to PAYSTREAM_KEPT_KEY_FILE and try again."""
 
 
 class DevenvError(PaystreamError):

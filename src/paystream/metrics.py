@@ -26,3 +26,18 @@ CIRCUIT_OPEN = Gauge(
     "paystream_gateway_circuit_open",
     "1 while the gateway circuit breaker is open (0 once its cool-down has passed)",
 )
+# What is at risk, by reason; refreshed from the shared database every few seconds by every
+# instance (they agree: aggregate with max, not sum).
+KEPT_UNRESOLVED = Gauge(
+    "paystream_kept_unresolved", "Kept records not resolved by a replay", ["reason"]
+)
+KEPT_UNRESOLVED_AMOUNT = Gauge(
+    "paystream_kept_unresolved_amount",
+    "Total amount of the unresolved kept payments (those whose amount could be read)",
+    ["reason"],
+)
+KEPT_OLDEST_AGE = Gauge(
+    "paystream_kept_oldest_unresolved_age_seconds",
+    "Age in business time (its Kafka timestamp) of the oldest unresolved kept record; 0 if none",
+    ["reason"],
+)

@@ -35,6 +35,12 @@ class Reason(StrEnum):
     def error_type(self) -> ErrorType:
         return _ERROR_TYPES[self]
 
+    @property
+    def waits(self) -> bool:
+        """Whether a record kept for this reason waits on something outside it (the gateway, an
+        account, the database) and may yet be stored; the others are final."""
+        return self in _WAITING
+
 
 _ERROR_TYPES = {
     Reason.MALFORMED: ErrorType.OTHER,
@@ -46,6 +52,9 @@ _ERROR_TYPES = {
     Reason.UNKNOWN_ACCOUNT: ErrorType.DATABASE,
     Reason.DATABASE_REJECTED: ErrorType.DATABASE,
 }
+
+
+_WAITING = frozenset({Reason.GATEWAY_UNAVAILABLE, Reason.UNKNOWN_ACCOUNT, Reason.DATABASE_REJECTED})
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -88,6 +97,8 @@ class Kept:
     payment_id: str | None
     reason: Reason
     description: str
+    amount: int | None = None
+    """The payment's amount where it could be read, so that unresolved money can be summed."""
     attempted: bool = True
     """False when nothing was tried (the gateway's circuit was open): a replay that keeps the
     record again then does not spend one of its attempts."""
@@ -95,3 +106,23 @@ class Kept:
     @property
     def error_type(self) -> ErrorType:
         return self.reason.error_type
+
+    @classmethod
+    def of(
+        cls,
+        record: Record,
+        payment: Payment,
+        reason: Reason,
+        description: str,
+        *,
+        attempted: bool = True,
+    ) -> Kept:
+        """A decoded payment kept instead of stored."""
+        return cls(
+            record=record,
+            payment_id=payment.payment_id,
+            reason=reason,
+            description=description,
+            amount=payment.amount,
+            attempted=attempted,
+        )

@@ -9,6 +9,7 @@ redelivered record a no-op. Every write is idempotent, so order between batches 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -24,6 +25,7 @@ from paystream.errors import CircuitOpen, DatabaseUnavailable, GatewayUnavailabl
 from paystream.gateway import Approved, Declined, Gateway
 from paystream.metrics import KEPT, REDELIVERED, STORED
 from paystream.model import Kept, Payment, PaymentType, Reason, Record, RecordId
+from paystream.sealing import KeptCipher
 
 log = logging.getLogger(__name__)
 
@@ -97,8 +99,12 @@ class Pipeline:
         topic_types: dict[str, PaymentType],
         *,
         on_kept: Callable[[], None] = lambda: None,
+        cipher: KeptCipher | None = None,
     ) -> None:
+        """With a `cipher`, kept records' raw bytes are sealed before they are written (and a
+        replay opens them with it)."""
         self._pool = pool
+        self.cipher = cipher
         self._gateway = gateway
         self._topic_types = topic_types
         self._on_kept = on_kept
@@ -139,9 +145,17 @@ class Pipeline:
         for record in records:
             decoded = decode(record.value, self._topic_types[record.id.topic])
             match decoded:
-                case DecodeError(reason=reason, description=description, payment_id=pid):
+                case DecodeError(
+                    reason=reason, description=description, payment_id=pid, amount=amount
+                ):
                     prepared.kept.append(
-                        Kept(record=record, payment_id=pid, reason=reason, description=description)
+                        Kept(
+                            record=record,
+                            payment_id=pid,
+                            reason=reason,
+                            description=description,
+                            amount=amount,
+                        )
                     )
                 case Payment(payment_type=PaymentType.OFFLINE):
                     prepared.candidates.append(
@@ -186,30 +200,30 @@ class Pipeline:
                     )
                 case Declined(status=status):
                     prepared.kept.append(
-                        Kept(
-                            record=record,
-                            payment_id=payment.payment_id,
-                            reason=Reason.DECLINED,
-                            description=f"gateway declined the payment (HTTP {status})",
+                        Kept.of(
+                            record,
+                            payment,
+                            Reason.DECLINED,
+                            f"gateway declined the payment (HTTP {status})",
                         )
                     )
                 case CircuitOpen() as exc:
                     prepared.kept.append(
-                        Kept(
-                            record=record,
-                            payment_id=payment.payment_id,
-                            reason=Reason.GATEWAY_UNAVAILABLE,
-                            description=f"gateway not asked: {exc}",
+                        Kept.of(
+                            record,
+                            payment,
+                            Reason.GATEWAY_UNAVAILABLE,
+                            f"gateway not asked: {exc}",
                             attempted=False,
                         )
                     )
                 case GatewayUnavailable() as exc:
                     prepared.kept.append(
-                        Kept(
-                            record=record,
-                            payment_id=payment.payment_id,
-                            reason=Reason.GATEWAY_UNAVAILABLE,
-                            description=f"gateway unavailable after retries: {exc}",
+                        Kept.of(
+                            record,
+                            payment,
+                            Reason.GATEWAY_UNAVAILABLE,
+                            f"gateway unavailable after retries: {exc}",
                         )
                     )
 
@@ -246,14 +260,14 @@ class Pipeline:
         self, item: _Candidate | Kept, exc: Exception, writer: UUID, *, replay: bool
     ) -> BatchResult:
         """A single record the database refuses: keep it as a database error (no values echoed)."""
-        pid = item.payment.payment_id if isinstance(item, _Candidate) else item.payment_id
         sqlstate = getattr(exc, "sqlstate", None) or "unknown"
-        kept = Kept(
-            record=item.record,
-            payment_id=pid,
-            reason=Reason.DATABASE_REJECTED,
-            description=f"database rejected the record ({type(exc).__name__}, SQLSTATE {sqlstate})",
-        )
+        description = f"database rejected the record ({type(exc).__name__}, SQLSTATE {sqlstate})"
+        if isinstance(item, _Candidate):
+            kept = Kept.of(item.record, item.payment, Reason.DATABASE_REJECTED, description)
+        else:
+            kept = dataclasses.replace(
+                item, reason=Reason.DATABASE_REJECTED, description=description
+            )
         return await self._transaction(_Prepared(kept=[kept]), writer, replay=replay)
 
     async def _write_in(
@@ -279,11 +293,11 @@ class Pipeline:
             payment = candidate.payment
             if payment.account_id not in known:
                 kept.append(
-                    Kept(
-                        record=candidate.record,
-                        payment_id=payment.payment_id,
-                        reason=Reason.UNKNOWN_ACCOUNT,
-                        description=f"account {payment.account_id} does not exist",
+                    Kept.of(
+                        candidate.record,
+                        payment,
+                        Reason.UNKNOWN_ACCOUNT,
+                        f"account {payment.account_id} does not exist",
                     )
                 )
             elif candidate.validated and payment.payment_id not in first:
@@ -311,24 +325,22 @@ class Pipeline:
                 result.redelivered += 1
             elif found is not None:
                 kept.append(
-                    Kept(
-                        record=candidate.record,
-                        payment_id=payment.payment_id,
-                        reason=Reason.DUPLICATE,
-                        description=(
-                            f"payment_id already stored from {_where(found.origin)}"
-                            f" ({_difference(payment, found.content)})"
-                        ),
+                    Kept.of(
+                        candidate.record,
+                        payment,
+                        Reason.DUPLICATE,
+                        f"payment_id already stored from {_where(found.origin)}"
+                        f" ({_difference(payment, found.content)})",
                     )
                 )
             else:
                 # Skipped the gateway because the id was stored, but that row is gone now.
                 kept.append(
-                    Kept(
-                        record=candidate.record,
-                        payment_id=payment.payment_id,
-                        reason=Reason.GATEWAY_UNAVAILABLE,
-                        description="not validated: the stored payment it duplicated was removed",
+                    Kept.of(
+                        candidate.record,
+                        payment,
+                        Reason.GATEWAY_UNAVAILABLE,
+                        "not validated: the stored payment it duplicated was removed",
                     )
                 )
 
@@ -336,7 +348,7 @@ class Pipeline:
             await store.resolve_kept(conn, [first[pid].record.id for pid in inserted_ids])
             await store.update_kept(conn, kept)
         else:
-            await store.insert_kept(conn, kept)
+            await store.insert_kept(conn, kept, self.cipher)
         # Last, so that the account locks (the only ones batches contend for) are held briefly.
         await store.stamp_accounts(conn, inserted)
         result.kept_reasons = dict(Counter(k.reason for k in kept))

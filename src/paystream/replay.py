@@ -6,15 +6,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 from collections.abc import Callable
-from datetime import datetime
 
 import psycopg
 import psycopg_pool
 
 from paystream import store
-from paystream.errors import DatabaseUnavailable, GatewayUnavailable
+from paystream.errors import DatabaseUnavailable, GatewayUnavailable, SealedRecordUnreadable
 from paystream.gateway import Gateway
 from paystream.model import Reason
 from paystream.pipeline import BatchResult, Pipeline
@@ -26,44 +26,38 @@ async def replay(
     pool: psycopg_pool.AsyncConnectionPool,
     pipeline: Pipeline,
     topics: set[str],
+    where: store.KeptFilter,
     *,
-    ids: list[int] | None = None,
-    error_type: str | None = None,
-    reason: str | None = None,
-    since: datetime | None = None,
-    max_replays: int | None = None,
     batch: int = 200,
     on_progress: Callable[[int], None] = lambda _: None,
     proceed: Callable[[], bool] = lambda: True,
 ) -> BatchResult:
-    """Replay unresolved kept records of `topics` matching the filters, oldest first, a batch at
-    a time for as long as `proceed()` holds."""
+    """Replay the unresolved kept records of `topics` that match `where`, oldest first, a batch
+    at a time for as long as `proceed()` holds. A batch whose sealed records do not open with
+    the pipeline's keys raises SealedRecordUnreadable before anything of it is written."""
+    where = dataclasses.replace(where, unresolved_only=True)
     total = BatchResult()
     after = 0
     while proceed():
-        try:
-            async with pool.connection() as conn:
-                rows = await store.list_kept(
-                    conn,
-                    ids=ids,
-                    error_type=error_type,
-                    reason=reason,
-                    since=since,
-                    unresolved_only=True,
-                    max_replays=max_replays,
-                    after_id=after,
-                    limit=batch,
-                )
-        except (psycopg.OperationalError, psycopg_pool.PoolTimeout) as exc:
-            raise DatabaseUnavailable(f"database unavailable: {type(exc).__name__}") from exc
+        rows = await _kept(pool, where, after, batch)
         if not rows:
             return total
         after = rows[-1].id
-        records = [r.record for r in rows if r.record.id.topic in topics]
+        records = [r.record(pipeline.cipher) for r in rows if r.topic in topics]
         if records:
             total.add(await pipeline.process(records, replay=True))
         on_progress(len(rows))
     return total
+
+
+async def _kept(
+    pool: psycopg_pool.AsyncConnectionPool, where: store.KeptFilter, after: int, limit: int
+) -> list[store.KeptRow]:
+    try:
+        async with pool.connection() as conn:
+            return await store.list_kept(conn, where, after_id=after, limit=limit)
+    except (psycopg.OperationalError, psycopg_pool.PoolTimeout) as exc:
+        raise DatabaseUnavailable(f"database unavailable: {type(exc).__name__}") from exc
 
 
 async def revalidate(
@@ -86,6 +80,10 @@ async def revalidate(
     first batch after which the breaker is no longer closed.
     """
 
+    waiting = store.KeptFilter(
+        reason=Reason.GATEWAY_UNAVAILABLE.value, unresolved_only=True, max_replays=max_attempts
+    )
+
     def closed() -> bool:
         return gateway.breaker.state == "closed"
 
@@ -95,46 +93,35 @@ async def revalidate(
         if stop.is_set():
             return
         try:
-            if not closed() and not await _probe(pool, gateway, max_attempts):
+            if not closed() and not await _probe(pool, pipeline, gateway, waiting):
                 continue
-            result = await replay(
-                pool,
-                pipeline,
-                topics,
-                reason=Reason.GATEWAY_UNAVAILABLE.value,
-                max_replays=max_attempts,
-                proceed=closed,
-            )
+            result = await replay(pool, pipeline, topics, waiting, proceed=closed)
         except DatabaseUnavailable as exc:
             log.warning("revalidation postponed: %s", exc)
+            continue
+        except SealedRecordUnreadable as exc:
+            log.error("revalidation stopped until the key is fixed: %s", exc)
             continue
         if result.stored or result.kept:
             log.info("revalidated: %d stored, %d still kept", result.stored, result.kept)
 
 
 async def _probe(
-    pool: psycopg_pool.AsyncConnectionPool, gateway: Gateway, max_attempts: int
+    pool: psycopg_pool.AsyncConnectionPool,
+    pipeline: Pipeline,
+    gateway: Gateway,
+    waiting: store.KeptFilter,
 ) -> bool:
     """Whether a half-open breaker closed on one call for the oldest payment waiting on the
     gateway. Its verdict is not kept: the replay that follows asks again, with the same
     idempotency key, so the provider sees one request."""
     if gateway.breaker.state != "half-open":
         return False
-    try:
-        async with pool.connection() as conn:
-            rows = await store.list_kept(
-                conn,
-                reason=Reason.GATEWAY_UNAVAILABLE.value,
-                unresolved_only=True,
-                max_replays=max_attempts,
-                limit=1,
-            )
-    except (psycopg.OperationalError, psycopg_pool.PoolTimeout) as exc:
-        raise DatabaseUnavailable(f"database unavailable: {type(exc).__name__}") from exc
+    rows = await _kept(pool, waiting, 0, 1)
     if not rows or rows[0].payment_id is None:
         return False
     try:
-        await gateway.validate(rows[0].payment_id, rows[0].record.value or b"")
+        await gateway.validate(rows[0].payment_id, rows[0].record(pipeline.cipher).value or b"")
     except GatewayUnavailable as exc:
         log.info("gateway probe failed, circuit stays open: %s", exc)
         return False

@@ -6,13 +6,15 @@ import base64
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from decimal import Decimal
 from uuid import UUID
 
 import orjson
 from psycopg import AsyncConnection
-from psycopg.rows import TupleRow
+from psycopg.rows import TupleRow, class_row
 
 from paystream.model import Kept, Payment, Record, RecordId
+from paystream.sealing import KeptCipher, open_raw
 
 Conn = AsyncConnection[TupleRow]
 
@@ -276,41 +278,45 @@ async def existing_payments(conn: Conn, payment_ids: Sequence[str]) -> dict[str,
     return found
 
 
-async def insert_kept(conn: Conn, kept: Sequence[Kept]) -> int:
-    """Keep records durably; a record kept before is left as it is. Returns how many are new."""
+async def insert_kept(conn: Conn, kept: Sequence[Kept], cipher: KeptCipher | None = None) -> int:
+    """Keep records durably (their raw bytes sealed, with a `cipher`); a record kept before is
+    left as it is. Returns how many are new."""
     if not kept:
         return 0
+    rows = []
+    for k in kept:
+        raw, key = k.record.value, None
+        if raw is not None and cipher is not None:
+            sealed = cipher.seal(k.record.id, raw)
+            raw, key = sealed.value, sealed.key
+        rows.append(
+            {
+                "t": k.record.id.topic,
+                "p": k.record.id.partition,
+                "o": k.record.id.offset,
+                "s": k.record.id.timestamp_ms,
+                "b": None if raw is None else base64.b64encode(raw).decode(),
+                "k": key,
+                "i": k.payment_id,
+                "e": k.error_type.value,
+                "r": k.reason.value,
+                "d": k.description,
+                "m": k.amount,
+            }
+        )
     cursor = await conn.execute(
         """
         INSERT INTO paystream.kept_records
-            (topic, "partition", "offset", kafka_ts, raw,
-             payment_id, error_type, reason, description)
-        SELECT t, p, o, s, decode(b, 'base64'), i, e, r, d
-        FROM json_to_recordset(%s::json)
-            AS j(t text, p int, o bigint, s bigint, b text, i text, e text, r text, d text)
+            (topic, "partition", "offset", kafka_ts, raw, raw_key,
+             payment_id, error_type, reason, description, amount)
+        SELECT t, p, o, s, decode(b, 'base64'), k, i, e, r, d, m
+        FROM json_to_recordset(%s::json) AS j(
+            t text, p int, o bigint, s bigint, b text, k text,
+            i text, e text, r text, d text, m numeric)
         ON CONFLICT (topic, "partition", "offset", kafka_ts) DO NOTHING
         RETURNING id
         """,
-        (
-            _json(
-                [
-                    {
-                        "t": k.record.id.topic,
-                        "p": k.record.id.partition,
-                        "o": k.record.id.offset,
-                        "s": k.record.id.timestamp_ms,
-                        "b": None
-                        if k.record.value is None
-                        else base64.b64encode(k.record.value).decode(),
-                        "i": k.payment_id,
-                        "e": k.error_type.value,
-                        "r": k.reason.value,
-                        "d": k.description,
-                    }
-                    for k in kept
-                ]
-            ),
-        ),
+        (_json(rows),),
     )
     return len(await cursor.fetchall())
 
@@ -381,16 +387,41 @@ async def outbox_depth(conn: Conn) -> int:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class KeptRow:
+    """A row of paystream.kept_records, read by column name."""
+
     id: int
-    record: Record
+    topic: str
+    partition: int
+    offset: int
+    kafka_ts: int
+    raw: bytes | None
+    raw_key: str | None
     payment_id: str | None
     error_type: str
     reason: str
     description: str
+    amount: Decimal | None
     kept_at: datetime
     reported_at: datetime | None
+    report_attempts: int
+    last_report_error: str | None
     resolved_at: datetime | None
     replays: int
+
+    @property
+    def record_id(self) -> RecordId:
+        return RecordId(
+            topic=self.topic,
+            partition=self.partition,
+            offset=self.offset,
+            timestamp_ms=self.kafka_ts,
+        )
+
+    def record(self, cipher: KeptCipher | None) -> Record:
+        """The record as it arrived, to replay it. Raises SealedRecordUnreadable when its raw
+        bytes are sealed with a key `cipher` does not hold."""
+        raw = open_raw(cipher, self.id, self.record_id, self.raw, self.raw_key)
+        return Record(id=self.record_id, value=None if raw is None else bytes(raw))
 
     def as_json(self) -> dict[str, object]:
         """What listings show of a kept record: never its raw bytes (they may hold card data)."""
@@ -399,10 +430,11 @@ class KeptRow:
             "payment_id": self.payment_id,
             "error_type": self.error_type,
             "reason": self.reason,
-            "topic": self.record.id.topic,
-            "partition": self.record.id.partition,
-            "offset": self.record.id.offset,
+            "topic": self.topic,
+            "partition": self.partition,
+            "offset": self.offset,
             "error_description": self.description,
+            "amount": None if self.amount is None else int(self.amount),
             "kept_at": self.kept_at.isoformat(),
             "reported": self.reported_at is not None,
             "resolved": self.resolved_at is not None,
@@ -410,91 +442,107 @@ class KeptRow:
         }
 
 
-_KEPT_COLUMNS = """id, topic, "partition", "offset", kafka_ts, raw, payment_id, error_type, reason,
-    description, kept_at, reported_at, resolved_at, replays"""
+_KEPT_ROW = class_row(KeptRow)
+_KEPT_COLUMNS = """id, topic, "partition", "offset", kafka_ts, raw, raw_key, payment_id,
+    error_type, reason, description, amount, kept_at, reported_at, report_attempts,
+    last_report_error, resolved_at, replays"""
+_KEPT_FILTER = """
+    (%(etype)s::text IS NULL OR error_type = %(etype)s)
+    AND (%(reason)s::text IS NULL OR reason = %(reason)s)
+    AND (%(topic)s::text IS NULL OR topic = %(topic)s)
+    AND (%(since)s::timestamptz IS NULL OR kept_at >= %(since)s)
+    AND (NOT %(unresolved)s OR resolved_at IS NULL)
+    AND (%(ids)s::bigint[] IS NULL OR id = ANY(%(ids)s))
+    AND (%(max_replays)s::int IS NULL OR replays < %(max_replays)s)
+    AND (%(pid)s::text IS NULL OR payment_id = %(pid)s)
+"""
 
 
-def _kept_row(r: tuple[object, ...]) -> KeptRow:
-    (
-        id_,
-        topic,
-        partition,
-        offset,
-        ts,
-        raw,
-        pid,
-        etype,
-        reason,
-        desc,
-        kept_at,
-        rep,
-        res,
-        replays,
-    ) = r
-    return KeptRow(
-        id=id_,  # type: ignore[arg-type]
-        record=Record(
-            id=RecordId(topic=topic, partition=partition, offset=offset, timestamp_ms=ts),  # type: ignore[arg-type]
-            value=bytes(raw) if isinstance(raw, bytes | memoryview) else None,
-        ),
-        payment_id=pid,  # type: ignore[arg-type]
-        error_type=etype,  # type: ignore[arg-type]
-        reason=reason,  # type: ignore[arg-type]
-        description=desc,  # type: ignore[arg-type]
-        kept_at=kept_at,  # type: ignore[arg-type]
-        reported_at=rep,  # type: ignore[arg-type]
-        resolved_at=res,  # type: ignore[arg-type]
-        replays=replays,  # type: ignore[arg-type]
-    )
+@dataclass(frozen=True, slots=True, kw_only=True)
+class KeptFilter:
+    """Which kept records a listing or a replay is about; every field left None matches all."""
+
+    error_type: str | None = None
+    reason: str | None = None
+    topic: str | None = None
+    since: datetime | None = None
+    unresolved_only: bool = False
+    ids: Sequence[int] | None = None
+    max_replays: int | None = None
+    payment_id: str | None = None
+
+    def params(self) -> dict[str, object]:
+        return {
+            "pid": self.payment_id,
+            "etype": self.error_type,
+            "reason": self.reason,
+            "topic": self.topic,
+            "since": self.since,
+            "unresolved": self.unresolved_only,
+            "ids": None if self.ids is None else list(self.ids),
+            "max_replays": self.max_replays,
+        }
 
 
 async def list_kept(
-    conn: Conn,
-    *,
-    error_type: str | None = None,
-    reason: str | None = None,
-    topic: str | None = None,
-    since: datetime | None = None,
-    unresolved_only: bool = False,
-    ids: Sequence[int] | None = None,
-    max_replays: int | None = None,
-    after_id: int = 0,
-    limit: int = 1000,
+    conn: Conn, where: KeptFilter = KeptFilter(), *, after_id: int = 0, limit: int = 1000
 ) -> list[KeptRow]:
-    cursor = await conn.execute(
-        f"""
-        SELECT {_KEPT_COLUMNS} FROM paystream.kept_records
-        WHERE (%(etype)s::text IS NULL OR error_type = %(etype)s)
-          AND (%(reason)s::text IS NULL OR reason = %(reason)s)
-          AND (%(topic)s::text IS NULL OR topic = %(topic)s)
-          AND (%(since)s::timestamptz IS NULL OR kept_at >= %(since)s)
-          AND (NOT %(unresolved)s OR resolved_at IS NULL)
-          AND (%(ids)s::bigint[] IS NULL OR id = ANY(%(ids)s))
-          AND (%(max_replays)s::int IS NULL OR replays < %(max_replays)s)
-          AND id > %(after)s
-        ORDER BY id LIMIT %(limit)s
-        """,
-        {
-            "etype": error_type,
-            "reason": reason,
-            "topic": topic,
-            "since": since,
-            "unresolved": unresolved_only,
-            "ids": list(ids) if ids is not None else None,
-            "max_replays": max_replays,
-            "after": after_id,
-            "limit": limit,
-        },
+    """Matching kept records with an id above `after_id`, in id order (pages for `after_id`)."""
+    cursor = conn.cursor(row_factory=_KEPT_ROW)
+    await cursor.execute(
+        f"SELECT {_KEPT_COLUMNS} FROM paystream.kept_records WHERE {_KEPT_FILTER}"
+        " AND id > %(after)s ORDER BY id LIMIT %(limit)s",
+        {**where.params(), "after": after_id, "limit": limit},
     )
-    return [_kept_row(r) for r in await cursor.fetchall()]
+    return await cursor.fetchall()
+
+
+async def count_kept(conn: Conn, where: KeptFilter = KeptFilter()) -> int:
+    cursor = await conn.execute(
+        f"SELECT count(*) FROM paystream.kept_records WHERE {_KEPT_FILTER}", where.params()
+    )
+    row = await cursor.fetchone()
+    return int(row[0]) if row else 0
 
 
 async def latest_kept(conn: Conn, limit: int) -> list[KeptRow]:
     """The most recently kept records, newest first."""
-    cursor = await conn.execute(
+    cursor = conn.cursor(row_factory=_KEPT_ROW)
+    await cursor.execute(
         f"SELECT {_KEPT_COLUMNS} FROM paystream.kept_records ORDER BY id DESC LIMIT %s", (limit,)
     )
-    return [_kept_row(r) for r in await cursor.fetchall()]
+    return await cursor.fetchall()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class KeptSummary:
+    """The kept records of one reason: how many, how many a replay resolved, and what is still
+    unresolved: how many, their total amount (where it could be read) and the oldest's business
+    time (its Kafka timestamp, or when it was kept if the record had none)."""
+
+    reason: str
+    error_type: str
+    kept: int
+    resolved: int
+    unresolved: int
+    unresolved_amount: Decimal
+    oldest_unresolved: datetime | None
+
+
+async def kept_by_reason(conn: Conn) -> list[KeptSummary]:
+    cursor = conn.cursor(row_factory=class_row(KeptSummary))
+    await cursor.execute(
+        """
+        SELECT reason, min(error_type) AS error_type, count(*) AS kept,
+            count(resolved_at) AS resolved,
+            count(*) FILTER (WHERE resolved_at IS NULL) AS unresolved,
+            coalesce(sum(amount) FILTER (WHERE resolved_at IS NULL), 0) AS unresolved_amount,
+            min(CASE WHEN kafka_ts > 0 THEN to_timestamp(kafka_ts / 1000.0) ELSE kept_at END)
+                FILTER (WHERE resolved_at IS NULL) AS oldest_unresolved
+        FROM paystream.kept_records GROUP BY reason ORDER BY kept DESC
+        """
+    )
+    return await cursor.fetchall()
 
 
 async def resolve_kept(conn: Conn, ids: Sequence[RecordId]) -> None:
@@ -502,9 +550,15 @@ async def resolve_kept(conn: Conn, ids: Sequence[RecordId]) -> None:
     if ids:
         await conn.execute(
             f"""
-            UPDATE paystream.kept_records AS k SET resolved_at = now(), replays = replays + 1
-            FROM {_IDS}
-            WHERE (k.topic, k."partition", k."offset", k.kafka_ts) = (r.t, r.p, r.o, r.s)
+            WITH resolved AS (
+                UPDATE paystream.kept_records AS k
+                SET resolved_at = now(), replays = replays + 1
+                FROM {_IDS}
+                WHERE (k.topic, k."partition", k."offset", k.kafka_ts) = (r.t, r.p, r.o, r.s)
+                RETURNING k.id
+            )
+            INSERT INTO paystream.replays (kept_id, outcome, attempted)
+            SELECT id, 'stored', true FROM resolved
             """,
             (_ids(ids),),
         )
@@ -516,12 +570,18 @@ async def update_kept(conn: Conn, kept: Sequence[Kept]) -> None:
     for k in kept:
         await conn.execute(
             """
-            UPDATE paystream.kept_records SET
-                replays = replays + %(attempted)s::int,
-                reported_at = CASE WHEN reason = %(reason)s THEN reported_at END,
-                next_report_at = CASE WHEN reason = %(reason)s THEN next_report_at ELSE now() END,
-                reason = %(reason)s, error_type = %(etype)s, description = %(desc)s
-            WHERE (topic, "partition", "offset", kafka_ts) = (%(t)s, %(p)s, %(o)s, %(ts)s)
+            WITH again AS (
+                UPDATE paystream.kept_records SET
+                    replays = replays + %(attempted)s::int,
+                    reported_at = CASE WHEN reason = %(reason)s THEN reported_at END,
+                    next_report_at =
+                        CASE WHEN reason = %(reason)s THEN next_report_at ELSE now() END,
+                    reason = %(reason)s, error_type = %(etype)s, description = %(desc)s
+                WHERE (topic, "partition", "offset", kafka_ts) = (%(t)s, %(p)s, %(o)s, %(ts)s)
+                RETURNING id
+            )
+            INSERT INTO paystream.replays (kept_id, outcome, reason, description, attempted)
+            SELECT id, 'kept', %(reason)s, %(desc)s, %(attempted)s FROM again
             """,
             {
                 "reason": k.reason.value,
@@ -534,3 +594,56 @@ async def update_kept(conn: Conn, kept: Sequence[Kept]) -> None:
                 "ts": k.record.id.timestamp_ms,
             },
         )
+
+
+# --- one payment's trail ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StoredPayment:
+    """A stored payment without its card number, and the record it came from (if known)."""
+
+    payment_id: str
+    account_id: int
+    payment_type: str
+    amount: Decimal
+    created_on: datetime
+    topic: str | None
+    partition: int | None
+    offset: int | None
+    kafka_ts: int | None
+    stored_at: datetime | None
+
+
+async def stored_payment(conn: Conn, payment_id: str) -> StoredPayment | None:
+    cursor = conn.cursor(row_factory=class_row(StoredPayment))
+    await cursor.execute(
+        """
+        SELECT p.payment_id, p.account_id, p.payment_type, p.amount, p.created_on,
+            o.topic, o."partition", o."offset", o.kafka_ts, o.stored_at
+        FROM payments AS p LEFT JOIN paystream.payment_origins AS o USING (payment_id)
+        WHERE p.payment_id = %s
+        """,
+        (payment_id,),
+    )
+    return await cursor.fetchone()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Replayed:
+    kept_id: int
+    replayed_at: datetime
+    outcome: str
+    reason: str | None
+    description: str | None
+    attempted: bool
+
+
+async def replays_of(conn: Conn, kept_ids: Sequence[int]) -> list[Replayed]:
+    cursor = conn.cursor(row_factory=class_row(Replayed))
+    await cursor.execute(
+        "SELECT kept_id, replayed_at, outcome, reason, description, attempted"
+        " FROM paystream.replays WHERE kept_id = ANY(%s::bigint[]) ORDER BY replayed_at",
+        (list(kept_ids),),
+    )
+    return await cursor.fetchall()

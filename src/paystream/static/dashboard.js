@@ -11,6 +11,14 @@ const fmt = (n) => Math.round(n).toLocaleString("en-US");
 
 function text(id, value) { $(id).textContent = value; }
 
+function age(seconds) {
+  if (seconds === null || seconds === undefined) return "–";
+  if (seconds < 90) return Math.round(seconds) + " s";
+  if (seconds < 5400) return Math.round(seconds / 60) + " min";
+  if (seconds < 172800) return (seconds / 3600).toFixed(1) + " h";
+  return Math.round(seconds / 86400) + " d";
+}
+
 function badge(id, ok, label) {
   const el = $(id);
   el.className = "badge " + (ok === true ? "ok" : ok === false ? "bad" : "warn");
@@ -91,10 +99,25 @@ function render(s) {
 
   const keptBody = $("kept").tBodies[0];
   keptBody.replaceChildren();
+  let waitingAmount = 0, waitingCount = 0, waitingOldest = null;
   for (const k of s.database.kept || []) {
     const row = keptBody.insertRow();
+    if (k.waits && k.unresolved) row.className = "waits";
     cell(row, k.reason); cell(row, k.error_type, "type-" + k.error_type);
     cell(row, fmt(k.count), "num"); cell(row, fmt(k.resolved), "num");
+    cell(row, fmt(k.unresolved), "num"); cell(row, fmt(k.unresolved_amount), "num");
+    cell(row, age(k.oldest_unresolved_s), "num");
+    if (k.waits && k.unresolved) {
+      waitingAmount += k.unresolved_amount; waitingCount += k.unresolved;
+      waitingOldest = Math.max(waitingOldest || 0, k.oldest_unresolved_s || 0);
+    }
+  }
+  if (s.database.available) {
+    text("t-risk", fmt(waitingAmount));
+    text("t-risk-detail", waitingCount
+      ? fmt(waitingCount) + (waitingCount === 1 ? " payment" : " payments") + ", oldest " + age(waitingOldest)
+      : "nothing waiting");
+    $("t-risk").parentElement.classList.toggle("waiting", waitingCount > 0);
   }
 
   const calls = s.gateway.calls || {};
