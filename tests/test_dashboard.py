@@ -54,7 +54,8 @@ async def test_dashboard_shows_live_numbers_and_replays(
     env: Env, simulator: SimulatorClient
 ) -> None:
     """The page loads without a CDN, its numbers change as payments flow, the amount waiting on
-    a kept payment shows until the replay button stores it once its account exists. Saves test-artifacts/dashboard.png."""
+    a kept payment shows until the replay button stores it once its account exists. Saves
+    test-artifacts/dashboard.png."""
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if chromium is None:
         pytest.skip("no Chromium: install Debian's 'chromium' package to run the browser test")
