@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import hashlib
 import heapq
 import itertools
 import random
 import time
-import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
@@ -32,13 +32,13 @@ from paystream.metrics import CIRCUIT_OPEN, GATEWAY_CALLS, GATEWAY_SECONDS
 
 _TRANSIENT_STATUSES = frozenset({408, 425, 429})
 _JSON_HEADERS = {"Content-Type": "application/json"}
-_IDEMPOTENCY_NAMESPACE = uuid.UUID("5b1d9a6e-4c1f-4e0a-9d0c-706179737472")
 
 
 def idempotency_key(payment_id: str) -> str:
     """The key of every gateway call for this payment: the same from any instance, at any time,
-    and a valid header value whatever characters the payment_id holds."""
-    return str(uuid.uuid5(_IDEMPOTENCY_NAMESPACE, payment_id))
+    and a valid header value of fixed length whatever characters the payment_id holds. (A
+    digest: uuid5 took 5 us a call, a twentieth of a payment's processing.)"""
+    return hashlib.sha256(b"paystream idempotency\0" + payment_id.encode()).hexdigest()[:32]
 
 
 def third_party_client(connections: int) -> Client:
@@ -255,7 +255,7 @@ class Gateway:
         self, payment_id: str, body: bytes, priority: float | None = None
     ) -> Verdict:
         """POST the payment as it arrived. Raises GatewayUnavailable once the budget is spent
-        (CircuitOpen when the breaker refused every attempt, so nothing was sent).
+        (CircuitOpen when the breaker refused the first attempt, so nothing was sent).
 
         The first attempt is made directly: building a retry context costs about as much CPU as
         the HTTP call itself (profiled), and nearly every call succeeds the first time.
