@@ -21,6 +21,7 @@ import pytest
 
 from paystream.app import Totals, run_processor
 from paystream.config import Settings
+from paystream.devenv.certs import ServerCertificate
 from paystream.devenv.postgres import EmbeddedPostgres
 from paystream.devenv.stack import (
     DB_NAME,
@@ -138,7 +139,9 @@ class SimulatorClient:
             method=method,
             headers={"Content-Type": "application/json", "Accept": accept},
         )
-        with urllib.request.urlopen(request, timeout=30) as response:
+        with urllib.request.urlopen(
+            request, timeout=30, context=self.simulator.ssl_context()
+        ) as response:
             return json.loads(response.read())
 
     def start(self, **params: Any) -> Any:
@@ -170,10 +173,12 @@ class SimulatorClient:
 
 
 @contextlib.contextmanager
-def running_simulator(env: Env, *args: str) -> Iterator[SimulatorClient]:
-    """The third-party service for this env, producing to its topics and database.
-    Gateway latency is at most 20 ms so tests run quickly."""
-    sim = Simulator(env.stack.home / env.name, env.settings())
+def running_simulator(
+    env: Env, *args: str, tls: ServerCertificate | None = None
+) -> Iterator[SimulatorClient]:
+    """The third-party service for this env, producing to its topics and database (over HTTPS
+    with `tls`). Gateway latency is at most 20 ms so tests run quickly."""
+    sim = Simulator(env.stack.home / env.name, env.settings(), tls=tls)
     sim.start("--max-delay-ms", "20", "--rate", "0", *args)
     env.service_url = sim.url
     try:
@@ -280,8 +285,12 @@ def settled(env: Env, simulator: SimulatorClient, settings: Settings) -> bool:
 
 
 @contextlib.contextmanager
-def private_postgres(folder: Path) -> Iterator[tuple[EmbeddedPostgres, str]]:
-    server = EmbeddedPostgres(folder / "pg")
+def private_postgres(
+    folder: Path, tls: ServerCertificate | None = None
+) -> Iterator[tuple[EmbeddedPostgres, str]]:
+    """A PostgreSQL server of the test's own (serving TLS too, with `tls`) with the original
+    schema; yields it and the URL of its payments database."""
+    server = EmbeddedPostgres(folder / "pg", tls=tls)
     server.start()
     try:
         with psycopg.connect(server.url(), autocommit=True) as conn:

@@ -74,6 +74,18 @@ def test_readable_payment_id_is_kept_with_the_error() -> None:
     assert result.payment_id == "382b8005-da4e-4004-b064-5d920d47e14b"
 
 
+def test_an_over_long_payment_id_travels_with_its_error_as_it_arrived() -> None:
+    """An id longer than the schema's 100 characters is invalid but reported whole, so the log
+    service can find the record; only beyond 1 000 characters is it cut."""
+    long_id = "ab" * 75
+    result = decode(_doc(payment_id=long_id), PaymentType.ONLINE)
+    assert isinstance(result, DecodeError)
+    assert long_id == result.payment_id
+    huge = decode(_doc(payment_id="z" * 5000), PaymentType.ONLINE)
+    assert isinstance(huge, DecodeError)
+    assert "z" * 1000 == huge.payment_id
+
+
 json_values = st.recursive(
     st.none()
     | st.booleans()

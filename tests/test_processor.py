@@ -143,7 +143,7 @@ async def test_record_redelivered_after_crash_before_offset_commit(
 async def _all_records(env: Env, settings: Settings, count: int) -> list[Record]:
     """Every record of the test's topics, read once by a consumer that commits nothing."""
     kafka = KafkaConsumer(
-        settings.kafka_bootstrap_servers, settings.group_id, [env.online_topic, env.offline_topic]
+        settings.kafka_client(), settings.group_id, [env.online_topic, env.offline_topic]
     )
     await kafka.start()
     records: list[Record] = []

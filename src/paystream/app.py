@@ -20,7 +20,7 @@ from paystream.consumer import BatchConsumer
 from paystream.dashboard import DashboardState
 from paystream.errors import ConfigurationError
 from paystream.gateway import CircuitBreaker, Gateway, third_party_client
-from paystream.kafka import KafkaConsumer
+from paystream.kafka import KafkaConsumer, check_access, choose_group_protocol
 from paystream.migrations import migrate
 from paystream.model import PaymentType
 from paystream.outbox import LogClient, OutboxRelay, ReportFailed
@@ -49,12 +49,12 @@ async def open_pool(
         "check PAYSTREAM_DATABASE_URL and that the server is running."
     )
     try:  # one direct attempt first: a refused connection fails at once, not after pool retries
-        first = await psycopg.AsyncConnection.connect(settings.database_url, connect_timeout=5)
+        first = await psycopg.AsyncConnection.connect(settings.database_dsn, connect_timeout=5)
     except psycopg.OperationalError as exc:
         raise unreachable from exc
     await first.close()
     pool = psycopg_pool.AsyncConnectionPool(
-        settings.database_url,
+        settings.database_dsn,
         min_size=1,
         max_size=max_size,
         timeout=5.0,
@@ -86,6 +86,13 @@ def kept_cipher(settings: Settings) -> KeptCipher | None:
     if settings.kept_key_file is None:
         return None
     return KeptCipher.from_file(settings.kept_key_file)
+
+
+def third_party(settings: Settings, connections: int) -> Client:
+    """The client for the gateway and the log API, with the deployment's credentials and CA."""
+    return third_party_client(
+        connections, settings.third_party_headers(), settings.third_party_ca_file
+    )
 
 
 def make_gateway(settings: Settings, client: Client) -> Gateway:
@@ -131,7 +138,7 @@ async def run_processor(
     totals = totals or Totals()
     async with (
         open_pool(settings, max_size=settings.batches_in_flight + 4) as pool,
-        third_party_client(settings.gateway_max_in_flight + 32) as client,
+        third_party(settings, settings.gateway_max_in_flight + 32) as client,
     ):
         gateway = make_gateway(settings, client)
         log_client = LogClient(client, settings.log_url, settings.log_timeout_s)
@@ -152,10 +159,19 @@ async def run_processor(
             except ReportFailed as exc:
                 log.warning("direct database-error report failed: %s", exc)
 
+        kafka_client = settings.kafka_client()
+        await asyncio.gather(
+            asyncio.to_thread(check_access, kafka_client), gateway.check_credentials()
+        )
+        protocol = await asyncio.to_thread(
+            choose_group_protocol, kafka_client, settings.online_topic, settings.group_protocol
+        )
+        log.info("consumer group protocol: %s", protocol)
         kafka = KafkaConsumer(
-            settings.kafka_bootstrap_servers,
+            kafka_client,
             settings.group_id,
             [settings.online_topic, settings.offline_topic],
+            group_protocol=protocol,
         )
         consumer = BatchConsumer(
             kafka,
@@ -180,6 +196,7 @@ async def run_processor(
 
             dashboard = DashboardState(
                 settings=settings,
+                kafka=kafka_client,
                 pool=pool,
                 checks=ready,
                 circuit=lambda: gateway.breaker.state,

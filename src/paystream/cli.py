@@ -96,8 +96,20 @@ def simulator(
     error_rate: float = 0.0,
     hang_rate: float = 0.0,
     drop_rate: float = 0.0,
+    token_file: Annotated[
+        Path | None,
+        typer.Option(help="demand the token in this file on POST /payment and POST /log"),
+    ] = None,
+    auth_header: Annotated[
+        str, typer.Option(help="header carrying the token (Authorization: as a Bearer token)")
+    ] = "Authorization",
+    tls_cert: Annotated[
+        Path | None, typer.Option(help="serve HTTPS with this PEM certificate")
+    ] = None,
+    tls_key: Annotated[Path | None, typer.Option(help="the certificate's PEM key")] = None,
 ) -> None:
-    """Run the third-party service (gateway, log API, producer) on http://HOST:PORT.
+    """Run the third-party service (gateway, log API, producer) on http://HOST:PORT (https with
+    --tls-cert and --tls-key).
 
     Example: paystream simulator --port 9000 --profile hostile --rate 100
     """
@@ -114,13 +126,15 @@ def simulator(
         raise _fail(exc) from exc
     config = SimulatorConfig(
         kafka_bootstrap_servers=settings.kafka_bootstrap_servers,
-        database_url=settings.database_url,
+        database_url=settings.database_dsn,
         online_topic=settings.online_topic,
         offline_topic=settings.offline_topic,
         records=records,
         rate=rate,
         seed=seed,
         profile=Profile(profile),
+        token=None if token_file is None else token_file.read_text().strip(),
+        auth_header=auth_header,
     )
     faults = Faults.model_validate(
         {
@@ -133,7 +147,14 @@ def simulator(
         }
     )
     service = create_asgi_app(Simulator(config, faults))
-    uvicorn.run(service, host=host, port=port, log_level="warning")
+    uvicorn.run(
+        service,
+        host=host,
+        port=port,
+        log_level="warning",
+        ssl_certfile=tls_cert,
+        ssl_keyfile=tls_key,
+    )
 
 
 def _with_pool(settings: Settings, work: Any) -> Any:
@@ -277,8 +298,7 @@ def replay(
     """
     from rich.progress import Progress, SpinnerColumn, TextColumn
 
-    from paystream.app import kept_cipher, make_gateway, topic_types
-    from paystream.gateway import third_party_client
+    from paystream.app import kept_cipher, make_gateway, third_party, topic_types
     from paystream.pipeline import Pipeline
     from paystream.replay import replay as run_replay
 
@@ -291,7 +311,7 @@ def replay(
             SpinnerColumn(), TextColumn("replaying: {task.completed} records"), console=console
         ) as progress:
             task = progress.add_task("replay", total=None)
-            async with third_party_client(settings.gateway_max_in_flight) as client:
+            async with third_party(settings, settings.gateway_max_in_flight) as client:
                 gateway = make_gateway(settings, client)
                 pipeline = Pipeline(pool, gateway, topic_types(settings), cipher=cipher)
                 return await run_replay(

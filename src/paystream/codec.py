@@ -13,7 +13,9 @@ MAX_ID_CHARS = 100  # payments.payment_id varchar(100)
 MAX_CARD_CHARS = 100  # payments.credit_card varchar(100)
 MAX_ACCOUNT_ID = 2**31 - 1  # accounts.account_id integer
 MAX_AMOUNT = 10**15  # far above any real payment; keeps numbers sane in reports and sums
-_SHOWN_ID_CHARS = 100
+MAX_REPORTED_ID_CHARS = 1000
+"""An over-long payment_id is kept and reported as it arrived, so the log service can find the
+record it is told about; only beyond this (a bound for the log service) is it cut."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -31,7 +33,7 @@ def _is_int(value: Any) -> TypeGuard[int]:
 def _readable_id(document: dict[str, Any]) -> str | None:
     value = document.get("payment_id")
     if isinstance(value, str) and value:
-        return value[:_SHOWN_ID_CHARS]
+        return value[:MAX_REPORTED_ID_CHARS]
     return None
 
 

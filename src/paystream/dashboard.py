@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import hmac
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
@@ -87,6 +87,8 @@ class DashboardState:
     """What the page shows; `lag` is refreshed in the background (it asks the broker)."""
 
     settings: Settings
+    kafka: Mapping[str, str]
+    """The librdkafka client properties (Settings.kafka_client), read once."""
     pool: psycopg_pool.AsyncConnectionPool
     checks: Checks
     circuit: Callable[[], str]
@@ -100,7 +102,7 @@ class DashboardState:
             with contextlib.suppress(Exception):  # a broker outage shows as stale lag, not a crash
                 self.lag = await asyncio.to_thread(
                     partition_lag,
-                    self.settings.kafka_bootstrap_servers,
+                    self.kafka,
                     self.settings.group_id,
                     topics,
                 )
@@ -224,7 +226,7 @@ def add_routes(app: web.Application, state: DashboardState) -> None:
         if origin is not None and origin.split("://", 1)[-1] != request.host:
             return web.json_response({"error": "cross-site request refused"}, status=403)
         given = request.headers.get("X-Paystream-Token", "")
-        if not hmac.compare_digest(given.encode(), token.encode()):
+        if not hmac.compare_digest(given.encode(), token.get_secret_value().encode()):
             return web.json_response({"error": "missing or wrong operator token"}, status=401)
         try:
             kept_id = int(request.match_info["id"])

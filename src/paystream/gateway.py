@@ -16,21 +16,28 @@ import functools
 import hashlib
 import heapq
 import itertools
+import logging
 import random
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 
 import stamina
 from prometheus_client import Counter
 from pyreqwest.client import Client, ClientBuilder
 from pyreqwest.exceptions import RequestError
 
-from paystream.errors import CircuitOpen, GatewayUnavailable
+from paystream.errors import CircuitOpen, ConfigurationError, GatewayUnavailable
 from paystream.metrics import CIRCUIT_OPEN, GATEWAY_CALLS, GATEWAY_SECONDS
 
+log = logging.getLogger(__name__)
+
 _TRANSIENT_STATUSES = frozenset({408, 425, 429})
+# Our credentials refused: an outage of ours, not the payment's decline, and one that retrying
+# with the same credentials cannot end (so no retries: they would be a storm of refusals).
+_REFUSED_STATUSES = frozenset({401, 403, 407})
 _JSON_HEADERS = {"Content-Type": "application/json"}
 
 
@@ -41,10 +48,27 @@ def idempotency_key(payment_id: str) -> str:
     return hashlib.sha256(b"paystream idempotency\0" + payment_id.encode()).hexdigest()[:32]
 
 
-def third_party_client(connections: int) -> Client:
-    """The HTTP client for the third party's gateway and log API. The bench measures the
-    gateway's capacity through one made here, sending the body the processor sends."""
-    return ClientBuilder().max_connections(connections).default_headers(_JSON_HEADERS).build()
+def third_party_client(
+    connections: int,
+    headers: Mapping[str, str] | None = None,
+    ca_file: Path | None = None,
+) -> Client:
+    """The HTTP client for the third party's gateway and log API: every call carries `headers`
+    (its credentials), and HTTPS trusts `ca_file`'s certificates besides the system's. The bench
+    measures the gateway's capacity through one made here, sending the body the processor sends.
+    """
+    builder = ClientBuilder().max_connections(connections)
+    builder = builder.default_headers({**_JSON_HEADERS, **(headers or {})})
+    if ca_file is not None:
+        try:
+            bundle = ca_file.read_bytes()
+        except OSError as exc:
+            raise ConfigurationError(
+                f"Cannot read PAYSTREAM_THIRD_PARTY_CA_FILE ({ca_file}): "
+                f"{exc.strerror or type(exc).__name__}."
+            ) from exc
+        builder = builder.add_root_certificate_pem(bundle)
+    return builder.build()
 
 
 class Unanswered(Exception):
@@ -90,6 +114,10 @@ Verdict = Approved | Declined
 
 class _Transient(Exception):
     """One attempt failed in a way worth retrying."""
+
+
+class _Refused(Exception):
+    """The gateway refused our credentials: not worth retrying until they are fixed."""
 
 
 class CircuitBreaker:
@@ -265,6 +293,8 @@ class Gateway:
         headers = {"Idempotency-Key": idempotency_key(payment_id)}
         try:
             return await self._attempt(body, headers, priority)
+        except _Refused as exc:
+            raise GatewayUnavailable(str(exc)) from exc
         except _Transient as exc:
             if self._attempts <= 1:
                 raise GatewayUnavailable(str(exc)) from exc
@@ -281,7 +311,7 @@ class Gateway:
             ):
                 with attempt:
                     return await self._attempt(body, headers, priority)
-        except (_Transient, CircuitOpen) as exc:  # the first attempt was sent: it was tried
+        except (_Transient, _Refused, CircuitOpen) as exc:  # the first attempt was sent
             raise GatewayUnavailable(str(exc)) from exc
         raise AssertionError("unreachable: retry_context either returns or raises")
 
@@ -290,7 +320,7 @@ class Gateway:
             raise CircuitOpen("circuit open after repeated gateway failures")
         try:
             verdict = await self._call(body, headers, priority)
-        except _Transient:
+        except (_Transient, _Refused):
             self.breaker.failed()
             raise
         except asyncio.CancelledError:
@@ -315,7 +345,36 @@ class Gateway:
             return Approved(status)
         if status >= 500 or status in _TRANSIENT_STATUSES:
             raise _Transient(f"gateway answered HTTP {status}")
+        if status in _REFUSED_STATUSES:
+            raise _Refused(_refusal(status))
         return Declined(status)
+
+    async def check_credentials(self) -> None:
+        """At start-up: raise ConfigurationError if the gateway refuses our credentials or its
+        certificate is not trusted. The call carries no payment (`{}`), so a gateway that takes
+        us answers 4xx; one that cannot be reached is an outage, not a configuration error, and
+        the processor starts anyway (payments wait, kept, until it is back)."""
+        try:
+            status = await post(
+                self._client, self._url, b"{}", self._timeout, {"Idempotency-Key": "check"}
+            )
+        except Unanswered as exc:
+            if "certificate" in str(exc.__cause__).lower():
+                raise ConfigurationError(
+                    f"The gateway's TLS certificate at {self._url} is not trusted; set "
+                    "PAYSTREAM_THIRD_PARTY_CA_FILE to the CA bundle that signed it."
+                ) from exc
+            log.warning("gateway not reachable at start-up (%s): payments wait until it is", exc)
+            return
+        if status in _REFUSED_STATUSES:
+            raise ConfigurationError(_refusal(status) + ".")
+
+
+def _refusal(status: int) -> str:
+    return (
+        f"the gateway refused our credentials (HTTP {status}); check PAYSTREAM_GATEWAY_TOKEN "
+        "and PAYSTREAM_GATEWAY_AUTH_HEADER"
+    )
 
 
 @functools.cache

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -51,11 +52,15 @@ class Reconciliation:
 
 
 @stamina.retry(on=KafkaException, attempts=5, timeout=30)
-def partition_lag(bootstrap: str, group_id: str, topics: list[str]) -> dict[str, int]:
+def partition_lag(
+    kafka: str | Mapping[str, str], group_id: str, topics: list[str]
+) -> dict[str, int]:
     """Per "topic/partition": records between the group's committed offset and the end.
+    `kafka`: the bootstrap servers, or a whole librdkafka client configuration.
 
     Retried: the group coordinator answers with transient errors while it loads."""
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group_id, "log_level": 0})
+    client = {"bootstrap.servers": kafka} if isinstance(kafka, str) else dict(kafka)
+    consumer = Consumer({**client, "group.id": group_id, "log_level": 0})
     try:
         metadata = consumer.list_topics(timeout=10)
         partitions = [
@@ -73,9 +78,9 @@ def partition_lag(bootstrap: str, group_id: str, topics: list[str]) -> dict[str,
         consumer.close()
 
 
-def committed_lag(bootstrap: str, group_id: str, topics: list[str]) -> int:
+def committed_lag(kafka: str | Mapping[str, str], group_id: str, topics: list[str]) -> int:
     """Records between the group's committed offsets and the end of the topics (0: caught up)."""
-    return sum(partition_lag(bootstrap, group_id, topics).values())
+    return sum(partition_lag(kafka, group_id, topics).values())
 
 
 def _fields(value: bytes) -> tuple[int, str, str | None, int]:

@@ -6,11 +6,13 @@ import shutil
 import subprocess
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 from confluent_kafka import Consumer, KafkaException, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 
+from paystream.devenv.certs import ServerCertificate
 from paystream.devenv.processes import ChildProcess, ensure_port_free, free_port
 from paystream.errors import DevenvError
 
@@ -79,32 +81,76 @@ def kafka_jars(cache_dir: Path) -> Path:
     return libs
 
 
+@dataclass(frozen=True, slots=True)
+class SecureListener:
+    """A SASL_SSL listener beside the plaintext one, as a managed cluster has: SCRAM-SHA-512
+    for this user, TLS with this certificate."""
+
+    tls: ServerCertificate
+    username: str
+    password: str
+
+
 class KafkaBroker:
     """Formats a KRaft log directory and runs `kafka.Kafka` as a child process."""
 
-    def __init__(self, data_dir: Path, cache_dir: Path, *, port: int = 0, host: str = "127.0.0.1"):
+    def __init__(
+        self,
+        data_dir: Path,
+        cache_dir: Path,
+        *,
+        port: int = 0,
+        host: str = "127.0.0.1",
+        secure: SecureListener | None = None,
+        group_protocols: str = "classic,consumer",
+    ):
+        """`group_protocols`: the consumer group protocols the broker accepts ("classic" alone
+        is a broker without KIP-848's)."""
         self.data_dir = data_dir
         self.cache_dir = cache_dir
         self.host = host
         self.port = port or free_port(host)
         self.controller_port = free_port(host)
+        self.secure = secure
+        self.secure_port = free_port(host) if secure else 0
+        self.group_protocols = group_protocols
         self._process: ChildProcess | None = None
 
     @property
     def bootstrap(self) -> str:
         return f"{self.host}:{self.port}"
 
+    def secure_client(self) -> dict[str, str]:
+        """librdkafka properties of a client of the SASL_SSL listener."""
+        assert self.secure is not None
+        return {
+            "bootstrap.servers": f"{self.host}:{self.secure_port}",
+            "security.protocol": "SASL_SSL",
+            "sasl.mechanisms": "SCRAM-SHA-512",
+            "sasl.username": self.secure.username,
+            "sasl.password": self.secure.password,
+            "ssl.ca.location": str(self.secure.tls.ca),
+        }
+
     def _write_config(self) -> Path:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         config = self.data_dir / "server.properties"
+        plain, controller = f"{self.host}:{self.port}", f"{self.host}:{self.controller_port}"
+        listeners = {"PLAINTEXT": plain}
+        if self.secure is not None:
+            listeners["SASL_SSL"] = f"{self.host}:{self.secure_port}"
         settings = {
             "process.roles": "broker,controller",
             "node.id": "1",
-            "controller.quorum.bootstrap.servers": f"{self.host}:{self.controller_port}",
-            "listeners": f"PLAINTEXT://{self.host}:{self.port},CONTROLLER://{self.host}:{self.controller_port}",
-            "advertised.listeners": f"PLAINTEXT://{self.host}:{self.port}",
+            "controller.quorum.bootstrap.servers": controller,
+            "listeners": ",".join(f"{k}://{v}" for k, v in listeners.items())
+            + f",CONTROLLER://{controller}",
+            "advertised.listeners": ",".join(f"{k}://{v}" for k, v in listeners.items()),
             "controller.listener.names": "CONTROLLER",
-            "listener.security.protocol.map": "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
+            "inter.broker.listener.name": "PLAINTEXT",
+            "listener.security.protocol.map": "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT"
+            + (",SASL_SSL:SASL_SSL" if self.secure else ""),
+            "group.coordinator.rebalance.protocols": self.group_protocols,
             "log.dirs": str(self.data_dir / "logs"),
             "offsets.topic.replication.factor": "1",
             "offsets.topic.num.partitions": "5",
@@ -117,6 +163,16 @@ class KafkaBroker:
             "auto.create.topics.enable": "false",
             "message.max.bytes": "10485760",
         }
+        if self.secure is not None:
+            settings |= {
+                "sasl.enabled.mechanisms": "SCRAM-SHA-512",
+                "listener.name.sasl_ssl.scram-sha-512.sasl.jaas.config": (
+                    "org.apache.kafka.common.security.scram.ScramLoginModule required;"
+                ),
+                "listener.name.sasl_ssl.ssl.keystore.type": "PKCS12",
+                "listener.name.sasl_ssl.ssl.keystore.location": str(self.secure.tls.keystore),
+                "listener.name.sasl_ssl.ssl.keystore.password": self.secure.tls.keystore_password,
+            }
         config.write_text("".join(f"{key}={value}\n" for key, value in settings.items()))
         (self.data_dir / "log4j2.yaml").write_text(_LOG4J2)
         return config
@@ -157,6 +213,7 @@ class KafkaBroker:
                     cluster_id,
                     "-c",
                     str(config),
+                    *self._scram_users(),
                 ),
                 capture_output=True,
                 text=True,
@@ -174,6 +231,12 @@ class KafkaBroker:
         # NOT_COORDINATOR meanwhile, which librdkafka backs off from for 3 s: get that over with
         # here rather than in the first consumer's join.
         self._process.wait_until(self._coordinates_groups, timeout_s, "coordinating groups")
+
+    def _scram_users(self) -> list[str]:
+        if self.secure is None:
+            return []
+        user = self.secure
+        return ["--add-scram", f"SCRAM-SHA-512=[name={user.username},password={user.password}]"]
 
     def _answers_metadata(self) -> bool:
         admin = AdminClient(

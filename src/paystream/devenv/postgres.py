@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import pwd
+import shutil
 import signal
 import stat
 import subprocess
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import psycopg
 
+from paystream.devenv.certs import ServerCertificate
 from paystream.devenv.processes import ChildProcess, ensure_port_free, free_port
 from paystream.errors import DevenvError
 
@@ -57,10 +59,19 @@ def _run_as() -> pwd.struct_passwd | None:
 class EmbeddedPostgres:
     """initdb (once) and a `postgres` child process listening on 127.0.0.1:port."""
 
-    def __init__(self, data_dir: Path, *, port: int = 0, host: str = "127.0.0.1") -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        *,
+        port: int = 0,
+        host: str = "127.0.0.1",
+        tls: ServerCertificate | None = None,
+    ) -> None:
+        """With `tls`, the server also accepts TLS connections with that certificate."""
         self.data_dir = data_dir.resolve()
         self.host = host
         self.port = port or free_port(host)
+        self.tls = tls
         self._process: ChildProcess | None = None
         self._user = _run_as()
 
@@ -124,6 +135,7 @@ class EmbeddedPostgres:
             "max_connections=200",
             "-c",
             "shared_buffers=256MB",
+            *self._tls_args(pgdata),
         ]
         log = self.data_dir / "postgres.log"
         if uid is not None:
@@ -133,6 +145,20 @@ class EmbeddedPostgres:
             "postgres", argv, log, user=uid, group=gid, stop_signal=signal.SIGINT
         )
         self._process.wait_until(self._accepts_connections, timeout_s, "accepting connections")
+
+    def _tls_args(self, pgdata: Path) -> list[str]:
+        """The certificate and key copied where the server's user owns them: PostgreSQL refuses
+        a key that others can read."""
+        if self.tls is None:
+            return []
+        uid, gid = self._ids()
+        for source, name in ((self.tls.cert, "server.crt"), (self.tls.key, "server.key")):
+            target = pgdata / name
+            shutil.copyfile(source, target)
+            target.chmod(0o600)
+            if uid is not None and gid is not None:
+                os.chown(target, uid, gid)
+        return ["-c", "ssl=on", "-c", "ssl_cert_file=server.crt", "-c", "ssl_key_file=server.key"]
 
     def _accepts_connections(self) -> bool:
         try:

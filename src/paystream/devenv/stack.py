@@ -3,6 +3,7 @@ accounts, and the simulator, each on a chosen or free port."""
 
 from __future__ import annotations
 
+import ssl
 import sys
 import time
 import urllib.error
@@ -14,6 +15,7 @@ import psycopg
 from psycopg import sql
 
 from paystream.config import Settings
+from paystream.devenv.certs import ServerCertificate
 from paystream.devenv.kafka import KafkaBroker, create_topics
 from paystream.devenv.postgres import EmbeddedPostgres
 from paystream.devenv.processes import ChildProcess, ensure_port_free, free_port
@@ -61,16 +63,30 @@ def load_original_schema(url: str) -> None:
 class Simulator:
     """`paystream simulator` as a child process."""
 
-    def __init__(self, home: Path, settings: Settings, *, host: str = "127.0.0.1", port: int = 0):
+    def __init__(
+        self,
+        home: Path,
+        settings: Settings,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        tls: ServerCertificate | None = None,
+    ):
+        """With `tls`, it serves HTTPS with that certificate."""
         self.home = home
         self.host = host
         self.port = port or free_port(host)
         self.settings = settings
+        self.tls = tls
         self._process: ChildProcess | None = None
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        return f"{'http' if self.tls is None else 'https'}://{self.host}:{self.port}"
+
+    def ssl_context(self) -> ssl.SSLContext | None:
+        """What a client needs to trust this simulator (None over plain HTTP)."""
+        return None if self.tls is None else ssl.create_default_context(cafile=self.tls.ca)
 
     def start(self, *extra: str) -> None:
         ensure_port_free(
@@ -92,14 +108,22 @@ class Simulator:
             self.host,
             "--port",
             str(self.port),
+            *self._tls_args(),
             *extra,
         ]
         self._process = ChildProcess("simulator", argv, self.home / "simulator.log", env=env)
         self._process.wait_until(self._answers, 30, "answering HTTP")
 
+    def _tls_args(self) -> list[str]:
+        if self.tls is None:
+            return []
+        return ["--tls-cert", str(self.tls.cert), "--tls-key", str(self.tls.key)]
+
     def _answers(self) -> bool:
         try:
-            with urllib.request.urlopen(self.url + "/status", timeout=1) as response:
+            with urllib.request.urlopen(
+                self.url + "/status", timeout=1, context=self.ssl_context()
+            ) as response:
                 return bool(response.status == 200)
         except (urllib.error.URLError, OSError):
             return False

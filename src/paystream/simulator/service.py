@@ -6,11 +6,11 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import hmac
 import html
 import logging
 import random
 import time
-from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -27,6 +27,9 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from paystream.simulator.streams import Planned, Profile, is_declined, plan
 
 log = logging.getLogger(__name__)
+
+_CALLS_KEPT = 200_000
+"""Gateway calls counted by (payment_id, Idempotency-Key) at most: a long run stays bounded."""
 
 
 class Faults(BaseModel):
@@ -101,6 +104,11 @@ class SimulatorConfig:
     rate: float = 11.5  # the original: about 1000 records in 1-2 minutes
     seed: int = 0
     profile: Profile = Profile.ORIGINAL
+    # Demand this token on the third-party API (`POST /payment`, `POST /log`), as a production
+    # gateway demands an API key: `Authorization: Bearer <token>`, or the bare token in another
+    # named header. The simulator's own controls (/start, /faults, /status...) stay open.
+    token: str | None = None
+    auth_header: str = "Authorization"
 
 
 class Simulator:
@@ -108,11 +116,22 @@ class Simulator:
         self.config = config
         self.faults = faults
         self.logs: list[dict[str, Any]] = []
-        # payment_id → Idempotency-Key → calls carrying it, so tests can see what retries sent.
-        self.gateway_calls: dict[str, Counter[str | None]] = {}
+        # (payment_id, Idempotency-Key) → calls, so tests can see what retries sent. A plain
+        # dict of tuples: the simulator shares the benchmark's cores with the processor.
+        self.gateway_calls: dict[tuple[str, str | None], int] = {}
         self.production: Production | None = None
         self._task: asyncio.Task[None] | None = None
         self._rng = random.Random(config.seed)
+
+    def authorized(self, value: str | None) -> bool:
+        """Whether the auth header's value (None: absent) carries the demanded token."""
+        token = self.config.token
+        if token is None:
+            return True
+        expected = (
+            f"Bearer {token}" if self.config.auth_header.lower() == "authorization" else token
+        )
+        return value is not None and hmac.compare_digest(value.encode(), expected.encode())
 
     def roll(self, rate: float) -> bool:
         return rate > 0 and self._rng.random() < rate
@@ -127,7 +146,11 @@ class Simulator:
             payment_id = str(document["payment_id"])
         except (orjson.JSONDecodeError, KeyError, TypeError):
             return 400, {"error": "expected a JSON payment"}
-        self.gateway_calls.setdefault(payment_id, Counter())[idempotency_key] += 1
+        call = (payment_id, idempotency_key)
+        calls = self.gateway_calls
+        calls[call] = calls.get(call, 0) + 1
+        if len(calls) > _CALLS_KEPT:  # bounded, as a provider expires its keys: oldest first
+            del calls[next(iter(calls))]
         if faults.gateway_outage or self.roll(faults.error_rate):
             return 503, {"error": "service unavailable"}
         if self.roll(faults.hang_rate):
@@ -268,6 +291,11 @@ class _Gateway:
         if scope["method"] != "POST":
             await self.app(scope, receive, send)
             return
+        wanted = self.simulator.config.auth_header.lower().encode()
+        given = next((v.decode() for k, v in scope["headers"] if k == wanted), None)
+        if not self.simulator.authorized(given):
+            await _answer(send, 401, {"error": "missing or wrong credentials"})
+            return
         body = b""
         while True:
             message = await receive()
@@ -276,10 +304,14 @@ class _Gateway:
                 break
         key = next((v.decode() for k, v in scope["headers"] if k == b"idempotency-key"), None)
         status, document = await self.simulator.validate(body, key)
-        answer = orjson.dumps(document)
-        headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(answer))]
-        await send({"type": "http.response.start", "status": status, "headers": headers})
-        await send({"type": "http.response.body", "body": answer})
+        await _answer(send, status, document)
+
+
+async def _answer(send: Send, status: int, document: dict[str, str]) -> None:
+    answer = orjson.dumps(document)
+    headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(answer))]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": answer})
 
 
 _PAGE = """<!doctype html><html><head><title>paystream simulator</title>
@@ -355,11 +387,16 @@ def create_app(simulator: Simulator) -> FastAPI:
 
     @app.get("/calls", summary="Gateway calls of one payment, counted by their Idempotency-Key")
     async def calls(payment_id: str) -> dict[str, int]:
-        counted = simulator.gateway_calls.get(payment_id, Counter())
-        return {"" if key is None else key: n for key, n in counted.items()}
+        return {
+            "" if key is None else key: n
+            for (pid, key), n in simulator.gateway_calls.items()
+            if pid == payment_id
+        }
 
     @app.post("/log", status_code=201, summary="Store an error report")
     async def post_log(request: Request) -> Response:
+        if not simulator.authorized(request.headers.get(simulator.config.auth_header)):
+            return JSONResponse({"error": "missing or wrong credentials"}, status_code=401)
         if simulator.faults.log_outage:
             return JSONResponse({"error": "service unavailable"}, status_code=503)
         try:

@@ -1,0 +1,141 @@
+"""Settings: Kafka client properties the ecosystem's way, secrets from files, none of them shown."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from paystream.config import Settings
+from paystream.errors import ConfigurationError
+
+SECRET = "s3cr3t-Pa55"
+
+
+def _settings(monkeypatch: pytest.MonkeyPatch, **variables: str) -> Settings:
+    for name, value in variables.items():
+        monkeypatch.setenv(name, value)
+    return Settings(_env_file=None)  # type: ignore[call-arg]
+
+
+def test_a_java_client_properties_file_configures_every_kafka_client(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A managed cluster's client.properties works as handed out: its JAAS line becomes
+    librdkafka's username and password, PAYSTREAM_KAFKA__* variables override the file, and
+    the bootstrap servers come from the file unless PAYSTREAM_KAFKA_BOOTSTRAP_SERVERS is set."""
+    properties = tmp_path / "client.properties"
+    properties.write_text(
+        "# from the provider's console\n"
+        "bootstrap.servers=broker.example:9092\n"
+        "security.protocol=SASL_SSL\n"
+        "sasl.mechanism=PLAIN\n"
+        "sasl.jaas.config=org.apache.kafka.common.security.plain.PlainLoginModule required \\\n"
+        f"    username='KEY' password='{SECRET}';\n"
+        "session.timeout.ms=45000\n"
+    )
+    settings = _settings(
+        monkeypatch,
+        PAYSTREAM_KAFKA_CONFIG_FILE=str(properties),
+        PAYSTREAM_KAFKA__SESSION_TIMEOUT_MS="30000",
+        PAYSTREAM_KAFKA__SSL_CA_LOCATION="/etc/ssl/ca.pem",
+    )
+    assert {
+        "bootstrap.servers": "broker.example:9092",
+        "security.protocol": "SASL_SSL",
+        "sasl.mechanisms": "PLAIN",
+        "sasl.username": "KEY",
+        "sasl.password": SECRET,
+        "session.timeout.ms": "30000",
+        "ssl.ca.location": "/etc/ssl/ca.pem",
+    } == settings.kafka_client()
+    monkeypatch.setenv("PAYSTREAM_KAFKA_BOOTSTRAP_SERVERS", "other:9093")
+    assert "other:9093" == Settings(_env_file=None).kafka_client()["bootstrap.servers"]  # type: ignore[call-arg]
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "words"),
+    [
+        ("PAYSTREAM_KAFKA__ENABLE_AUTO_COMMIT", "true", "committed only after"),
+        ("PAYSTREAM_KAFKA__AUTO_OFFSET_RESET", "latest", "must not miss"),
+        ("PAYSTREAM_KAFKA__ISOLATION_LEVEL", "read_uncommitted", "committed transactions"),
+        ("PAYSTREAM_KAFKA__PARTITION_ASSIGNMENT_STRATEGY", "range", "share of both topics"),
+        ("PAYSTREAM_KAFKA__GROUP_ID", "mine", "PAYSTREAM_GROUP_ID"),
+    ],
+)
+def test_properties_correctness_depends_on_cannot_be_overridden(
+    monkeypatch: pytest.MonkeyPatch, variable: str, value: str, words: str
+) -> None:
+    settings = _settings(monkeypatch, **{variable: value})
+    with pytest.raises(ConfigurationError, match=f"cannot be set: .*{words}"):
+        settings.kafka_client()
+
+
+def test_secrets_come_from_files_and_never_show(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """PAYSTREAM_<NAME>_FILE reads a secret from a file (its trailing newline dropped), for the
+    database password, the gateway and operator tokens and any Kafka property; none of them
+    appears in the settings' repr."""
+    files = {}
+    for name in ("db", "gateway", "operator", "sasl"):
+        files[name] = tmp_path / name
+        files[name].write_text(f"{SECRET}-{name}\n")
+    settings = _settings(
+        monkeypatch,
+        PAYSTREAM_DATABASE_URL="postgresql://tech@db.example:5432/payments?sslmode=verify-full",
+        PAYSTREAM_DATABASE_PASSWORD_FILE=str(files["db"]),
+        PAYSTREAM_GATEWAY_TOKEN_FILE=str(files["gateway"]),
+        PAYSTREAM_OPERATOR_TOKEN_FILE=str(files["operator"]),
+        PAYSTREAM_KAFKA__SASL_PASSWORD_FILE=str(files["sasl"]),
+    )
+    assert (
+        f"postgresql://tech:{SECRET}-db@db.example:5432/payments?sslmode=verify-full"
+        == settings.database_dsn
+    )
+    assert {"Authorization": f"Bearer {SECRET}-gateway"} == settings.third_party_headers()
+    assert settings.operator_token is not None
+    assert f"{SECRET}-operator" == settings.operator_token.get_secret_value()
+    assert f"{SECRET}-sasl" == settings.kafka_client()["sasl.password"]
+    assert SECRET not in repr(settings)
+    assert SECRET not in str(settings)
+
+
+def test_a_named_auth_header_carries_the_bare_token(monkeypatch: pytest.MonkeyPatch) -> None:
+    settings = _settings(
+        monkeypatch, PAYSTREAM_GATEWAY_TOKEN=SECRET, PAYSTREAM_GATEWAY_AUTH_HEADER="X-Api-Key"
+    )
+    assert {"X-Api-Key": SECRET} == settings.third_party_headers()
+
+
+def test_a_secret_set_twice_or_unreadable_is_one_sentence(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    secret = tmp_path / "token"
+    secret.write_text(SECRET)
+    with pytest.raises(ConfigurationError, match=r"Set PAYSTREAM_GATEWAY_TOKEN or .*_FILE, not"):
+        _settings(
+            monkeypatch,
+            PAYSTREAM_GATEWAY_TOKEN="x",
+            PAYSTREAM_GATEWAY_TOKEN_FILE=str(secret),
+        )
+    monkeypatch.delenv("PAYSTREAM_GATEWAY_TOKEN")
+    monkeypatch.setenv("PAYSTREAM_GATEWAY_TOKEN_FILE", str(tmp_path / "missing"))
+    with pytest.raises(ConfigurationError, match=r"Cannot read PAYSTREAM_GATEWAY_TOKEN_FILE \("):
+        Settings(_env_file=None)  # type: ignore[call-arg]
+
+
+def test_as_env_gives_a_child_process_the_same_settings(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Secrets and Kafka properties survive the trip through a child's environment."""
+    settings = Settings(
+        _env_file=None,  # type: ignore[call-arg]
+        gateway_token=SECRET,  # type: ignore[arg-type]
+        kafka={"security_protocol": "SASL_SSL"},
+    )
+    for name, value in settings.as_env().items():
+        monkeypatch.setenv(name, value)
+    again = Settings(_env_file=None)  # type: ignore[call-arg]
+    assert settings.third_party_headers() == again.third_party_headers()
+    assert settings.kafka_client() == again.kafka_client()
