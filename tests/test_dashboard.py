@@ -9,6 +9,7 @@ import aiohttp
 import orjson
 import pytest
 from confluent_kafka import Producer
+from prometheus_client import REGISTRY
 
 from paystream.devenv.processes import free_port
 from tests.conftest import (
@@ -63,6 +64,15 @@ async def test_dashboard_shows_live_numbers_and_replays(
 
     port = free_port()
     settings = env.settings(web_port=port, operator_token="s3cret-token")
+    # The page shows this process's counters, which earlier in-process tests moved already.
+    before = sum(
+        REGISTRY.get_sample_value("paystream_payments_stored_total", {"payment_type": t}) or 0
+        for t in ("online", "offline")
+    )
+
+    def stored(count: int) -> str:
+        return f"document.getElementById('t-stored').textContent === '{before + count:,.0f}'"
+
     _produce(env, [_offline(f"p{i}", i + 1) for i in range(30)] + [_offline("orphan", 9999)])
     async with processor(settings, serve_web=True):
         await async_wait_for(lambda: caught_up(env, settings), 60, "the first records")
@@ -75,15 +85,11 @@ async def test_dashboard_shows_live_numbers_and_replays(
                 requests: list[str] = []
                 page.on("request", lambda request: requests.append(request.url))
                 await page.goto(f"http://127.0.0.1:{port}/")
-                await page.wait_for_function(
-                    "document.getElementById('t-stored').textContent === '30'", timeout=20_000
-                )
+                await page.wait_for_function(stored(30), timeout=20_000)
                 assert all(url.startswith(f"http://127.0.0.1:{port}/") for url in requests)
 
                 _produce(env, [_offline(f"q{i}", i + 100) for i in range(20)])
-                await page.wait_for_function(
-                    "document.getElementById('t-stored').textContent === '50'", timeout=20_000
-                )
+                await page.wait_for_function(stored(50), timeout=20_000)
                 assert "9999" in await page.locator("#latest").inner_text()
                 # The orphan's amount waits on its account: money at risk, at a glance.
                 await page.wait_for_function(
@@ -100,8 +106,7 @@ async def test_dashboard_shows_live_numbers_and_replays(
                     timeout=20_000,
                 )
                 await page.wait_for_function(
-                    "document.getElementById('t-stored').textContent === '51'"
-                    " && document.getElementById('t-risk').textContent === '0'",
+                    stored(51) + " && document.getElementById('t-risk').textContent === '0'",
                     timeout=20_000,
                 )
                 ARTIFACTS.mkdir(exist_ok=True)

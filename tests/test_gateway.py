@@ -196,6 +196,24 @@ async def test_a_failing_gateway_makes_the_payment_wait_with_the_reason(
         assert isinstance(await gateway.validate(_ID, _BODY), Approved | Declined)
 
 
+async def test_refused_credentials_are_an_outage_tried_once(simulator: SimulatorClient) -> None:
+    """A gateway refusing our credentials (401) makes the payment wait, never a decline, says
+    which settings to check, and is not retried: the same credentials would be refused again."""
+    simulator.faults(credentials_revoked=True)
+
+    def refused() -> float:
+        return REGISTRY.get_sample_value("paystream_gateway_calls_total", {"outcome": "401"}) or 0
+
+    before = refused()
+    async with third_party_client(4) as client:
+        gateway = Gateway(
+            client, simulator.url, max_in_flight=4, timeout_s=1, attempts=3, budget_s=5
+        )
+        with pytest.raises(GatewayUnavailable, match=r"refused our credentials \(HTTP 401\)"):
+            await gateway.validate(_ID, _BODY)
+    assert 1 == refused() - before
+
+
 async def test_a_gateway_nobody_answers_on_is_unavailable() -> None:
     async with third_party_client(4) as client:
         gateway = Gateway(

@@ -44,14 +44,19 @@ async def open_pool(
     settings: Settings, max_size: int = 10
 ) -> AsyncIterator[psycopg_pool.AsyncConnectionPool]:
     """A connection pool that is up to date with our migrations, or a one-sentence error."""
-    unreachable = ConfigurationError(
-        f"Cannot connect to the database at {redacted(settings.database_url)}; "
-        "check PAYSTREAM_DATABASE_URL and that the server is running."
-    )
+
+    def unreachable(reason: str) -> ConfigurationError:
+        return ConfigurationError(
+            f"Cannot connect to the database at {redacted(settings.database_url)}{reason}; "
+            "check PAYSTREAM_DATABASE_URL and that the server is running."
+        )
+
     try:  # one direct attempt first: a refused connection fails at once, not after pool retries
         first = await psycopg.AsyncConnection.connect(settings.database_dsn, connect_timeout=5)
     except psycopg.OperationalError as exc:
-        raise unreachable from exc
+        # libpq's last line says why (refused, certificate, password), never the password.
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        raise unreachable(f" ({lines[-1][:200]})" if lines else "") from exc
     await first.close()
     pool = psycopg_pool.AsyncConnectionPool(
         settings.database_dsn,
@@ -66,7 +71,7 @@ async def open_pool(
         await pool.open(wait=True, timeout=15.0)
     except psycopg_pool.PoolTimeout as exc:
         await pool.close()
-        raise unreachable from exc
+        raise unreachable("") from exc
     try:
         async with pool.connection() as conn:
             applied = await migrate(conn)

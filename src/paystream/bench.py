@@ -16,6 +16,7 @@ import os
 import random
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 import uuid
@@ -88,6 +89,8 @@ class Sizes:
     steady_s: float = 10.0
     steady_warmup_s: float = 2.0
     """Steady load before the measured part of the steady workload."""
+    join_s: float = 8.0
+    """Steady load during which a second instance joins (join-pause workloads)."""
     probe_s: float = 3.0
     """How long each capacity probe of the third party runs."""
     capacity_drains: int = 3
@@ -104,6 +107,7 @@ class Sizes:
             scale=400,
             steady_s=2.0,
             steady_warmup_s=0.5,
+            join_s=3.0,
             probe_s=0.5,
             capacity_drains=1,
         )
@@ -730,6 +734,12 @@ def _run(bench: Bench, sizes: Sizes) -> dict[str, Any]:
     )
     workloads.append(_steady(bench, rng, 1000, sizes.steady_s, sizes.steady_warmup_s, base))
 
+    for protocol in ("classic", "consumer"):
+        progress(f"join under 500/s, {protocol} group protocol")
+        workloads.append(
+            _join_pause(bench, rng, protocol, 500, sizes.join_s, sizes.steady_warmup_s, base)
+        )
+
     progress(f"memory: {sizes.memory} record backlog")
     settings = bench.fresh()
     bench.backlog(settings, "offline", sizes.memory, rng)
@@ -739,6 +749,33 @@ def _run(bench: Bench, sizes: Sizes) -> dict[str, Any]:
         "workloads": [asdict(w) for w in workloads],
         "ceilings": {k: round(v, 1) for k, v in ceilings.items()},
     }
+
+
+class _PacedLoad:
+    """Online and offline payments (69/31) at a steady rate, as shops and the web send them."""
+
+    def __init__(self, settings: Settings, rng: random.Random, rate: int) -> None:
+        self._producer = Producer(
+            {"bootstrap.servers": settings.kafka_bootstrap_servers, "linger.ms": 1}
+        )
+        self._topics = {"online": settings.online_topic, "offline": settings.offline_topic}
+        self._rng = rng
+        self._rate = rate
+
+    def produce(self, seconds: float) -> int:
+        count = int(self._rate * seconds)
+        started = time.monotonic()
+        for i in range(count):
+            kind = "online" if self._rng.random() < 0.69 else "offline"
+            self._producer.produce(self._topics[kind], _document(self._rng, kind))
+            self._producer.poll(0)
+            wait = started + (i + 1) / self._rate - time.monotonic()
+            if wait > 0:
+                time.sleep(wait)  # pacing the offered load, not waiting for a result
+        return count
+
+    def flush(self) -> None:
+        self._producer.flush(30)
 
 
 def _steady(
@@ -753,25 +790,12 @@ def _steady(
     the processor is warm. Measured from the start, the first two seconds (gateway connections
     being opened, statements prepared) held 100 and 72 of the worst 100 latencies in two runs."""
     settings = bench.fresh()
-    topics = [settings.online_topic, settings.offline_topic]
     with bench.processors(settings, 1, "steady") as procs:
-        producer = Producer({"bootstrap.servers": settings.kafka_bootstrap_servers, "linger.ms": 1})
-
-        def produce(count: int) -> None:
-            started = time.monotonic()
-            for i in range(count):
-                kind = "online" if rng.random() < 0.69 else "offline"
-                producer.produce(topics[0] if kind == "online" else topics[1], _document(rng, kind))
-                producer.poll(0)
-                wait = started + (i + 1) / rate - time.monotonic()
-                if wait > 0:
-                    time.sleep(wait)  # pacing the offered load, not waiting for a result
-
-        produce(int(rate * warmup_s))
+        load = _PacedLoad(settings, rng, rate)
+        load.produce(warmup_s)
         meter = _Meter(procs)
-        measured = int(rate * seconds)
-        produce(measured)
-        producer.flush(30)
+        measured = load.produce(seconds)
+        load.flush()
         result = meter.until_drained(
             settings, 120, latency_from_ms=0, produced_from_ms=meter.started_at * 1000
         )
@@ -781,4 +805,43 @@ def _steady(
         result,
         ceilings=base,
         bound_by="offered load (1000/s)",
+    )
+
+
+def _join_pause(
+    bench: Bench,
+    rng: random.Random,
+    protocol: str,
+    rate: int,
+    seconds: float,
+    warmup_s: float,
+    base: dict[str, float],
+) -> Workload:
+    """A second instance joins one that carries a steady load: the end-to-end latency of what
+    was produced meanwhile shows how long the join held payments up. With the classic protocol
+    every partition of the first instance stops until the group has rebalanced; with KIP-848
+    only those that move to the newcomer do."""
+    settings = bench.fresh().model_copy(update={"group_protocol": protocol})
+    with bench.processors(settings, 1, f"join-{protocol}") as procs:
+        load = _PacedLoad(settings, rng, rate)
+        load.produce(warmup_s)
+        meter = _Meter(procs)
+        producing = threading.Thread(target=load.produce, args=(seconds,))
+        producing.start()
+        # The newcomer starts a second into the load (pacing the scenario, not waiting for a
+        # result): its start-up checks and its join fall inside the measured window.
+        time.sleep(1.0)
+        with bench.processors(settings, 1, f"join-{protocol}-newcomer"):
+            producing.join()
+            load.flush()
+            result = meter.until_drained(
+                settings, 120, latency_from_ms=0, produced_from_ms=meter.started_at * 1000
+            )
+    return _workload(
+        f"join-pause-{protocol}",
+        int(rate * seconds),
+        result,
+        ceilings=base,
+        bound_by=f"offered load ({rate}/s), a second instance joining",
+        instances=2,
     )

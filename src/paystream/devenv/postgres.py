@@ -34,6 +34,19 @@ def _bin_dir() -> Path:
     return Path(POSTGRES_BIN_PATH)
 
 
+def _system_bin_dir() -> Path:
+    """Debian's PostgreSQL server, built with SSL (the wheel's is not): the newest installed."""
+    found = sorted(
+        Path("/usr/lib/postgresql").glob("*/bin/postgres"), key=lambda p: int(p.parts[-3])
+    )
+    if not found:
+        raise DevenvError(
+            "A PostgreSQL server that serves TLS is needed and the embedded one is built without "
+            "SSL; install Debian's (apt-get install postgresql)."
+        )
+    return found[-1].parent
+
+
 def _run_as() -> pwd.struct_passwd | None:
     """The user to run PostgreSQL as: ourselves, or a dedicated user when we are root."""
     if os.geteuid() != 0:
@@ -67,7 +80,9 @@ class EmbeddedPostgres:
         host: str = "127.0.0.1",
         tls: ServerCertificate | None = None,
     ) -> None:
-        """With `tls`, the server also accepts TLS connections with that certificate."""
+        """With `tls`, the server also accepts TLS connections with that certificate (Debian's
+        server then, since the wheel's is built without SSL)."""
+        self._bin = _bin_dir() if tls is None else _system_bin_dir()
         self.data_dir = data_dir.resolve()
         self.host = host
         self.port = port or free_port(host)
@@ -99,7 +114,7 @@ class EmbeddedPostgres:
                 os.chown(pgdata, uid, gid)
             result = subprocess.run(
                 [
-                    str(_bin_dir() / "initdb"),
+                    str(self._bin / "initdb"),
                     "-D",
                     str(pgdata),
                     "-U",
@@ -117,7 +132,7 @@ class EmbeddedPostgres:
             if result.returncode != 0:
                 raise DevenvError(f"initdb failed:\n{result.stdout}{result.stderr}")
         argv = [
-            str(_bin_dir() / "postgres"),
+            str(self._bin / "postgres"),
             "-D",
             str(pgdata),
             "-h",

@@ -43,6 +43,9 @@ class Faults(BaseModel):
         0, ge=0, le=1, description="share of gateway calls whose connection drops"
     )
     gateway_outage: bool = Field(False, description="every gateway call answers 503")
+    credentials_revoked: bool = Field(
+        False, description="every gateway call answers 401, as when our API key was revoked"
+    )
     log_outage: bool = Field(False, description="every log call answers 503")
     latency_ms: float | None = Field(
         None, ge=0, description="fixed gateway latency; default: the payment's `delay` field"
@@ -57,6 +60,7 @@ class FaultUpdate(BaseModel):
     hang_s: float | None = Field(None, ge=0)
     drop_rate: float | None = Field(None, ge=0, le=1)
     gateway_outage: bool | None = None
+    credentials_revoked: bool | None = None
     log_outage: bool | None = None
     latency_ms: float | None = Field(None, ge=0)
     max_delay_ms: float | None = Field(None, ge=0)
@@ -293,7 +297,7 @@ class _Gateway:
             return
         wanted = self.simulator.config.auth_header.lower().encode()
         given = next((v.decode() for k, v in scope["headers"] if k == wanted), None)
-        if not self.simulator.authorized(given):
+        if self.simulator.faults.credentials_revoked or not self.simulator.authorized(given):
             await _answer(send, 401, {"error": "missing or wrong credentials"})
             return
         body = b""
