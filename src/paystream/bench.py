@@ -54,6 +54,7 @@ class Workload:
     ceiling_ratio: float
     p50_ms: float
     p99_ms: float
+    max_ms: float
     cpu_s_per_1000: float
     peak_rss_mb: float
     bound_by: str
@@ -74,6 +75,7 @@ class Drained(NamedTuple):
     peak_rss_mb: float
     p50_ms: float
     p99_ms: float
+    max_ms: float
     machine_busy: float
     finished_at: float
     """Wall-clock time the run was found drained."""
@@ -334,8 +336,8 @@ class _Meter:
         busy = _machine_busy_since(self._machine0)
         cpu = sum(_proc_cpu_s(p.pid) for p in self._procs) - self._cpu0
         rss = max(_peak_rss_mb(p.pid) for p in self._procs)
-        p50, p99 = _latency(settings.database_url, latency_from_ms, produced_from_ms)
-        return Drained(seconds, cpu, rss, p50, p99, busy, finished_at)
+        p50, p99, worst = _latency(settings.database_url, latency_from_ms, produced_from_ms)
+        return Drained(seconds, cpu, rss, p50, p99, worst, busy, finished_at)
 
 
 class _GroupLag:
@@ -418,20 +420,22 @@ def _wait(condition: Callable[[], bool], timeout_s: float, poll_s: float = 0.1) 
 
 def _latency(
     database_url: str, since_ms: float, produced_from_ms: float = 0.0
-) -> tuple[float, float]:
+) -> tuple[float, float, float]:
     """Produce (or processor start, for a backlog) → stored, over the stored payments produced
-    from `produced_from_ms` on."""
+    from `produced_from_ms` on: the median, the 99th percentile and the worst."""
     with psycopg.connect(database_url) as conn:
         row = conn.execute(
             """
             SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY ms),
-                   percentile_cont(0.99) WITHIN GROUP (ORDER BY ms)
+                   percentile_cont(0.99) WITHIN GROUP (ORDER BY ms), max(ms)
             FROM (SELECT extract(epoch FROM stored_at) * 1000 - greatest(kafka_ts, %s) AS ms
                   FROM paystream.payment_origins WHERE kafka_ts >= %s) AS t
             """,
             (since_ms, produced_from_ms),
         ).fetchone()
-    return (float(row[0] or 0), float(row[1] or 0)) if row else (0.0, 0.0)
+    if row is None:
+        return 0.0, 0.0, 0.0
+    return float(row[0] or 0), float(row[1] or 0), float(row[2] or 0)
 
 
 def consumer_ceiling(settings: Settings, records: int) -> float:
@@ -556,6 +560,7 @@ def _workload(
         ceiling_ratio=round(rate / ceiling, 3),
         p50_ms=round(run.p50_ms, 1),
         p99_ms=round(run.p99_ms, 1),
+        max_ms=round(run.max_ms, 1),
         cpu_s_per_1000=round(run.cpu_s / records * 1000, 3),
         peak_rss_mb=round(run.peak_rss_mb, 1),
         bound_by=bound_by or _bound(rate, bound_name, ceiling, utilisation, run.machine_busy),
