@@ -8,6 +8,8 @@ import contextlib
 import itertools
 import json
 import os
+import subprocess
+import sys
 import time
 import urllib.request
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -262,6 +264,17 @@ def reconcile_now(env: Env, simulator: SimulatorClient, settings: Settings) -> A
 def settings_env(settings: Settings) -> dict[str, str]:
     """The environment that gives a `paystream` subprocess these settings."""
     return {"PATH": os.environ["PATH"], **settings.as_env()}
+
+
+def cli(env: Env, *args: str, **extra: str) -> subprocess.CompletedProcess[str]:
+    """`paystream ARGS` as a user runs it, with this env's settings and `extra` variables."""
+    return subprocess.run(
+        [sys.executable, "-m", "paystream", *args],
+        env={**settings_env(env.settings()), **extra},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def unresolved_gateway_failures(env: Env) -> int:

@@ -6,8 +6,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import os
-import subprocess
-import sys
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -22,23 +20,12 @@ from tests.conftest import (
     SimulatorClient,
     async_wait_for,
     caught_up,
+    cli,
     processor,
-    settings_env,
     unreported,
 )
 
 CARD = "4111111111111111"
-
-
-def _cli(env: Env, *args: str, **extra: str) -> subprocess.CompletedProcess[str]:
-    variables = {**settings_env(env.settings()), **extra}
-    return subprocess.run(
-        [sys.executable, "-m", "paystream", *args],
-        env=variables,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
 
 
 def _produce(env: Env, values: list[bytes]) -> None:
@@ -77,7 +64,7 @@ async def test_show_follows_a_payment_through_a_duplicate_and_a_replay(
     )
     await _process(env)
 
-    dup = _cli(env, "show", "p-dup", "--json")
+    dup = cli(env, "show", "p-dup", "--json")
     assert 0 == dup.returncode, dup.stderr
     trail = orjson.loads(dup.stdout)
     assert 1 == trail["stored"]["account_id"]
@@ -91,20 +78,20 @@ async def test_show_follows_a_payment_through_a_duplicate_and_a_replay(
     assert trail["stored"]["record"] != f"{kept['topic']}/{kept['partition']}@{kept['offset']}"
 
     env.execute("INSERT INTO accounts (account_id, email) VALUES (5555, 'late@example.com')")
-    replayed = _cli(env, "replay", "--reason", "unknown_account")
+    replayed = cli(env, "replay", "--reason", "unknown_account")
     assert 0 == replayed.returncode, replayed.stderr
-    late = orjson.loads(_cli(env, "show", "p-late", "--json").stdout)
+    late = orjson.loads(cli(env, "show", "p-late", "--json").stdout)
     assert 5555 == late["stored"]["account_id"]
     assert ["stored"] == [r["outcome"] for r in late["kept"][0]["replay_history"]]
     assert late["kept"][0]["resolved_at"] is not None
 
-    table = _cli(env, "show", "p-late")
+    table = cli(env, "show", "p-late")
     assert 0 == table.returncode, table.stderr
     assert "stored" in table.stdout
     assert "unknown_account" in table.stdout
     for output in (dup.stdout, table.stdout):
         assert CARD not in output
-    missing = _cli(env, "show", "never-seen")
+    missing = cli(env, "show", "never-seen")
     assert 1 == missing.returncode
     assert "no record carried payment_id 'never-seen'" in missing.stdout
 
@@ -115,17 +102,17 @@ async def test_errors_says_what_its_limit_left_out(env: Env, simulator: Simulato
     _produce(env, [b"not json %d" % i for i in range(5)])
     await _process(env)
 
-    table = _cli(env, "errors", "--limit", "2")
+    table = cli(env, "errors", "--limit", "2")
     assert 0 == table.returncode, table.stderr
     assert "2 of 5 kept records shown" in table.stdout
     assert "--all" in table.stdout
-    assert "5 kept records" in _cli(env, "errors", "--all").stdout
+    assert "5 kept records" in cli(env, "errors", "--all").stdout
 
-    cut = _cli(env, "errors", "--json", "--limit", "2")
+    cut = cli(env, "errors", "--json", "--limit", "2")
     assert 2 == len(orjson.loads(cut.stdout))
     assert "2 of 5 shown" in cut.stderr
 
-    lines = _cli(env, "errors", "--jsonl", "--all")
+    lines = cli(env, "errors", "--jsonl", "--all")
     assert 0 == lines.returncode, lines.stderr
     rows = [orjson.loads(line) for line in lines.stdout.splitlines()]
     assert 5 == len(rows)
@@ -181,7 +168,7 @@ async def test_money_waiting_shows_in_metrics_and_on_the_dashboard(
                 "INSERT INTO accounts (account_id, email) VALUES (%s, %s)",
                 (7000 + n, f"r{n}@example.com"),
             )
-        result = await asyncio.to_thread(_cli, env, "replay", "--reason", "unknown_account")
+        result = await asyncio.to_thread(cli, env, "replay", "--reason", "unknown_account")
         assert 0 == result.returncode, result.stderr
         await async_wait_for(
             lambda: {count: 0, amount: 0, age: 0} == _at_risk(port),
@@ -214,11 +201,11 @@ async def test_kept_records_are_sealed_at_rest_and_open_only_to_replay(
     before = env.query("SELECT id, raw, reason, replays FROM paystream.kept_records ORDER BY id")
     env.execute("INSERT INTO accounts (account_id, email) VALUES (8123, 'sealed@example.com')")
 
-    without = _cli(env, "replay")
+    without = cli(env, "replay")
     assert 2 == without.returncode
     assert "is sealed with key" in without.stderr
     assert "set PAYSTREAM_KEPT_KEY_FILE" in without.stderr
-    wrong = _cli(env, "replay", PAYSTREAM_KEPT_KEY_FILE=str(_key_file(tmp_path, new)))
+    wrong = cli(env, "replay", PAYSTREAM_KEPT_KEY_FILE=str(_key_file(tmp_path, new)))
     assert 2 == wrong.returncode
     assert "which PAYSTREAM_KEPT_KEY_FILE does not hold" in wrong.stderr
     for failed in (without, wrong):
@@ -229,7 +216,7 @@ async def test_kept_records_are_sealed_at_rest_and_open_only_to_replay(
     assert [(0,)] == env.query("SELECT count(*) FROM payments")
 
     rotated = _key_file(tmp_path, old, new)
-    replayed = _cli(env, "replay", PAYSTREAM_KEPT_KEY_FILE=str(rotated))
+    replayed = cli(env, "replay", PAYSTREAM_KEPT_KEY_FILE=str(rotated))
     assert 0 == replayed.returncode, replayed.stderr
     assert [("sealed-1", 25)] == env.query("SELECT payment_id, amount::int FROM payments")
     assert [("malformed", 1)] == env.query(

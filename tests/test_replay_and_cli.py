@@ -22,22 +22,12 @@ from tests.conftest import (
     SimulatorClient,
     async_wait_for,
     caught_up,
+    cli,
     processor,
     settings_env,
     unreported,
     wait_for,
 )
-
-
-def _cli(env: Env, *args: str, **extra: str) -> subprocess.CompletedProcess[str]:
-    variables = {**settings_env(env.settings()), **extra}
-    return subprocess.run(
-        [sys.executable, "-m", "paystream", *args],
-        env=variables,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
 
 
 def _produce(env: Env, topic: str, documents: list[dict[str, Any]]) -> None:
@@ -75,7 +65,7 @@ async def test_replay_stores_a_payment_once_its_account_exists(
     ] == [{"payment_id": "p-unknown", "error_type": "database"}]
 
     env.execute("INSERT INTO accounts (account_id, email) VALUES (4242, 'new@example.com')")
-    result = _cli(env, "replay", "--reason", "unknown_account")
+    result = cli(env, "replay", "--reason", "unknown_account")
     assert result.returncode == 0, result.stderr
     assert "stored 1" in result.stdout
     assert env.query(
@@ -88,7 +78,7 @@ async def test_replay_stores_a_payment_once_its_account_exists(
     assert env.query("SELECT resolved_at IS NOT NULL, replays FROM paystream.kept_records") == [
         (True, 1)
     ]
-    again = _cli(env, "replay")
+    again = cli(env, "replay")
     assert again.returncode == 0, again.stderr
     assert "stored 0" in again.stdout
     assert env.query("SELECT count(*) FROM payments") == [(2,)]
@@ -115,7 +105,7 @@ async def test_gateway_outage_keeps_payments_for_replay(
         "SELECT count(*), min(error_type) FROM paystream.kept_records"
         " WHERE reason = 'gateway_unavailable'"
     ) == [(5, "network")]
-    refused = _cli(
+    refused = cli(
         env,
         "replay",
         PAYSTREAM_GATEWAY_MAX_IN_FLIGHT="1",
@@ -129,7 +119,7 @@ async def test_gateway_outage_keeps_payments_for_replay(
         "SELECT replays, count(*) FROM paystream.kept_records GROUP BY 1 ORDER BY 1"
     )
     simulator.faults(gateway_outage=False)
-    result = _cli(env, "replay", "--type", "network")
+    result = cli(env, "replay", "--type", "network")
     assert result.returncode == 0, result.stderr
     assert env.query("SELECT count(*) FROM payments") == [(6,)]
 
@@ -155,7 +145,7 @@ def test_run_drains_and_exits_zero_on_sigterm(env: Env, simulator: SimulatorClie
     assert run.returncode == 0, stderr
     assert env.query("SELECT count(*) FROM payments") == [(2,)]
 
-    listing = _cli(env, "errors", "--json")
+    listing = cli(env, "errors", "--json")
     assert listing.returncode == 0, listing.stderr
     items = orjson.loads(listing.stdout)
     assert len(items) == 1
@@ -168,12 +158,12 @@ def test_run_drains_and_exits_zero_on_sigterm(env: Env, simulator: SimulatorClie
     ) == ("dup", "other", "duplicate", True)
     assert env.offline_topic == item["topic"]
     assert {"partition", "offset", "error_description"} <= set(item)
-    assert orjson.loads(_cli(env, "errors", "--json", "--type", "database").stdout) == []
+    assert orjson.loads(cli(env, "errors", "--json", "--type", "database").stdout) == []
 
 
 def test_run_with_unreachable_database_fails_in_one_sentence(env: Env) -> None:
     """A wrong database URL ends `paystream run` with exit 2 and one clear sentence."""
-    result = _cli(env, "run", PAYSTREAM_DATABASE_URL="postgresql://tech:pw@127.0.0.1:9/payments")
+    result = cli(env, "run", PAYSTREAM_DATABASE_URL="postgresql://tech:pw@127.0.0.1:9/payments")
     assert result.returncode == 2
     assert (
         "Cannot connect to the database at postgresql://tech@127.0.0.1:9/payments" in result.stderr
@@ -219,7 +209,7 @@ def test_run_with_taken_web_port_fails_in_one_sentence(env: Env) -> None:
         sock.bind(("127.0.0.1", 0))
         sock.listen()
         port = sock.getsockname()[1]
-        result = _cli(env, "run", PAYSTREAM_WEB_PORT=str(port))
+        result = cli(env, "run", PAYSTREAM_WEB_PORT=str(port))
     assert 2 == result.returncode
     assert f"Port {port} on 127.0.0.1 is taken" in result.stderr
     assert "PAYSTREAM_WEB_PORT" in result.stderr
