@@ -124,16 +124,25 @@ async def _post(url: str, headers: dict[str, str]) -> int:
 
 async def test_replay_needs_the_token_and_refuses_cross_site(env: Env) -> None:
     """Without a configured token the dashboard is read-only; with one, a wrong token is 401 and
-    a foreign Origin is 403 even with the right token."""
+    a foreign Origin is 403 even with the right token; no page shows a secret."""
     port = free_port()
     async with processor(env.settings(web_port=port), serve_web=True):
         url = f"http://127.0.0.1:{port}/api/replay/1"
         await wait_http_status(f"http://127.0.0.1:{port}/health/live", 200)
         assert await _post(url, {"X-Paystream-Token": "anything"}) == 403
     port = free_port()
-    async with processor(env.settings(web_port=port, operator_token="t0k"), serve_web=True):
-        url = f"http://127.0.0.1:{port}/api/replay/1"
-        await wait_http_status(f"http://127.0.0.1:{port}/health/live", 200)
+    token = "t0k-Secret-5521"
+    settings = env.settings(web_port=port, operator_token=token, gateway_token="gw-Secret-8804")
+    async with processor(settings, serve_web=True):
+        base = f"http://127.0.0.1:{port}"
+        url = f"{base}/api/replay/1"
+        await wait_http_status(f"{base}/health/live", 200)
         assert await _post(url, {"X-Paystream-Token": "wrong"}) == 401
-        assert await _post(url, {"X-Paystream-Token": "t0k", "Origin": "http://evil.test"}) == 403
-        assert await _post(url, {"X-Paystream-Token": "t0k"}) == 200
+        assert await _post(url, {"X-Paystream-Token": token, "Origin": "http://evil.test"}) == 403
+        assert await _post(url, {"X-Paystream-Token": token}) == 200
+        async with aiohttp.ClientSession() as session:
+            for path in ("/", "/api/state", "/metrics", "/health/ready"):
+                async with session.get(base + path) as response:
+                    page = await response.text()
+                for secret in (token, "gw-Secret-8804"):
+                    assert secret not in page, path
