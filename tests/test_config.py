@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -139,3 +142,30 @@ def test_as_env_gives_a_child_process_the_same_settings(
     again = Settings(_env_file=None)  # type: ignore[call-arg]
     assert settings.third_party_headers() == again.third_party_headers()
     assert settings.kafka_client() == again.kafka_client()
+
+
+def test_the_commands_say_what_is_wrong_with_the_settings_in_one_sentence(
+    tmp_path: Path,
+) -> None:
+    """An unreadable secret file or a value of the wrong kind ends any command with exit 2 and
+    one line naming the variable, not a traceback."""
+    cases = {
+        "PAYSTREAM_GATEWAY_TOKEN_FILE": (
+            str(tmp_path / "missing"),
+            "Cannot read PAYSTREAM_GATEWAY",
+        ),
+        "PAYSTREAM_BATCH_SIZE": ("many", "invalid settings: PAYSTREAM_BATCH_SIZE"),
+    }
+    for variable, (value, sentence) in cases.items():
+        result = subprocess.run(
+            [sys.executable, "-m", "paystream", "errors"],
+            env={"PATH": os.environ["PATH"], variable: value},
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+            cwd=tmp_path,  # no .env of the checkout
+        )
+        assert 2 == result.returncode, result.stderr
+        assert sentence in result.stderr
+        assert "Traceback" not in result.stderr

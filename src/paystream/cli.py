@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 
@@ -32,6 +33,22 @@ out = Console(width=None if sys.stdout.isatty() else 200)
 def _fail(exc: PaystreamError) -> typer.Exit:
     console.print(f"[bold red]error:[/] {exc}", soft_wrap=True)  # one line, for grep and logs
     return typer.Exit(2)
+
+
+def _settings() -> Settings:
+    """The settings, or exit 2 with one sentence: a secret file that cannot be read, a value of
+    the wrong kind."""
+    try:
+        return Settings()
+    except PaystreamError as exc:
+        raise _fail(exc) from exc
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"PAYSTREAM_{'_'.join(str(p) for p in e['loc']).upper()}: {e['msg']}"
+            for e in exc.errors()
+        )
+        console.print(f"[bold red]error:[/] invalid settings: {problems}", soft_wrap=True)
+        raise typer.Exit(2) from exc
 
 
 def _stop_on_signals(stop: asyncio.Event) -> None:
@@ -64,7 +81,7 @@ def run() -> None:
     from paystream import logs
     from paystream.app import run_processor
 
-    settings = Settings()
+    settings = _settings()
     logs.configure(settings.log_level)
     _collect_garbage_rarely()
 
@@ -119,7 +136,7 @@ def simulator(
     from paystream.simulator.service import Faults, Simulator, SimulatorConfig, create_asgi_app
     from paystream.simulator.streams import Profile
 
-    settings = Settings()
+    settings = _settings()
     try:
         ensure_port_free(host, port, "the simulator", "pass --port with a free one")
     except PaystreamError as exc:
@@ -215,7 +232,7 @@ def errors(
     """
     from paystream import store
 
-    settings = Settings()
+    settings = _settings()
     where = _kept_filter(error_type, reason, topic, since, unresolved)
     wanted = None if show_all else limit
     page_rows = 1000
@@ -302,7 +319,7 @@ def replay(
     from paystream.pipeline import Pipeline
     from paystream.replay import replay as run_replay
 
-    settings = Settings()
+    settings = _settings()
     where = _kept_filter(error_type, reason, since=since, ids=ids)
 
     async def work(pool: Any) -> Any:
@@ -347,7 +364,7 @@ def show(
     """
     from paystream import audit
 
-    settings = Settings()
+    settings = _settings()
 
     async def work(pool: Any) -> Any:
         async with pool.connection() as conn:
