@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 import time
+import urllib.parse
 import urllib.request
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
@@ -162,7 +163,8 @@ class SimulatorClient:
 
     def gateway_calls(self, payment_id: str) -> dict[str, int]:
         """The gateway calls made for one payment, counted by their Idempotency-Key."""
-        calls: dict[str, int] = self.request("GET", f"/calls?payment_id={payment_id}")
+        query = urllib.parse.urlencode({"payment_id": payment_id})
+        calls: dict[str, int] = self.request("GET", f"/calls?{query}")
         return calls
 
     def logs(self) -> list[dict[str, Any]]:

@@ -17,7 +17,7 @@ import orjson
 import pytest
 from confluent_kafka import Producer
 
-from paystream.devenv.certs import ServerCertificate, make_server_certificate
+from paystream.devenv.certs import make_server_certificate
 from paystream.devenv.kafka import KafkaBroker, SecureListener
 from paystream.devenv.stack import DB_PASSWORD, Stack
 from tests.conftest import (
@@ -43,8 +43,6 @@ class Secured:
 
     env: Env
     simulator: SimulatorClient
-    broker: KafkaBroker
-    tls: ServerCertificate
     variables: dict[str, str]
     folder: Path
 
@@ -118,7 +116,7 @@ def secured(stack: Stack, folder: Path) -> Iterator[Secured]:
                     "PAYSTREAM_OUTBOX_IDLE_S": "0.2",
                     "PAYSTREAM_REVALIDATE_EVERY_S": "1",
                 }
-                yield Secured(env, simulator, broker, tls, variables, folder)
+                yield Secured(env, simulator, variables, folder)
     finally:
         broker.stop()
 

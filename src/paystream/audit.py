@@ -48,16 +48,16 @@ class Trail:
                 "created_on": stored.created_on.isoformat(),
                 "record": _place(stored.topic, stored.partition, stored.offset),
                 "record_time": _kafka_time(stored.kafka_ts),
-                "stored_at": None if stored.stored_at is None else stored.stored_at.isoformat(),
+                "stored_at": _iso(stored.stored_at),
             },
             "kept": [
                 {
                     **k.as_json(),
                     "record_time": _kafka_time(k.kafka_ts),
-                    "reported_at": None if k.reported_at is None else k.reported_at.isoformat(),
+                    "reported_at": _iso(k.reported_at),
                     "report_attempts": k.report_attempts,
                     "last_report_error": k.last_report_error,
-                    "resolved_at": None if k.resolved_at is None else k.resolved_at.isoformat(),
+                    "resolved_at": _iso(k.resolved_at),
                     "replay_history": [
                         {
                             "at": r.replayed_at.isoformat(),
@@ -95,6 +95,10 @@ def _kafka_time(ts: int | None) -> str | None:
     if ts is None or ts <= 0:
         return None
     return datetime.fromtimestamp(ts / 1000, UTC).isoformat()
+
+
+def _iso(moment: datetime | None) -> str | None:
+    return None if moment is None else moment.isoformat()
 
 
 def _when(moment: datetime | None) -> str:

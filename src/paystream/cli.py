@@ -10,7 +10,7 @@ import sys
 from dataclasses import fields
 from datetime import datetime
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from pydantic import ValidationError
@@ -19,6 +19,9 @@ from rich.table import Table
 
 from paystream.config import Settings
 from paystream.errors import PaystreamError
+
+if TYPE_CHECKING:
+    from paystream.store import KeptFilter
 
 app = typer.Typer(
     help="paystream: payments from Kafka, validated, stored exactly once; nothing lost.",
@@ -194,8 +197,8 @@ def _kept_filter(
     since: datetime | None = None,
     unresolved: bool = False,
     ids: list[int] | None = None,
-) -> Any:
-    from paystream.store import KeptFilter
+) -> KeptFilter:
+    from paystream.store import KeptFilter  # imported late: psycopg is slow to import
 
     return KeptFilter(
         error_type=error_type,
@@ -372,7 +375,7 @@ def show(
 
     trail = _with_pool(settings, work)
     if as_json:
-        sys.stdout.write(json.dumps(trail.as_json(), default=str) + "\n")
+        sys.stdout.write(json.dumps(trail.as_json()) + "\n")
     else:
         out.print(audit.render(trail))
     raise typer.Exit(0 if trail.records else 1)

@@ -123,14 +123,12 @@ class DashboardState:
                 now = time.time()
                 for reason in {r.value for r in Reason} | summaries.keys():
                     found = summaries.get(reason)
-                    oldest = None if found is None else found.oldest_unresolved
+                    age_s = None if found is None else found.oldest_age_s(now)
                     KEPT_UNRESOLVED.labels(reason=reason).set(found.unresolved if found else 0)
                     KEPT_UNRESOLVED_AMOUNT.labels(reason=reason).set(
                         float(found.unresolved_amount) if found else 0
                     )
-                    KEPT_OLDEST_AGE.labels(reason=reason).set(
-                        0 if oldest is None else max(0.0, now - oldest.timestamp())
-                    )
+                    KEPT_OLDEST_AGE.labels(reason=reason).set(age_s or 0)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=every_s)
 
@@ -150,9 +148,7 @@ class DashboardState:
                         "resolved": k.resolved,
                         "unresolved": k.unresolved,
                         "unresolved_amount": int(k.unresolved_amount),
-                        "oldest_unresolved_s": None
-                        if k.oldest_unresolved is None
-                        else max(0.0, now - k.oldest_unresolved.timestamp()),
+                        "oldest_unresolved_s": k.oldest_age_s(now),
                         "waits": k.reason in _WAITING_REASONS,
                     }
                     for k in await store.kept_by_reason(conn)

@@ -95,6 +95,7 @@ GroupProtocol = Literal["classic", "consumer"]
 
 
 def _group_settings(protocol: GroupProtocol) -> dict[str, Any]:
+    """How the group assigns partitions: set by paystream only (config.FIXED_KAFKA_PROPERTIES)."""
     if protocol == "consumer":
         # KIP-848: the broker assigns, incrementally, so a join or a leave moves only the
         # partitions that change hands while the rest keep flowing. `range` assigns each topic
@@ -107,19 +108,28 @@ def _group_settings(protocol: GroupProtocol) -> dict[str, Any]:
         # instances it gave one every online partition and the other every offline one (seen
         # in `make bench`), leaving the gateway work on a single instance.
         "partition.assignment.strategy": "roundrobin",
-        "session.timeout.ms": 10_000,
-        "heartbeat.interval.ms": 1_000,
     }
 
 
+def _group_timing(protocol: GroupProtocol) -> dict[str, Any]:
+    """Our defaults for the classic protocol's timing, which a deployment may tune; under
+    KIP-848 the timing is the broker's, and librdkafka refuses these."""
+    if protocol == "consumer":
+        return {}
+    return {"session.timeout.ms": 10_000, "heartbeat.interval.ms": 1_000}
+
+
 def choose_group_protocol(
-    client: Mapping[str, str], topic: str, wanted: str, timeout_s: float = 10.0
+    client: Mapping[str, str],
+    topic: str,
+    wanted: Literal["auto", "classic", "consumer"],
+    timeout_s: float = 10.0,
 ) -> GroupProtocol:
     """`wanted` itself, or for "auto" the consumer protocol (KIP-848) if the brokers take it,
     else the classic one. Asked by joining a throwaway group of our own on `topic`: a broker
     without KIP-848 answers its heartbeat with a fatal UNSUPPORTED_VERSION at once."""
-    if wanted in ("classic", "consumer"):
-        return "consumer" if wanted == "consumer" else "classic"
+    if wanted != "auto":
+        return wanted
     probe = Consumer(
         {
             **client,
@@ -168,8 +178,8 @@ class KafkaConsumer:
             "isolation.level": "read_committed",
             **_group_settings(group_protocol),
         }
-        self.group_protocol = group_protocol
         self._config = {
+            **_group_timing(group_protocol),
             "max.poll.interval.ms": 300_000,
             "fetch.wait.max.ms": 50,
             # Bound prefetched memory whatever the backlog (librdkafka's default is 64 MiB).

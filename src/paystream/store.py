@@ -528,6 +528,12 @@ class KeptSummary:
     unresolved_amount: Decimal
     oldest_unresolved: datetime | None
 
+    def oldest_age_s(self, now: float) -> float | None:
+        """How long, at `now` (epoch seconds), the oldest unresolved record has waited."""
+        if self.oldest_unresolved is None:
+            return None
+        return max(0.0, now - self.oldest_unresolved.timestamp())
+
 
 async def kept_by_reason(conn: Conn) -> list[KeptSummary]:
     cursor = conn.cursor(row_factory=class_row(KeptSummary))

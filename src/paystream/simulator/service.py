@@ -44,7 +44,8 @@ class Faults(BaseModel):
     )
     gateway_outage: bool = Field(False, description="every gateway call answers 503")
     credentials_revoked: bool = Field(
-        False, description="every gateway call answers 401, as when our API key was revoked"
+        False,
+        description="every gateway and log call answers 401, as when our API key was revoked",
     )
     log_outage: bool = Field(False, description="every log call answers 503")
     latency_ms: float | None = Field(
@@ -128,7 +129,10 @@ class Simulator:
         self._rng = random.Random(config.seed)
 
     def authorized(self, value: str | None) -> bool:
-        """Whether the auth header's value (None: absent) carries the demanded token."""
+        """Whether the auth header's value (None: absent) carries the demanded token, and our
+        key has not been revoked (the `credentials_revoked` fault)."""
+        if self.faults.credentials_revoked:
+            return False
         token = self.config.token
         if token is None:
             return True
@@ -295,9 +299,9 @@ class _Gateway:
         if scope["method"] != "POST":
             await self.app(scope, receive, send)
             return
-        wanted = self.simulator.config.auth_header.lower().encode()
-        given = next((v.decode() for k, v in scope["headers"] if k == wanted), None)
-        if self.simulator.faults.credentials_revoked or not self.simulator.authorized(given):
+        headers = dict(scope["headers"])  # one pass over the request's headers
+        given = headers.get(self.simulator.config.auth_header.lower().encode())
+        if not self.simulator.authorized(None if given is None else given.decode()):
             await _answer(send, 401, {"error": "missing or wrong credentials"})
             return
         body = b""
@@ -306,8 +310,10 @@ class _Gateway:
             body += message.get("body", b"")
             if not message.get("more_body"):
                 break
-        key = next((v.decode() for k, v in scope["headers"] if k == b"idempotency-key"), None)
-        status, document = await self.simulator.validate(body, key)
+        key = headers.get(b"idempotency-key")
+        status, document = await self.simulator.validate(
+            body, None if key is None else key.decode()
+        )
         await _answer(send, status, document)
 
 
