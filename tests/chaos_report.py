@@ -6,6 +6,9 @@ import json
 from pathlib import Path
 from typing import Any
 
+ROUNDS: list[dict[str, Any]] = []
+"""Every chaos round of this pytest session, written out when the session ends (conftest)."""
+
 
 def summarize(rounds: list[dict[str, Any]]) -> list[dict[str, Any]]:
     table: dict[str, dict[str, Any]] = {}
@@ -20,6 +23,7 @@ def summarize(rounds: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "doubled": 0,
                 "duplicate_reports": 0,
                 "recover_s": 0.0,
+                "noticed_s": None,
             },
         )
         row["rounds"] += 1
@@ -28,6 +32,8 @@ def summarize(rounds: list[dict[str, Any]]) -> list[dict[str, Any]]:
         row["doubled"] += r["doubled"]
         row["duplicate_reports"] += r["duplicate_reports"]
         row["recover_s"] = max(row["recover_s"], r["recover_s"])
+        if r.get("noticed_s") is not None:
+            row["noticed_s"] = max(row["noticed_s"] or 0.0, r["noticed_s"])
     return list(table.values())
 
 
@@ -38,14 +44,16 @@ def write(rounds: list[dict[str, Any]], path: Path = Path("chaos-report.json")) 
 
 def table(rows: list[dict[str, Any]]) -> str:
     header = (
-        f"{'scenario':<18}{'rounds':>7}{'records':>9}{'lost':>6}{'doubled':>9}"
-        f"{'dup reports':>13}{'recover s':>11}"
+        f"{'scenario':<26}{'rounds':>7}{'records':>9}{'lost':>6}{'doubled':>9}"
+        f"{'dup reports':>13}{'noticed s':>11}{'recover s':>11}"
     )
     lines = [header, "-" * len(header)]
     for row in rows:
+        noticed = "-" if row.get("noticed_s") is None else f"{row['noticed_s']:.1f}"
         lines.append(
-            f"{row['scenario']:<18}{row['rounds']:>7}{row['records']:>9}{row['lost']:>6}"
-            f"{row['doubled']:>9}{row['duplicate_reports']:>13}{row['recover_s']:>11.1f}"
+            f"{row['scenario']:<26}{row['rounds']:>7}{row['records']:>9}{row['lost']:>6}"
+            f"{row['doubled']:>9}{row['duplicate_reports']:>13}{noticed:>11}"
+            f"{row['recover_s']:>11.1f}"
         )
     return "\n".join(lines)
 

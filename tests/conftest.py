@@ -50,6 +50,16 @@ hypothesis.settings.register_profile(
 hypothesis.settings.load_profile("paystream")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def write_chaos_report() -> Iterator[None]:
+    """chaos-report.json for the chaos rounds of this session, if any ran."""
+    yield
+    from tests.chaos_report import ROUNDS, write
+
+    if ROUNDS:
+        write(ROUNDS)
+
+
 @pytest.fixture(scope="session")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     cache = Path(os.environ.get("PAYSTREAM_CACHE", Path.home() / ".cache" / "paystream"))

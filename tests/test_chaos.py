@@ -31,6 +31,7 @@ from paystream.devenv.stack import (
     Stack,
 )
 from paystream.reconcile import Reconciliation
+from tests import chaos_report
 from tests.conftest import (
     Env,
     SimulatorClient,
@@ -52,8 +53,6 @@ RANDOM = os.environ.get("PAYSTREAM_CHAOS_RANDOM") == "1"
 RECORDS = 400
 RATE = 80  # records/s: the stream lasts ~5 s, long enough for faults to land mid-stream
 
-REPORT: list[dict[str, Any]] = []
-
 
 def seeds(scenario: str) -> list[int]:
     if RANDOM:
@@ -61,8 +60,16 @@ def seeds(scenario: str) -> list[int]:
     return [zlib.crc32(scenario.encode()) % 1000 + i for i in range(ROUNDS)]
 
 
-def record(scenario: str, seed: int, report: Reconciliation, recover_s: float) -> None:
-    REPORT.append(
+def record(
+    scenario: str,
+    seed: int,
+    report: Reconciliation,
+    recover_s: float,
+    noticed_s: float | None = None,
+) -> None:
+    """One round for chaos-report.json; `noticed_s`: how long the processor took to notice the
+    fault, where it is one a processor must notice."""
+    chaos_report.ROUNDS.append(
         {
             "scenario": scenario,
             "seed": seed,
@@ -71,6 +78,7 @@ def record(scenario: str, seed: int, report: Reconciliation, recover_s: float) -
             "doubled": report.doubled,
             "duplicate_reports": report.duplicate_reports,
             "recover_s": round(recover_s, 2),
+            "noticed_s": None if noticed_s is None else round(noticed_s, 2),
             "problems": report.problems[:10],
         }
     )
@@ -83,11 +91,12 @@ def check(
     scenario: str,
     seed: int,
     fault_ended: float,
+    noticed_s: float | None = None,
 ) -> None:
     wait_for(lambda: settled(env, simulator, settings), 120, f"{scenario} to settle")
     recover_s = time.monotonic() - fault_ended
     report = reconcile_now(env, simulator, settings)
-    record(scenario, seed, report, recover_s)
+    record(scenario, seed, report, recover_s, noticed_s)
     assert report.problems == [], f"{scenario} seed {seed}"
     assert report.ok
 
@@ -339,15 +348,6 @@ def test_poison_records_are_kept_and_block_nothing(stack: Stack, tmp_path: Path,
             assert report.ok, report.problems
 
 
-@pytest.fixture(scope="module", autouse=True)
-def write_report() -> Iterator[None]:
-    yield
-    if REPORT:
-        from tests.chaos_report import write
-
-        write(REPORT)
-
-
 @pytest.mark.parametrize("seed", seeds("replay-crash"))
 def test_kill_9_during_replay(stack: Stack, tmp_path: Path, seed: int) -> None:
     """`paystream replay` killed mid-way and run again stores each payment exactly once and
@@ -398,7 +398,7 @@ def test_kill_9_during_replay(stack: Stack, tmp_path: Path, seed: int) -> None:
             " (SELECT max(created_on) FROM payments p WHERE p.account_id = a.account_id)"
         )
         assert [(0,)] == bad_dates
-        REPORT.append(
+        chaos_report.ROUNDS.append(
             {
                 "scenario": "replay-crash",
                 "seed": seed,
@@ -407,6 +407,7 @@ def test_kill_9_during_replay(stack: Stack, tmp_path: Path, seed: int) -> None:
                 "doubled": 0,
                 "duplicate_reports": max(0, len(simulator.logs()) - len(accounts)),
                 "recover_s": round(time.monotonic() - started, 2),
+                "noticed_s": None,
                 "problems": [],
             }
         )

@@ -7,6 +7,7 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import urlsplit
 
 import psycopg
@@ -21,6 +22,7 @@ from paystream.dashboard import DashboardState
 from paystream.errors import ConfigurationError
 from paystream.gateway import CircuitBreaker, Gateway, third_party_client
 from paystream.kafka import KafkaConsumer, check_access, choose_group_protocol
+from paystream.metrics import BROKER_UP
 from paystream.migrations import migrate
 from paystream.model import PaymentType
 from paystream.outbox import LogClient, OutboxRelay, ReportFailed
@@ -39,6 +41,47 @@ def redacted(url: str) -> str:
     return f"{parts.scheme}://{parts.username or ''}@{host}:{parts.port or 5432}{parts.path}"
 
 
+# libpq's side of every connection. A partition drops packets without a reset, and a query sent
+# into one is retransmitted by TCP for ~15 minutes (tcp_retries2) before libpq hears of it.
+DATABASE_LINK: dict[str, Any] = {
+    "connect_timeout": 5,  # seconds for a connection attempt whose SYN goes unanswered
+    # Data sent and unacknowledged for 10 s: the link is gone. The batch fails with
+    # DatabaseUnavailable and is retried on a new connection (our statements run in
+    # milliseconds; this is network silence, not a slow query).
+    "tcp_user_timeout": 10_000,
+    # An idle pooled connection that died: found after 5 s idle + 3 probes 2 s apart.
+    "keepalives": 1,
+    "keepalives_idle": 5,
+    "keepalives_interval": 2,
+    "keepalives_count": 3,
+}
+
+# The server's side of each of our sessions, set when a connection opens (SET, not a startup
+# option, so that PgBouncer and other poolers accept it).
+_SESSION_SETTINGS = (
+    # A batch's transaction cut off mid-way by a partition holds its row locks until the server
+    # notices the client is gone; waiting for the next command, the server sends nothing, so
+    # only its own keepalive probes find out: 11 s after the link went silent, not 2 hours.
+    "SET tcp_keepalives_idle = 5",
+    "SET tcp_keepalives_interval = 2",
+    "SET tcp_keepalives_count = 3",
+    # Through a proxy the server's probes are answered by the proxy, so also end any
+    # transaction of ours left idle for 30 s; ours hold no transaction open across a network
+    # call (gateway and log calls are made outside them), so only an abandoned one is hit.
+    "SET idle_in_transaction_session_timeout = '30s'",
+    # Our statements take milliseconds; one running for a minute is waiting on a lock held by
+    # such an abandoned transaction, and is better failed and retried than left hanging.
+    "SET statement_timeout = '60s'",
+)
+
+
+async def configure_session(conn: psycopg.AsyncConnection[Any]) -> None:
+    """The pool's hook for each new connection: our session settings, committed."""
+    for statement in _SESSION_SETTINGS:
+        await conn.execute(statement)
+    await conn.commit()
+
+
 @contextlib.asynccontextmanager
 async def open_pool(
     settings: Settings, max_size: int = 10
@@ -52,7 +95,7 @@ async def open_pool(
         )
 
     try:  # one direct attempt first: a refused connection fails at once, not after pool retries
-        first = await psycopg.AsyncConnection.connect(settings.database_dsn, connect_timeout=5)
+        first = await psycopg.AsyncConnection.connect(settings.database_dsn, **DATABASE_LINK)
     except psycopg.OperationalError as exc:
         # libpq's last line says why (refused, certificate, password), never the password.
         lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
@@ -65,7 +108,8 @@ async def open_pool(
         timeout=5.0,
         open=False,
         check=psycopg_pool.AsyncConnectionPool.check_connection,
-        kwargs={"application_name": "paystream", "connect_timeout": 5},
+        kwargs={"application_name": "paystream", **DATABASE_LINK},
+        configure=configure_session,
     )
     try:
         await pool.open(wait=True, timeout=15.0)
@@ -188,6 +232,7 @@ async def run_processor(
             on_batch=totals.add,
         )
         await kafka.start()
+        BROKER_UP.set_function(lambda: 1.0 if kafka.broker_ok else 0.0)
         runner = None
         try:
 

@@ -93,6 +93,32 @@ def _rejected(exc: KafkaException) -> ConfigurationError:
 
 GroupProtocol = Literal["classic", "consumer"]
 
+# Whether the brokers answer, for readiness and paystream_broker_up: asked every 5 s (one small
+# metadata request) and on every consume call while they do not. librdkafka's own errors say so
+# only once a connection has failed, and a link that went silent fails no connection until
+# socket.timeout.ms has passed (and not at all while a commit holds the consumer's thread).
+_PROBE_EVERY_S = 5.0
+_PROBE_TIMEOUT_S = 1.0
+_BROKER_AWAY = frozenset(
+    {KafkaError._ALL_BROKERS_DOWN, KafkaError._TRANSPORT, KafkaError._TIMED_OUT}
+)
+
+LINK_TIMEOUTS: dict[str, Any] = {
+    # A link that drops packets silently (a partition, a dead NAT entry, a broker host that
+    # vanished) sends no reset: it shows only as requests that never get an answer. librdkafka
+    # waits socket.timeout.ms for one before it closes the connection and reconnects; its
+    # default, 60 s, would let a 20 s partition heal before the consumer noticed it. Our
+    # requests are fetches that wait at most fetch.wait.max.ms (50 ms), heartbeats and
+    # commits: a healthy broker answers each in milliseconds, so 10 s means it is away.
+    "socket.timeout.ms": 10_000,
+    # A connection attempt whose SYN gets no answer: give up after 10 s (default 30 s) and try
+    # again, so that a healed link is used within seconds of healing.
+    "socket.connection.setup.timeout.ms": 10_000,
+    # Keep idle connections (a coordinator between heartbeats) open through NAT and firewall
+    # idle timers, which otherwise forget them silently.
+    "socket.keepalive.enable": True,
+}
+
 
 def _group_settings(protocol: GroupProtocol) -> dict[str, Any]:
     """How the group assigns partitions: set by paystream only (config.FIXED_KAFKA_PROPERTIES)."""
@@ -180,11 +206,13 @@ class KafkaConsumer:
         }
         self._config = {
             **_group_timing(group_protocol),
+            **LINK_TIMEOUTS,
             "max.poll.interval.ms": 300_000,
             "fetch.wait.max.ms": 50,
             # Bound prefetched memory whatever the backlog (librdkafka's default is 64 MiB).
             "queued.max.messages.kbytes": 16_384,
             "error_cb": self._on_error,
+            "on_commit": self._on_commit,
             **client,
             **overrides,
             **fixed,
@@ -196,15 +224,20 @@ class KafkaConsumer:
         # The group's committed offset of each owned partition, as far as this consumer knows:
         # read when the partition is assigned, raised by each commit. Never committed below.
         self._committed: Offsets = {}
+        self._committing: Offsets = {}  # sent, not yet answered
+        self._commit_retry_at = 0.0
         self._paused = False
         self._writer = uuid4()
         self.broker_ok = True
+        self._next_probe = 0.0
 
     async def _call(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
     def _on_error(self, error: KafkaError) -> None:
-        if error.code() == KafkaError._ALL_BROKERS_DOWN:
+        # A connection that failed or timed out (socket.timeout.ms) as well as all of them
+        # down: the next consume call asks the broker again and says when it is back.
+        if error.code() in _BROKER_AWAY:
             self.broker_ok = False
         log.warning("kafka: %s", error)
 
@@ -225,6 +258,8 @@ class KafkaConsumer:
 
     def _on_revoke(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
         self.assignment -= {(p.topic, p.partition) for p in partitions}
+        for p in partitions:
+            self._committing.pop((p.topic, p.partition), None)
         log.info("revoked %s", sorted((p.topic, p.partition) for p in partitions))
 
     def _open(self) -> None:
@@ -244,12 +279,14 @@ class KafkaConsumer:
 
     def _consume(self, max_records: int, timeout_s: float) -> Fetched:
         assert self._consumer is not None
-        if not self.broker_ok:
+        now = time.monotonic()
+        if not self.broker_ok or now >= self._next_probe:
+            self._next_probe = now + _PROBE_EVERY_S
             try:
-                self._consumer.list_topics(self._topics[0], timeout=0.5)
+                self._consumer.list_topics(self._topics[0], timeout=_PROBE_TIMEOUT_S)
                 self.broker_ok = True
             except KafkaException:
-                pass
+                self.broker_ok = False
         records = []
         for message in self._consumer.consume(max_records, timeout_s):
             error = message.error()
@@ -297,7 +334,8 @@ class KafkaConsumer:
             await self._call(self._set_paused, False)
 
     def uncommitted(self, offsets: Offsets) -> Offsets:
-        """Those of `offsets` for partitions owned now and beyond the group's committed offset.
+        """Those of `offsets` for partitions owned now and beyond both the group's committed
+        offset and any commit on its way.
 
         One at or below it (another owner got further while this one did not hold the partition)
         is covered already: committing it would move the group back.
@@ -305,29 +343,53 @@ class KafkaConsumer:
         return {
             key: offset
             for key, offset in offsets.items()
-            if key in self.assignment and offset > self._committed.get(key, -1)
+            if key in self.assignment
+            and offset > max(self._committed.get(key, -1), self._committing.get(key, -1))
         }
 
     def _commit(self, offsets: Offsets) -> Offsets:
+        """Send the commit and return at once: a synchronous commit to a broker that went
+        silent holds this thread (and so every consume call, the broker probe and shutdown)
+        until the link heals. The result arrives in `_on_commit`, served by consume calls."""
         assert self._consumer is not None
         owned = {key: offset for key, offset in offsets.items() if key in self.assignment}
         ahead = self.uncommitted(owned)
         if ahead:
+            if time.monotonic() < self._commit_retry_at:
+                return {}
             try:
                 self._consumer.commit(
                     offsets=[TopicPartition(t, p, o) for (t, p), o in ahead.items()],
-                    asynchronous=False,
+                    asynchronous=True,
                 )
             except KafkaException as exc:
                 # Lost the partition in a rebalance: its new owner re-reads; writes are idempotent.
                 log.warning("offset commit failed (%s); records will be redelivered", exc)
                 return {}
-            self._committed.update(ahead)
+            self._committing.update(ahead)
         return owned
+
+    def _on_commit(self, error: KafkaError | None, partitions: list[TopicPartition]) -> None:
+        failed = []
+        for tp in partitions:
+            key = (tp.topic, tp.partition)
+            if self._committing.get(key, -1) <= tp.offset:
+                self._committing.pop(key, None)
+            if error is None and tp.error is None:
+                self._committed[key] = max(self._committed.get(key, -1), tp.offset)
+            else:
+                failed.append(key)
+        if failed:
+            # Sent again (no sooner than in a second) while the partitions are ours; a new
+            # owner re-reads from the group's offset instead, and writes are idempotent.
+            self._commit_retry_at = time.monotonic() + 1.0
+            reason = error.str() if error is not None else "a partition's commit failed"
+            log.warning("offset commit failed (%s) for %s; sent again", reason, sorted(failed))
 
     async def commit(self, offsets: Offsets) -> Offsets:
         """Commit the offsets of the partitions this consumer owns, never below what the group
-        has committed already; returns the owned offsets now covered by a commit."""
+        has committed already or a commit on its way; returns the owned offsets now covered by
+        a commit, sent or done (closing waits for those sent)."""
         return await self._call(self._commit, offsets)
 
     def _close(self) -> None:

@@ -22,6 +22,11 @@ GATEWAY_SECONDS = Histogram("paystream_gateway_seconds", "Gateway call latency")
 DB_FAILURES = Counter("paystream_database_failures_total", "Batch transactions that failed")
 OUTBOX_DEPTH = Gauge("paystream_outbox_depth", "Kept records not yet reported to the log service")
 CONSUMER_LAG = Gauge("paystream_consumer_lag", "Records behind the end", ["topic", "partition"])
+BROKER_UP = Gauge(
+    "paystream_broker_up",
+    "0 while the Kafka client reports every broker down (a timed-out request, a refused "
+    "connection), else 1",
+)
 CIRCUIT_OPEN = Gauge(
     "paystream_gateway_circuit_open",
     "1 while the gateway circuit breaker is open (0 once its cool-down has passed)",

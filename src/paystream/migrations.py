@@ -29,6 +29,12 @@ async def migrate(conn: AsyncConnection[TupleRow]) -> list[str]:
     """
     applied_now = []
     await conn.set_autocommit(True)
+    # Waiting for another instance's migrations, or one backfilling a large table, may take
+    # longer than the statement timeout our sessions run with (app.configure_session).
+    cursor = await conn.execute("SELECT current_setting('statement_timeout')")
+    row = await cursor.fetchone()
+    before = "0" if row is None else str(row[0])
+    await conn.execute("SELECT set_config('statement_timeout', '0', false)")
     await conn.execute("SELECT pg_advisory_lock(%s)", (_LOCK_KEY,))
     try:
         await conn.execute("CREATE SCHEMA IF NOT EXISTS paystream")
@@ -51,4 +57,5 @@ async def migrate(conn: AsyncConnection[TupleRow]) -> list[str]:
             applied_now.append(name)
     finally:
         await conn.execute("SELECT pg_advisory_unlock(%s)", (_LOCK_KEY,))
+        await conn.execute("SELECT set_config('statement_timeout', %s, false)", (before,))
     return applied_now

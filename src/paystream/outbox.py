@@ -1,8 +1,10 @@
 """Relay kept records to the log service: claim, send, mark; retry later with back-off.
 
 Reports are rows of paystream.kept_records, written in the same transaction as the outcome, so a
-log-service outage only delays them. Rows are claimed with SKIP LOCKED: several instances relay
-without sending a report twice (a crash between send and mark may repeat one: at least once).
+log-service outage only delays them. A relay claims rows in one short statement (SKIP LOCKED) that
+leases them for longer than their sending can take, sends with no transaction open, then marks
+them: several instances relay without sending a report twice, no row lock waits on the network,
+and a relay that dies mid-way leaves its rows due again when the lease ends (at least once).
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 from datetime import timedelta
 
 import orjson
@@ -32,6 +35,7 @@ class LogClient:
     def __init__(self, client: Client, base_url: str, timeout_s: float) -> None:
         self._client = client
         self._url = base_url.rstrip("/") + "/log"
+        self.timeout_s = timeout_s
         self._timeout = timedelta(seconds=timeout_s)
 
     async def send(self, payment_id: str | None, error_type: str, description: str) -> None:
@@ -66,6 +70,9 @@ class OutboxRelay:
         self._idle_s = idle_s
         self._wake = asyncio.Event()
         self._slots = asyncio.Semaphore(max_in_flight)
+        # Every claimed report sent, each at most its timeout, max_in_flight at a time; and
+        # room for the marking. A claim never lapses while its relay is still sending.
+        self._lease_s = client.timeout_s * math.ceil(claim_batch / max_in_flight) + 10.0
 
     def wake(self) -> None:
         """New kept records are durable: relay without waiting for the idle timer."""
@@ -90,18 +97,17 @@ class OutboxRelay:
 
     async def relay_once(self) -> tuple[int, int]:
         """Deliver one claimed batch of due reports. Returns (delivered, failed)."""
+        async with self._pool.connection() as conn:
+            reports = await store.claim_reports(conn, self._claim_batch, self._lease_s)
+        if not reports:
+            OUTBOX_DEPTH.set(0)
+            return 0, 0
+        outcomes = await asyncio.gather(*(self._send(r) for r in reports))
+        delivered = [r.id for r, error in zip(reports, outcomes, strict=True) if error is None]
+        failed = [
+            (r.id, error) for r, error in zip(reports, outcomes, strict=True) if error is not None
+        ]
         async with self._pool.connection() as conn, conn.transaction():
-            reports = await store.claim_reports(conn, self._claim_batch)
-            if not reports:
-                OUTBOX_DEPTH.set(0)
-                return 0, 0
-            outcomes = await asyncio.gather(*(self._send(r) for r in reports))
-            delivered = [r.id for r, error in zip(reports, outcomes, strict=True) if error is None]
-            failed = [
-                (r.id, error)
-                for r, error in zip(reports, outcomes, strict=True)
-                if error is not None
-            ]
             await store.mark_reported(conn, delivered)
             if failed:
                 await store.mark_report_failed(conn, [i for i, _ in failed], failed[0][1])

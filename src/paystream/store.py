@@ -332,21 +332,25 @@ class Report:
     description: str
 
 
-async def claim_reports(conn: Conn, limit: int) -> list[Report]:
-    """Oldest due reports first; rows another relay holds are skipped, not waited for."""
+async def claim_reports(conn: Conn, limit: int, lease_s: float) -> list[Report]:
+    """Lease the oldest due reports for `lease_s` (no other relay takes them meanwhile); rows
+    another relay is claiming are skipped, not waited for. Oldest first."""
     cursor = await conn.execute(
         """
-        SELECT id, payment_id, error_type, description FROM paystream.kept_records
-        WHERE reported_at IS NULL AND next_report_at <= now()
-        ORDER BY id LIMIT %s
-        FOR UPDATE SKIP LOCKED
+        UPDATE paystream.kept_records
+        SET next_report_at = now() + %(lease_s)s * interval '1 second'
+        WHERE id IN (
+            SELECT id FROM paystream.kept_records
+            WHERE reported_at IS NULL AND next_report_at <= now()
+            ORDER BY id LIMIT %(limit)s
+            FOR UPDATE SKIP LOCKED
+        )
+        RETURNING id, payment_id, error_type, description
         """,
-        (limit,),
+        {"limit": limit, "lease_s": lease_s},
     )
-    return [
-        Report(id=r[0], payment_id=r[1], error_type=r[2], description=r[3])
-        for r in await cursor.fetchall()
-    ]
+    rows = sorted(await cursor.fetchall())
+    return [Report(id=r[0], payment_id=r[1], error_type=r[2], description=r[3]) for r in rows]
 
 
 async def mark_reported(conn: Conn, ids: Sequence[int]) -> None:

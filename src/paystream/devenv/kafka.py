@@ -6,6 +6,7 @@ import shutil
 import subprocess
 import time
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -103,9 +104,11 @@ class KafkaBroker:
         host: str = "127.0.0.1",
         secure: SecureListener | None = None,
         group_protocols: str = "classic,consumer",
+        extra_listeners: Mapping[str, str] | None = None,
     ):
         """`group_protocols`: the consumer group protocols the broker accepts ("classic" alone
-        is a broker without KIP-848's)."""
+        is a broker without KIP-848's). `extra_listeners`: more plaintext listeners, name →
+        host:port, each advertised as itself (clients in a network namespace of their own)."""
         self.data_dir = data_dir
         self.cache_dir = cache_dir
         self.host = host
@@ -114,6 +117,7 @@ class KafkaBroker:
         self.secure = secure
         self.secure_port = free_port(host) if secure else 0
         self.group_protocols = group_protocols
+        self.extra_listeners = dict(extra_listeners or {})
         self._process: ChildProcess | None = None
 
     @property
@@ -139,6 +143,11 @@ class KafkaBroker:
         listeners = {"PLAINTEXT": plain}
         if self.secure is not None:
             listeners["SASL_SSL"] = f"{self.host}:{self.secure_port}"
+        listeners |= self.extra_listeners
+        protocols = dict.fromkeys(("PLAINTEXT", "CONTROLLER"), "PLAINTEXT")
+        protocols |= dict.fromkeys(self.extra_listeners, "PLAINTEXT")
+        if self.secure is not None:
+            protocols["SASL_SSL"] = "SASL_SSL"
         settings = {
             "process.roles": "broker,controller",
             "node.id": "1",
@@ -148,8 +157,7 @@ class KafkaBroker:
             "advertised.listeners": ",".join(f"{k}://{v}" for k, v in listeners.items()),
             "controller.listener.names": "CONTROLLER",
             "inter.broker.listener.name": "PLAINTEXT",
-            "listener.security.protocol.map": "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT"
-            + (",SASL_SSL:SASL_SSL" if self.secure else ""),
+            "listener.security.protocol.map": ",".join(f"{k}:{v}" for k, v in protocols.items()),
             "group.coordinator.rebalance.protocols": self.group_protocols,
             # KIP-848 groups take their timing from the broker: the same as paystream's classic
             # groups ask for (a killed member's partitions move after 10 s, not the default 45).

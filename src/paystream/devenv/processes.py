@@ -126,7 +126,12 @@ class ChildProcess:
         return self.process.returncode
 
 
-def run_processor(settings: Settings, log_path: Path) -> ChildProcess:
-    """`paystream run` with these settings as a child process (crash tests, scale-out, bench)."""
-    argv = [sys.executable, "-m", "paystream", "run"]
+def run_processor(
+    settings: Settings,
+    log_path: Path,
+    wrap: Callable[[list[str]], list[str]] = lambda argv: argv,
+) -> ChildProcess:
+    """`paystream run` with these settings as a child process (crash tests, scale-out, bench);
+    `wrap` changes its command line (to run it in a network namespace, say)."""
+    argv = wrap([sys.executable, "-m", "paystream", "run"])
     return ChildProcess("processor", argv, log_path, env={**os.environ, **settings.as_env()})
