@@ -181,6 +181,11 @@ class SimulatorClient:
         logs: list[dict[str, Any]] = self.request("GET", "/logs")
         return logs
 
+    def traceparents(self) -> dict[str, list[str]]:
+        """The W3C traceparent headers the gateway and the log API received."""
+        received: dict[str, list[str]] = self.request("GET", "/traceparents")
+        return received
+
     def wait_produced(self, timeout_s: float = 60) -> None:
         wait_for(lambda: self.status().get("done") is True, timeout_s, "the producer to finish")
         assert self.status()["failed"] == 0

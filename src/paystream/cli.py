@@ -87,6 +87,11 @@ def run() -> None:
     settings = _settings()
     logs.configure(settings.log_level)
     _collect_garbage_rarely()
+    provider = None
+    if settings.otlp_endpoint is not None:
+        from paystream import tracing
+
+        provider = tracing.configure_otlp(settings.otlp_endpoint)
 
     async def main() -> None:
         stop = asyncio.Event()
@@ -98,6 +103,9 @@ def run() -> None:
         uvloop.run(main())
     except PaystreamError as exc:
         raise _fail(exc) from exc
+    finally:
+        if provider is not None:
+            provider.shutdown()  # the spans still batched go out before we exit
 
 
 @app.command()

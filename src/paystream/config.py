@@ -121,6 +121,10 @@ class Settings(BaseSettings):
     # Seal kept records' raw bytes (card numbers included) with AES-GCM; see paystream.sealing.
     kept_key_file: Path | None = None
 
+    # OpenTelemetry: spans exported over OTLP/HTTP to this collector (its base URL, e.g.
+    # http://otel-collector:4318); tracing is off, at no cost, without it.
+    otlp_endpoint: str | None = None
+
     web_host: str = "127.0.0.1"
     web_port: int = Field(default=8000, ge=0, le=65535)
     operator_token: SecretStr | None = None

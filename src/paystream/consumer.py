@@ -14,6 +14,7 @@ import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
 
+from paystream import tracing
 from paystream.errors import DatabaseUnavailable
 from paystream.kafka import Fetched, KafkaConsumer, Offsets, merge_offsets
 from paystream.metrics import BATCH_SECONDS, BATCH_SIZE, DB_FAILURES, RECORDS
@@ -112,6 +113,15 @@ class BatchConsumer:
 
     async def _run_batch(self, seq: int, batch: Fetched, stop: asyncio.Event) -> None:
         records = batch.records
+        with tracing.span(
+            "paystream.batch",
+            links_to=[r.traceparent for r in records] if tracing.enabled() else (),
+            attributes={"paystream.records": len(records)},
+        ):
+            await self._run_traced(seq, batch, stop)
+
+    async def _run_traced(self, seq: int, batch: Fetched, stop: asyncio.Event) -> None:
+        records = batch.records
         try:
             started = time.perf_counter()
             result = await self._process_until_durable(batch, stop)
@@ -166,6 +176,10 @@ class BatchConsumer:
         """One committer at a time; it goes on while batches finish during its broker call.
         After a failed commit (a rebalance, the broker away) the next try waits a second."""
         while offsets := self._kafka.uncommitted(self._commits.committable):
-            if not await self._kafka.commit(offsets):
+            with tracing.span(
+                "paystream.commit", attributes={"paystream.partitions": len(offsets)}
+            ):
+                covered = await self._kafka.commit(offsets)
+            if not covered:
                 self._commit_not_before = time.monotonic() + 1.0
                 return

@@ -25,10 +25,12 @@ from datetime import timedelta
 from pathlib import Path
 
 import stamina
+from opentelemetry.trace import SpanKind
 from prometheus_client import Counter
 from pyreqwest.client import Client, ClientBuilder
 from pyreqwest.exceptions import RequestError
 
+from paystream import tracing
 from paystream.errors import CircuitOpen, ConfigurationError, GatewayUnavailable
 from paystream.metrics import CIRCUIT_OPEN, GATEWAY_CALLS, GATEWAY_SECONDS
 
@@ -269,9 +271,12 @@ class Gateway:
         self.breaker = breaker or CircuitBreaker()
 
     async def validate_all(
-        self, payments: Sequence[tuple[str, bytes]]
+        self,
+        payments: Sequence[tuple[str, bytes]],
+        traceparents: Sequence[str | None] | None = None,
     ) -> list[Verdict | GatewayUnavailable]:
         """Validate each (payment_id, body); the verdicts (or why there is none) in that order.
+        `traceparents`: each payment's producer's trace context, its calls' parent (tracing).
 
         At most the in-flight limit of lanes work through the list: a task per payment, most of
         them queued on the limit, cost a sixth of the processor's CPU when profiled. The calls of
@@ -280,11 +285,16 @@ class Gateway:
         priority = time.monotonic()
         pending = iter(enumerate(payments))
         answers: dict[int, Verdict | GatewayUnavailable] = {}
+        parents = traceparents if traceparents is not None and tracing.enabled() else None
 
         async def lane() -> None:
             for i, (payment_id, body) in pending:
                 try:
-                    answers[i] = await self.validate(payment_id, body, priority)
+                    if parents is None:
+                        answers[i] = await self.validate(payment_id, body, priority)
+                    else:
+                        with tracing.span("paystream.gateway.validate", parent=parents[i]):
+                            answers[i] = await self.validate(payment_id, body, priority)
                 except GatewayUnavailable as exc:
                     answers[i] = exc
 
@@ -344,6 +354,14 @@ class Gateway:
         return verdict
 
     async def _call(self, body: bytes, headers: Mapping[str, str], priority: float) -> Verdict:
+        if not tracing.enabled():
+            return await self._call_once(body, headers, priority)
+        with tracing.span(
+            "POST /payment", kind=SpanKind.CLIENT, attributes={"server.address": self._url}
+        ):
+            return await self._call_once(body, {**headers, **tracing.headers()}, priority)
+
+    async def _call_once(self, body: bytes, headers: Mapping[str, str], priority: float) -> Verdict:
         await self._slots.acquire(priority)
         started = time.perf_counter()
         try:
@@ -355,6 +373,7 @@ class Gateway:
             self._slots.release()
             GATEWAY_SECONDS.observe(time.perf_counter() - started)
         _calls(status).inc()
+        tracing.annotate("http.response.status_code", status)
         if 200 <= status < 300:
             return Approved(status)
         if status >= 500 or status in _TRANSIENT_STATUSES:

@@ -15,9 +15,10 @@ from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 from uuid import UUID, uuid4
 
-from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 from confluent_kafka.admin import AdminClient
 
+from paystream import tracing
 from paystream.errors import ConfigurationError
 from paystream.model import Record, RecordId
 
@@ -288,6 +289,7 @@ class KafkaConsumer:
             except KafkaException:
                 self.broker_ok = False
         records = []
+        tracing_on = tracing.enabled()
         for message in self._consumer.consume(max_records, timeout_s):
             error = message.error()
             if error is not None:
@@ -308,6 +310,7 @@ class KafkaConsumer:
                         timestamp_ms=timestamp,
                     ),
                     value=message.value(),
+                    traceparent=_traceparent(message) if tracing_on else None,
                 )
             )
         # Rebalance callbacks run inside consume, and librdkafka drops what the call fetched for
@@ -402,6 +405,17 @@ class KafkaConsumer:
             await self._call(self._close)
         finally:
             self._executor.shutdown(wait=True)
+
+
+def _traceparent(message: Message) -> str | None:
+    """The record's `traceparent` header (librdkafka returns headers as a list of pairs)."""
+    headers = message.headers()
+    if not isinstance(headers, list):
+        return None
+    for name, value in headers:
+        if name == tracing.TRACEPARENT and value:
+            return value.decode("ascii", "replace") if isinstance(value, bytes) else str(value)
+    return None
 
 
 def merge_offsets(target: Offsets, records: Iterable[Record]) -> None:

@@ -73,6 +73,8 @@ class Record:
 
     id: RecordId
     value: bytes | None
+    traceparent: str | None = None
+    """The producer's W3C trace context from the record's headers (read only while tracing)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

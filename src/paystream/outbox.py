@@ -18,9 +18,10 @@ from datetime import timedelta
 import orjson
 import psycopg
 import psycopg_pool
+from opentelemetry.trace import SpanKind
 from pyreqwest.client import Client
 
-from paystream import store
+from paystream import store, tracing
 from paystream.gateway import Unanswered, post
 from paystream.metrics import OUTBOX_DEPTH, REPORTS
 
@@ -38,7 +39,26 @@ class LogClient:
         self.timeout_s = timeout_s
         self._timeout = timedelta(seconds=timeout_s)
 
-    async def send(self, payment_id: str | None, error_type: str, description: str) -> None:
+    async def send(
+        self,
+        payment_id: str | None,
+        error_type: str,
+        description: str,
+        traceparent: str | None = None,
+    ) -> None:
+        """Report one error; `traceparent`: the trace the report continues (tracing)."""
+        if not tracing.enabled():
+            return await self._send(payment_id, error_type, description, {})
+        with tracing.span("POST /log", parent=traceparent, kind=SpanKind.CLIENT):
+            return await self._send(payment_id, error_type, description, tracing.headers())
+
+    async def _send(
+        self,
+        payment_id: str | None,
+        error_type: str,
+        description: str,
+        headers: dict[str, str],
+    ) -> None:
         # The statement's model calls the field `error`, its curl example `error_type`: send both.
         body = {
             "payment_id": payment_id,
@@ -47,9 +67,10 @@ class LogClient:
             "error_description": description,
         }
         try:
-            status = await post(self._client, self._url, orjson.dumps(body), self._timeout)
+            status = await post(self._client, self._url, orjson.dumps(body), self._timeout, headers)
         except Unanswered as exc:
             raise ReportFailed(f"log service unreachable: {exc}") from exc
+        tracing.annotate("http.response.status_code", status)
         if not 200 <= status < 300:
             raise ReportFailed(f"log service answered HTTP {status}")
 
@@ -117,7 +138,9 @@ class OutboxRelay:
     async def _send(self, report: store.Report) -> str | None:
         async with self._slots:
             try:
-                await self._client.send(report.payment_id, report.error_type, report.description)
+                await self._client.send(
+                    report.payment_id, report.error_type, report.description, report.traceparent
+                )
             except ReportFailed as exc:
                 REPORTS.labels(outcome="failed").inc()
                 return str(exc)

@@ -19,7 +19,7 @@ from uuid import UUID, uuid4
 import psycopg
 import psycopg_pool
 
-from paystream import store
+from paystream import store, tracing
 from paystream.codec import DecodeError, decode
 from paystream.errors import CircuitOpen, DatabaseUnavailable, GatewayUnavailable
 from paystream.gateway import Approved, Declined, Gateway
@@ -121,13 +121,19 @@ class Pipeline:
         (resolved when the payment is now stored) instead of counting as an outcome already.
         """
         try:
-            async with self._pool.connection() as conn:
-                await conn.set_autocommit(True)
-                prepared, online = await self._prepare(conn, records, replay=replay)
+            with tracing.span("paystream.decode"):
+                prepared, online = self._decode(records)
+            if online:
+                with tracing.span("paystream.load"):
+                    async with self._pool.connection() as conn:
+                        await conn.set_autocommit(True)
+                        online = await self._load(conn, prepared, online, replay=replay)
             # The connection goes back to the pool before the (possibly slow) gateway calls.
-            await self._validate(online, prepared)
+            with tracing.span("paystream.validate", attributes={"paystream.online": len(online)}):
+                await self._validate(online, prepared)
             writer = self._writer if writer is None else writer
-            result = await self._write(prepared, writer, replay=replay)
+            with tracing.span("paystream.transaction"):
+                result = await self._write(prepared, writer, replay=replay)
             result.redelivered += prepared.redelivered
         except (psycopg.OperationalError, psycopg_pool.PoolTimeout) as exc:
             raise DatabaseUnavailable(f"database unavailable: {type(exc).__name__}") from exc
@@ -136,10 +142,8 @@ class Pipeline:
             self._on_kept()
         return result
 
-    async def _prepare(
-        self, conn: store.Conn, records: Sequence[Record], *, replay: bool
-    ) -> tuple[_Prepared, list[tuple[Record, Payment]]]:
-        """Decode, and pick the online payments to validate: not those already done."""
+    def _decode(self, records: Sequence[Record]) -> tuple[_Prepared, list[tuple[Record, Payment]]]:
+        """Decode: what is kept already, the offline candidates, and the online payments."""
         prepared = _Prepared()
         online: list[tuple[Record, Payment]] = []
         for record in records:
@@ -163,8 +167,17 @@ class Pipeline:
                     )
                 case Payment():
                     online.append((record, decoded))
-        if not online:
-            return prepared, []
+        return prepared, online
+
+    async def _load(
+        self,
+        conn: store.Conn,
+        prepared: _Prepared,
+        online: list[tuple[Record, Payment]],
+        *,
+        replay: bool,
+    ) -> list[tuple[Record, Payment]]:
+        """The online payments to validate: not those already done."""
         # Spare the gateway a call for a record already kept (declined, say) and for a payment
         # already stored, which can only end as a redelivery or a duplicate. Everything else is
         # decided in the batch's transaction.
@@ -179,7 +192,7 @@ class Pipeline:
             for r, p in online
             if p.payment_id in stored
         )
-        return prepared, [(r, p) for r, p in online if p.payment_id not in stored]
+        return [(r, p) for r, p in online if p.payment_id not in stored]
 
     async def _validate(self, online: list[tuple[Record, Payment]], prepared: _Prepared) -> None:
         """Ask the gateway once per distinct payment in the batch, up to its in-flight limit."""
@@ -189,7 +202,8 @@ class Pipeline:
         for record, payment in online:
             distinct.setdefault(payment, record)
         answers = await self._gateway.validate_all(
-            [(p.payment_id, r.value or b"") for p, r in distinct.items()]
+            [(p.payment_id, r.value or b"") for p, r in distinct.items()],
+            traceparents=[r.traceparent for r in distinct.values()],
         )
         verdicts = dict(zip(distinct, answers, strict=True))
         for record, payment in online:

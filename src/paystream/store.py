@@ -13,6 +13,7 @@ import orjson
 from psycopg import AsyncConnection
 from psycopg.rows import TupleRow, class_row
 
+from paystream import tracing
 from paystream.model import Kept, Payment, Record, RecordId
 from paystream.sealing import KeptCipher, open_raw
 
@@ -284,6 +285,7 @@ async def insert_kept(conn: Conn, kept: Sequence[Kept], cipher: KeptCipher | Non
     if not kept:
         return 0
     rows = []
+    here = tracing.current_traceparent()
     for k in kept:
         raw, key = k.record.value, None
         if raw is not None and cipher is not None:
@@ -302,17 +304,18 @@ async def insert_kept(conn: Conn, kept: Sequence[Kept], cipher: KeptCipher | Non
                 "r": k.reason.value,
                 "d": k.description,
                 "m": k.amount,
+                "tp": k.record.traceparent or here,
             }
         )
     cursor = await conn.execute(
         """
         INSERT INTO paystream.kept_records
             (topic, "partition", "offset", kafka_ts, raw, raw_key,
-             payment_id, error_type, reason, description, amount)
-        SELECT t, p, o, s, decode(b, 'base64'), k, i, e, r, d, m
+             payment_id, error_type, reason, description, amount, traceparent)
+        SELECT t, p, o, s, decode(b, 'base64'), k, i, e, r, d, m, tp
         FROM json_to_recordset(%s::json) AS j(
             t text, p int, o bigint, s bigint, b text, k text,
-            i text, e text, r text, d text, m numeric)
+            i text, e text, r text, d text, m numeric, tp text)
         ON CONFLICT (topic, "partition", "offset", kafka_ts) DO NOTHING
         RETURNING id
         """,
@@ -330,6 +333,7 @@ class Report:
     payment_id: str | None
     error_type: str
     description: str
+    traceparent: str | None = None
 
 
 async def claim_reports(conn: Conn, limit: int, lease_s: float) -> list[Report]:
@@ -345,12 +349,15 @@ async def claim_reports(conn: Conn, limit: int, lease_s: float) -> list[Report]:
             ORDER BY id LIMIT %(limit)s
             FOR UPDATE SKIP LOCKED
         )
-        RETURNING id, payment_id, error_type, description
+        RETURNING id, payment_id, error_type, description, traceparent
         """,
         {"limit": limit, "lease_s": lease_s},
     )
     rows = sorted(await cursor.fetchall())
-    return [Report(id=r[0], payment_id=r[1], error_type=r[2], description=r[3]) for r in rows]
+    return [
+        Report(id=r[0], payment_id=r[1], error_type=r[2], description=r[3], traceparent=r[4])
+        for r in rows
+    ]
 
 
 async def mark_reported(conn: Conn, ids: Sequence[int]) -> None:

@@ -11,6 +11,7 @@ import html
 import logging
 import random
 import time
+from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -124,6 +125,12 @@ class Simulator:
         # (payment_id, Idempotency-Key) → calls, so tests can see what retries sent. A plain
         # dict of tuples: the simulator shares the benchmark's cores with the processor.
         self.gateway_calls: dict[tuple[str, str | None], int] = {}
+        # The W3C traceparent headers received, by endpoint (the last 10 000 of each), so that
+        # a test can follow a trace from a producer through the processor to us.
+        self.traceparents: dict[str, deque[str]] = {
+            "payment": deque(maxlen=10_000),
+            "log": deque(maxlen=10_000),
+        }
         self.production: Production | None = None
         self._task: asyncio.Task[None] | None = None
         self._rng = random.Random(config.seed)
@@ -190,6 +197,8 @@ class Simulator:
         await self.reset_database()
         self.logs.clear()
         self.gateway_calls.clear()
+        for received in self.traceparents.values():
+            received.clear()
         planned = plan(profile, records=records, seed=seed, decline_rate=self.faults.decline_rate)
         topics = {"online": self.config.online_topic, "offline": self.config.offline_topic}
         production = Production(profile=profile, seed=seed, rate=rate)
@@ -311,6 +320,9 @@ class _Gateway:
             if not message.get("more_body"):
                 break
         key = headers.get(b"idempotency-key")
+        traceparent = headers.get(b"traceparent")
+        if traceparent is not None:
+            self.simulator.traceparents["payment"].append(traceparent.decode("latin-1"))
         status, document = await self.simulator.validate(
             body, None if key is None else key.decode()
         )
@@ -403,12 +415,19 @@ def create_app(simulator: Simulator) -> FastAPI:
             if pid == payment_id
         }
 
+    @app.get("/traceparents", summary="W3C traceparent headers received, by endpoint")
+    async def traceparents() -> dict[str, list[str]]:
+        return {name: list(values) for name, values in simulator.traceparents.items()}
+
     @app.post("/log", status_code=201, summary="Store an error report")
     async def post_log(request: Request) -> Response:
         if not simulator.authorized(request.headers.get(simulator.config.auth_header)):
             return JSONResponse({"error": "missing or wrong credentials"}, status_code=401)
         if simulator.faults.log_outage:
             return JSONResponse({"error": "service unavailable"}, status_code=503)
+        traceparent = request.headers.get("traceparent")
+        if traceparent is not None:
+            simulator.traceparents["log"].append(traceparent)
         try:
             document = orjson.loads(await request.body())
         except orjson.JSONDecodeError:
