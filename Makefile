@@ -5,7 +5,9 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 ROUNDS ?= 20
 
-.PHONY: demo test lint chaos bench simulator clean
+CACHE := $(or $(PAYSTREAM_CACHE),$(HOME)/.cache/paystream)
+
+.PHONY: demo test lint tools chaos bench simulator clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,12 +22,16 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check src tests
 	$(BIN)/mypy
 
+# The Go tools the tests use (Toxiproxy, promtool), built once from their modules into the cache.
+tools: $(STAMP)
+	$(BIN)/python -m paystream.devenv.gotools $(CACHE)
+
 # Every test, the fault-injection scenarios included at one seeded round each.
-test: lint
+test: lint tools
 	$(BIN)/python -m pytest -p no:cacheprovider
 
 # The fault-injection scenarios alone, ROUNDS randomized rounds each; writes chaos-report.json.
-chaos: $(STAMP)
+chaos: $(STAMP) tools
 	rm -f chaos-report.json
 	PAYSTREAM_CHAOS_ROUNDS=$(ROUNDS) PAYSTREAM_CHAOS_RANDOM=1 \
 		$(BIN)/python -m pytest -m chaos -p no:cacheprovider; \

@@ -88,7 +88,7 @@ def run() -> None:
     logs.configure(settings.log_level)
     _collect_garbage_rarely()
     provider = None
-    if settings.otlp_endpoint is not None:
+    if settings.otlp_endpoint:  # set, and not to the empty string compose passes for unset
         from paystream import tracing
 
         provider = tracing.configure_otlp(settings.otlp_endpoint)
@@ -253,6 +253,9 @@ def errors(
         listed: list[dict[str, object]] = []
         shown = 0
         async with pool.connection() as conn:
+            # Each page its own statement: a reader slow to take the output (a pager) must not
+            # leave a transaction idle, which the server ends (app.configure_session).
+            await conn.set_autocommit(True)
             total = await store.count_kept(conn, where)
             after = 0
             while wanted is None or shown < wanted:

@@ -27,6 +27,7 @@ from paystream.config import Settings
 from paystream.errors import DatabaseUnavailable, SealedRecordUnreadable
 from paystream.metrics import (
     CONSUMER_LAG,
+    DATABASE_UP,
     DB_FAILURES,
     GATEWAY_CALLS,
     GATEWAY_SECONDS,
@@ -34,6 +35,8 @@ from paystream.metrics import (
     KEPT_OLDEST_AGE,
     KEPT_UNRESOLVED,
     KEPT_UNRESOLVED_AMOUNT,
+    OUTBOX_DEPTH,
+    OUTBOX_OLDEST_AGE,
     RECORDS,
     REDELIVERED,
     REPORTS,
@@ -117,9 +120,13 @@ class DashboardState:
         the oldest, by reason. Runs whether or not anything flows, so the numbers never freeze
         at their last value when the stream stops."""
         while not stop.is_set():
+            answered = False
             with contextlib.suppress(TimeoutError, psycopg.Error, psycopg_pool.PoolTimeout):
                 async with asyncio.timeout(every_s), self.pool.connection(timeout=every_s) as conn:
                     summaries = {k.reason: k for k in await store.kept_by_reason(conn)}
+                    OUTBOX_OLDEST_AGE.set(await store.oldest_unreported_age_s(conn))
+                    OUTBOX_DEPTH.set(await store.outbox_depth(conn))
+                answered = True
                 now = time.time()
                 for reason in {r.value for r in Reason} | summaries.keys():
                     found = summaries.get(reason)
@@ -129,6 +136,7 @@ class DashboardState:
                         float(found.unresolved_amount) if found else 0
                     )
                     KEPT_OLDEST_AGE.labels(reason=reason).set(age_s or 0)
+            DATABASE_UP.set(1 if answered else 0)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=every_s)
 

@@ -21,6 +21,14 @@ GATEWAY_CALLS = Counter("paystream_gateway_calls_total", "Gateway calls by outco
 GATEWAY_SECONDS = Histogram("paystream_gateway_seconds", "Gateway call latency")
 DB_FAILURES = Counter("paystream_database_failures_total", "Batch transactions that failed")
 OUTBOX_DEPTH = Gauge("paystream_outbox_depth", "Kept records not yet reported to the log service")
+OUTBOX_OLDEST_AGE = Gauge(
+    "paystream_outbox_oldest_age_seconds",
+    "Seconds since the oldest record not yet reported to the log service was kept; 0 if none",
+)
+DATABASE_UP = Gauge(
+    "paystream_database_up",
+    "1 while the database answered this instance's last check (every 5 s), else 0",
+)
 CONSUMER_LAG = Gauge("paystream_consumer_lag", "Records behind the end", ["topic", "partition"])
 BROKER_UP = Gauge(
     "paystream_broker_up",

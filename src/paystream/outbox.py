@@ -120,8 +120,7 @@ class OutboxRelay:
         """Deliver one claimed batch of due reports. Returns (delivered, failed)."""
         async with self._pool.connection() as conn:
             reports = await store.claim_reports(conn, self._claim_batch, self._lease_s)
-        if not reports:
-            OUTBOX_DEPTH.set(0)
+        if not reports:  # none due: the rest wait for their back-off or another relay's lease
             return 0, 0
         outcomes = await asyncio.gather(*(self._send(r) for r in reports))
         delivered = [r.id for r, error in zip(reports, outcomes, strict=True) if error is None]

@@ -393,6 +393,16 @@ async def outbox_depth(conn: Conn) -> int:
     return int(row[0]) if row else 0
 
 
+async def oldest_unreported_age_s(conn: Conn) -> float:
+    """Seconds since the oldest record still unreported was kept; 0 if none is."""
+    cursor = await conn.execute(
+        "SELECT coalesce(extract(epoch FROM now() - min(kept_at)), 0)"
+        " FROM paystream.kept_records WHERE reported_at IS NULL"
+    )
+    row = await cursor.fetchone()
+    return float(row[0]) if row else 0.0
+
+
 # --- listing and replaying kept records ------------------------------------------------------
 
 
