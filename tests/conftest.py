@@ -269,6 +269,14 @@ async def settle(
     return totals
 
 
+async def drain(env: Env, settings: Settings) -> None:
+    """Run the processor until offsets reach the end and every report is delivered; then stop
+    it (for records produced before)."""
+    async with processor(settings):
+        await async_wait_for(lambda: caught_up(env, settings), 60, "offsets at the end")
+        await async_wait_for(lambda: unreported(env) == 0, 60, "every report delivered")
+
+
 def reconcile_now(env: Env, simulator: SimulatorClient, settings: Settings) -> Any:
     from paystream.reconcile import committed_lag, reconcile
 

@@ -21,8 +21,8 @@ from tests.conftest import (
     async_wait_for,
     caught_up,
     cli,
+    drain,
     processor,
-    unreported,
 )
 
 CARD = "4111111111111111"
@@ -47,10 +47,7 @@ def _offline(pid: str, account_id: int, amount: int) -> bytes:
 
 
 async def _process(env: Env, **overrides: Any) -> None:
-    settings = env.settings(**overrides)
-    async with processor(settings):
-        await async_wait_for(lambda: caught_up(env, settings), 60, "offsets at the end")
-        await async_wait_for(lambda: unreported(env) == 0, 60, "every report delivered")
+    await drain(env, env.settings(**overrides))
 
 
 async def test_show_follows_a_payment_through_a_duplicate_and_a_replay(

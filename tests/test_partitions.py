@@ -27,7 +27,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from paystream.devenv import network
 from paystream.devenv.gotools import TOXIPROXY, go_tool
 from paystream.devenv.kafka import KafkaBroker
-from paystream.devenv.processes import ChildProcess, free_port, run_processor
+from paystream.devenv.processes import ChildProcess, answers_ok, free_port, run_processor
 from paystream.devenv.stack import Stack
 from paystream.devenv.toxiproxy import Toxiproxy
 from tests.conftest import (
@@ -152,18 +152,10 @@ def processor_in(host: network.TestHost, wiring: Wiring, folder: Path) -> Iterat
     proc = run_processor(settings, folder / f"processor-{host.index}.log", wrap=host.command)
     url = f"http://{host.control_address}:{WEB_PORT}"
     try:
-        proc.wait_until(lambda: _answers(url + "/health/live"), 60, "serving its metrics")
+        proc.wait_until(lambda: answers_ok(url + "/health/live"), 60, "serving its metrics")
         yield proc
     finally:
         proc.kill()
-
-
-def _answers(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=1) as response:
-            return bool(response.status == 200)
-    except OSError:
-        return False
 
 
 class Metrics:

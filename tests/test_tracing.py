@@ -26,11 +26,9 @@ from paystream.simulator.streams import is_declined
 from tests.conftest import (
     Env,
     SimulatorClient,
-    async_wait_for,
     caught_up,
-    processor,
+    drain,
     settings_env,
-    unreported,
     wait_for,
 )
 
@@ -91,19 +89,13 @@ def traced() -> Iterator[InMemorySpanExporter]:
         provider.shutdown()
 
 
-async def _processed(env: Env, settings: Any) -> None:
-    async with processor(settings):
-        await async_wait_for(lambda: caught_up(env, settings), 60, "offsets at the end")
-        await async_wait_for(lambda: unreported(env) == 0, 60, "the report delivered")
-
-
 async def test_spans_follow_a_payment_from_the_shop_to_the_gateway_and_the_log(
     env: Env, simulator: SimulatorClient
 ) -> None:
     settings = env.settings()
     _produce(env)
     with traced() as exporter:
-        await _processed(env, settings)
+        await drain(env, settings)
         spans = exporter.get_finished_spans()
 
     # Each batch: decode, validate and transaction as its children; a commit after it.
@@ -149,7 +141,7 @@ async def test_without_tracing_nothing_is_sent(env: Env, simulator: SimulatorCli
     record that carries one."""
     assert not tracing.enabled()
     _produce(env)
-    await _processed(env, env.settings())
+    await drain(env, env.settings())
     assert simulator.traceparents() == {"payment": [], "log": []}
     assert env.query("SELECT count(*) FROM paystream.kept_records WHERE traceparent IS NOT NULL")[
         0

@@ -35,7 +35,7 @@ from confluent_kafka.admin import AdminClient
 
 from paystream import store
 from paystream.config import Settings
-from paystream.devenv.processes import ChildProcess, free_port, run_processor
+from paystream.devenv.processes import ChildProcess, answers_ok, free_port, run_processor
 from paystream.devenv.stack import Simulator, Stack
 from paystream.gateway import post, third_party_client
 from paystream.migrations import migrate
@@ -183,14 +183,6 @@ def _machine_busy_since(before: tuple[int, int]) -> float:
     return 1 - (idle - before[1]) / max(total - before[0], 1)
 
 
-def _ready(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=1) as response:
-            return bool(response.status == 200)
-    except OSError:
-        return False
-
-
 class Bench:
     def __init__(
         self, stack: Stack, gateway: Simulator, progress: Progress, profile_dir: Path | None = None
@@ -261,7 +253,7 @@ class Bench:
                 own = settings.model_copy(update={"web_port": port, "log_level": "warning"})
                 proc = run_processor(own, self.stack.home / f"processor-{label}-{i}.log")
                 procs.append(proc)
-                ready = functools.partial(_ready, f"http://127.0.0.1:{port}/health/ready")
+                ready = functools.partial(answers_ok, f"http://127.0.0.1:{port}/health/ready")
                 proc.wait_until(ready, 60, "ready")
             yield procs
         finally:

@@ -7,9 +7,11 @@ import ctypes
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -30,6 +32,15 @@ def free_port(host: str = "127.0.0.1") -> int:
         sock.bind((host, 0))
         port: int = sock.getsockname()[1]
         return port
+
+
+def answers_ok(url: str, context: ssl.SSLContext | None = None) -> bool:
+    """Whether `url` answers 200 within a second (a server started and ready)."""
+    try:
+        with urllib.request.urlopen(url, timeout=1, context=context) as response:
+            return bool(response.status == 200)
+    except OSError:  # refused, reset, timed out, or an HTTP error status
+        return False
 
 
 def ensure_port_free(host: str, port: int, what: str, hint: str) -> None:

@@ -6,8 +6,6 @@ from __future__ import annotations
 import ssl
 import sys
 import time
-import urllib.error
-import urllib.request
 from importlib import resources
 from pathlib import Path
 
@@ -18,7 +16,7 @@ from paystream.config import Settings
 from paystream.devenv.certs import ServerCertificate
 from paystream.devenv.kafka import KafkaBroker, create_topics
 from paystream.devenv.postgres import EmbeddedPostgres
-from paystream.devenv.processes import ChildProcess, ensure_port_free, free_port
+from paystream.devenv.processes import ChildProcess, answers_ok, ensure_port_free, free_port
 
 DB_USER, DB_PASSWORD, DB_NAME = "tech", "test", "payments"
 TEMPLATE_DB = "payments_template"
@@ -120,13 +118,7 @@ class Simulator:
         return ["--tls-cert", str(self.tls.cert), "--tls-key", str(self.tls.key)]
 
     def _answers(self) -> bool:
-        try:
-            with urllib.request.urlopen(
-                self.url + "/status", timeout=1, context=self.ssl_context()
-            ) as response:
-                return bool(response.status == 200)
-        except (urllib.error.URLError, OSError):
-            return False
+        return answers_ok(self.url + "/status", self.ssl_context())
 
     def stop(self) -> None:
         if self._process is not None:
