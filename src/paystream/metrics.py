@@ -17,6 +17,10 @@ BATCH_SIZE = Histogram(
     buckets=(1, 5, 10, 50, 100, 250, 500, 1000, 2500, 5000),
 )
 BATCH_SECONDS = Histogram("paystream_batch_seconds", "Time to process one batch end to end")
+TRANSACTION_SECONDS = Histogram(
+    "paystream_transaction_seconds",
+    "Time of one batch's database writes and commit (its gateway calls excluded)",
+)
 GATEWAY_CALLS = Counter("paystream_gateway_calls_total", "Gateway calls by outcome", ["outcome"])
 GATEWAY_SECONDS = Histogram("paystream_gateway_seconds", "Gateway call latency")
 DB_FAILURES = Counter("paystream_database_failures_total", "Batch transactions that failed")

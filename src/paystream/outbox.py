@@ -16,7 +16,6 @@ import math
 from datetime import timedelta
 
 import orjson
-import psycopg
 import psycopg_pool
 from opentelemetry.trace import SpanKind
 from pyreqwest.client import Client
@@ -104,7 +103,7 @@ class OutboxRelay:
         while not stop.is_set():
             try:
                 delivered, failed = await self.relay_once()
-            except (psycopg.OperationalError, psycopg_pool.PoolTimeout) as exc:
+            except store.DATABASE_AWAY as exc:
                 log.warning("outbox: database unavailable (%s)", type(exc).__name__)
                 delivered, failed = 0, 1
             if delivered and not failed:

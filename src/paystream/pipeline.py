@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -23,7 +24,7 @@ from paystream import store, tracing
 from paystream.codec import DecodeError, decode
 from paystream.errors import CircuitOpen, DatabaseUnavailable, GatewayUnavailable
 from paystream.gateway import Approved, Declined, Gateway
-from paystream.metrics import KEPT, REDELIVERED, STORED
+from paystream.metrics import KEPT, REDELIVERED, STORED, TRANSACTION_SECONDS
 from paystream.model import Kept, Payment, PaymentType, Reason, Record, RecordId
 from paystream.sealing import KeptCipher
 
@@ -132,10 +133,12 @@ class Pipeline:
             with tracing.span("paystream.validate", attributes={"paystream.online": len(online)}):
                 await self._validate(online, prepared)
             writer = self._writer if writer is None else writer
+            started = time.perf_counter()
             with tracing.span("paystream.transaction"):
                 result = await self._write(prepared, writer, replay=replay)
+            TRANSACTION_SECONDS.observe(time.perf_counter() - started)
             result.redelivered += prepared.redelivered
-        except (psycopg.OperationalError, psycopg_pool.PoolTimeout) as exc:
+        except store.DATABASE_AWAY as exc:
             raise DatabaseUnavailable(f"database unavailable: {type(exc).__name__}") from exc
         REDELIVERED.inc(result.redelivered)
         if result.kept:

@@ -10,7 +10,6 @@ import dataclasses
 import logging
 from collections.abc import Callable
 
-import psycopg
 import psycopg_pool
 
 from paystream import store
@@ -56,7 +55,7 @@ async def _kept(
     try:
         async with pool.connection() as conn:
             return await store.list_kept(conn, where, after_id=after, limit=limit)
-    except (psycopg.OperationalError, psycopg_pool.PoolTimeout) as exc:
+    except store.DATABASE_AWAY as exc:
         raise DatabaseUnavailable(f"database unavailable: {type(exc).__name__}") from exc
 
 

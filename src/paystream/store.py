@@ -10,12 +10,18 @@ from decimal import Decimal
 from uuid import UUID
 
 import orjson
+import psycopg
+import psycopg_pool
 from psycopg import AsyncConnection
 from psycopg.rows import TupleRow, class_row
 
 from paystream import tracing
 from paystream.model import Kept, Payment, Record, RecordId
 from paystream.sealing import KeptCipher, open_raw
+
+DATABASE_AWAY = (psycopg.OperationalError, psycopg_pool.PoolTimeout)
+"""What a call raises when the database is away (unreachable, restarting, timed out, the pool
+empty), as against a statement it refused: retry later, commit nothing."""
 
 Conn = AsyncConnection[TupleRow]
 
