@@ -66,7 +66,15 @@ def test_compose_wires_every_service_to_real_settings() -> None:
     the database gets the original schema; the processor scales by replicas."""
     compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
     services = compose["services"]
-    assert {"kafka-server", "topics", "db", "simulator", "processor"} == set(services)
+    assert {
+        "kafka-server",
+        "topics",
+        "db",
+        "simulator",
+        "processor",
+        "prometheus",
+        "grafana",
+    } == set(services)
     fields = {f"PAYSTREAM_{name.upper()}" for name in Settings.model_fields}
     for service in services.values():
         for variable in service.get("environment", {}):

@@ -241,12 +241,12 @@ def test_blackhole(net: Net, tmp_path: Path, dependency: str, seed: int) -> None
 @pytest.mark.parametrize("seed", seeds("latency"))
 @pytest.mark.parametrize(
     ("dependency", "histogram", "slow", "enough"),
-    # 1 s: fifty times what a healthy link takes here (a batch's transaction or a gateway call
-    # takes ~20 ms), below one slowed round trip (1.5-2.5 s). Not the whole batch's time: the
-    # hostile stream's gateway retries make a healthy batch take seconds. Five slow gateway calls,
-    # not one: among thousands, a busy machine stalls one past a second now and then.
+    # 1 s: fifty times what a healthy link takes here (a batch's database steps or a gateway
+    # call take ~20 ms), below one slowed round trip (1.5-2.5 s). Not the whole batch's time:
+    # the hostile stream's gateway retries make a healthy batch take seconds. Five slow gateway
+    # calls, not one: among thousands, a busy machine stalls one past a second now and then.
     [
-        ("database", "paystream_transaction_seconds", "1.0", 1),
+        ("database", "paystream_database_seconds", "1.0", 1),
         ("gateway", "paystream_gateway_seconds", "1.0", 5),
     ],
 )

@@ -17,9 +17,11 @@ BATCH_SIZE = Histogram(
     buckets=(1, 5, 10, 50, 100, 250, 500, 1000, 2500, 5000),
 )
 BATCH_SECONDS = Histogram("paystream_batch_seconds", "Time to process one batch end to end")
-TRANSACTION_SECONDS = Histogram(
-    "paystream_transaction_seconds",
-    "Time of one batch's database writes and commit (its gateway calls excluded)",
+DATABASE_SECONDS = Histogram(
+    "paystream_database_seconds",
+    "Time of a batch's database work, by step: load (what is done already), write (the "
+    "transaction and its commit); the gateway calls between are excluded",
+    ["step"],
 )
 GATEWAY_CALLS = Counter("paystream_gateway_calls_total", "Gateway calls by outcome", ["outcome"])
 GATEWAY_SECONDS = Histogram("paystream_gateway_seconds", "Gateway call latency")

@@ -24,7 +24,7 @@ from paystream import store, tracing
 from paystream.codec import DecodeError, decode
 from paystream.errors import CircuitOpen, DatabaseUnavailable, GatewayUnavailable
 from paystream.gateway import Approved, Declined, Gateway
-from paystream.metrics import KEPT, REDELIVERED, STORED, TRANSACTION_SECONDS
+from paystream.metrics import DATABASE_SECONDS, KEPT, REDELIVERED, STORED
 from paystream.model import Kept, Payment, PaymentType, Reason, Record, RecordId
 from paystream.sealing import KeptCipher
 
@@ -32,6 +32,9 @@ log = logging.getLogger(__name__)
 
 # Raised by a statement because of the data in it: retrying the same data cannot succeed.
 _DATA_ERRORS = (psycopg.errors.DataError, psycopg.errors.IntegrityError)
+
+_LOAD_SECONDS = DATABASE_SECONDS.labels(step="load")
+_WRITE_SECONDS = DATABASE_SECONDS.labels(step="write")
 
 
 @dataclass(slots=True)
@@ -125,10 +128,12 @@ class Pipeline:
             with tracing.span("paystream.decode"):
                 prepared, online = self._decode(records)
             if online:
+                started = time.perf_counter()
                 with tracing.span("paystream.load"):
                     async with self._pool.connection() as conn:
                         await conn.set_autocommit(True)
                         online = await self._load(conn, prepared, online, replay=replay)
+                _LOAD_SECONDS.observe(time.perf_counter() - started)
             # The connection goes back to the pool before the (possibly slow) gateway calls.
             with tracing.span("paystream.validate", attributes={"paystream.online": len(online)}):
                 await self._validate(online, prepared)
@@ -136,7 +141,7 @@ class Pipeline:
             started = time.perf_counter()
             with tracing.span("paystream.transaction"):
                 result = await self._write(prepared, writer, replay=replay)
-            TRANSACTION_SECONDS.observe(time.perf_counter() - started)
+            _WRITE_SECONDS.observe(time.perf_counter() - started)
             result.redelivered += prepared.redelivered
         except store.DATABASE_AWAY as exc:
             raise DatabaseUnavailable(f"database unavailable: {type(exc).__name__}") from exc
