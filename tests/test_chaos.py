@@ -147,7 +147,7 @@ def stream_under_faults(
             yield env, simulator, settings
 
 
-def _produced_at_least(simulator: SimulatorClient, share: float) -> Callable[[], bool]:
+def produced_at_least(simulator: SimulatorClient, share: float) -> Callable[[], bool]:
     return lambda: simulator.status().get("delivered", 0) >= share * RECORDS
 
 
@@ -156,7 +156,7 @@ def test_gateway_errors_hangs_and_drops(stack: Stack, tmp_path: Path, seed: int)
     """5xx, hangs past the timeout and dropped connections: retried, kept, re-validated later."""
     faults = {"error_rate": 0.3, "hang_rate": 0.05, "hang_s": 3, "drop_rate": 0.1}
     with stream_under_faults(stack, tmp_path, seed, **faults) as (env, simulator, settings):
-        wait_for(_produced_at_least(simulator, 1.0), 60, "the stream")
+        wait_for(produced_at_least(simulator, 1.0), 60, "the stream")
         simulator.faults(error_rate=0, hang_rate=0, drop_rate=0)
         check(env, simulator, settings, "gateway-faults", seed, time.monotonic())
 
@@ -196,7 +196,7 @@ def test_a_gateway_flap_at_the_end_strands_nothing(
         with processes(settings, tmp_path) as start:
             start()
             simulator.start(records=RECORDS, seed=seed, profile="hostile", rate=RATE)
-            wait_for(_produced_at_least(simulator, 0.8), 60, "most of the stream")
+            wait_for(produced_at_least(simulator, 0.8), 60, "most of the stream")
             simulator.faults(**fault)
             wait_for(
                 lambda: simulator.status().get("done") is True and caught_up(env, settings),
@@ -226,7 +226,7 @@ def test_a_gateway_flap_at_the_end_strands_nothing(
 def test_log_service_outage(stack: Stack, tmp_path: Path, seed: int) -> None:
     """Reports queue durably while the log service is down and all arrive afterwards."""
     with stream_under_faults(stack, tmp_path, seed, log_outage=True) as (env, simulator, settings):
-        wait_for(_produced_at_least(simulator, 1.0), 60, "the stream")
+        wait_for(produced_at_least(simulator, 1.0), 60, "the stream")
         assert simulator.logs() == []
         simulator.faults(log_outage=False)
         check(env, simulator, settings, "log-outage", seed, time.monotonic())
@@ -243,7 +243,7 @@ def test_kill_9_at_random_moments(stack: Stack, tmp_path: Path, seed: int) -> No
             proc = start()
             simulator.start(records=RECORDS, seed=seed, profile="hostile", rate=RATE)
             for kill_at in sorted(rng.uniform(0.1, 0.9) for _ in range(3)):
-                wait_for(_produced_at_least(simulator, kill_at), 60, "the stream")
+                wait_for(produced_at_least(simulator, kill_at), 60, "the stream")
                 wait_for(
                     lambda: env.query("SELECT count(*) FROM payments")[0][0] > 0,
                     60,
@@ -265,9 +265,9 @@ def test_database_outage_and_restart(stack: Stack, tmp_path: Path, seed: int) ->
             with processes(settings, tmp_path) as start:
                 start()
                 simulator.start(records=RECORDS, seed=seed, profile="hostile", rate=RATE)
-                wait_for(_produced_at_least(simulator, 0.3), 60, "the stream")
+                wait_for(produced_at_least(simulator, 0.3), 60, "the stream")
                 server.stop()
-                wait_for(_produced_at_least(simulator, 1.0), 60, "the stream's end")
+                wait_for(produced_at_least(simulator, 1.0), 60, "the stream's end")
                 server.start()
                 check(env, simulator, settings, "database-outage", seed, time.monotonic())
 
@@ -284,7 +284,7 @@ def test_broker_restart(stack: Stack, tmp_path: Path, seed: int) -> None:
             with processes(settings, tmp_path) as start:
                 start()
                 simulator.start(records=RECORDS, seed=seed, profile="hostile", rate=RATE)
-                wait_for(_produced_at_least(simulator, 0.4), 60, "the stream")
+                wait_for(produced_at_least(simulator, 0.4), 60, "the stream")
                 broker.stop()
                 broker.start()
                 check(env, simulator, settings, "broker-restart", seed, time.monotonic())
@@ -302,11 +302,11 @@ def test_scale_out_with_joins_leaves_and_kills(stack: Stack, tmp_path: Path, see
         with processes(settings, tmp_path) as start:
             first, second = start(), start()
             simulator.start(records=RECORDS, seed=seed, profile="hostile", rate=RATE)
-            wait_for(_produced_at_least(simulator, 0.25), 60, "the stream")
+            wait_for(produced_at_least(simulator, 0.25), 60, "the stream")
             third = start()
-            wait_for(_produced_at_least(simulator, 0.5), 60, "the stream")
+            wait_for(produced_at_least(simulator, 0.5), 60, "the stream")
             first.kill()
-            wait_for(_produced_at_least(simulator, 0.75), 60, "the stream")
+            wait_for(produced_at_least(simulator, 0.75), 60, "the stream")
             assert second.stop(timeout_s=60) == 0
             check(env, simulator, settings, "scale-out", seed, time.monotonic())
             assert third.running()

@@ -24,6 +24,7 @@ import pytest
 from confluent_kafka.admin import AdminClient
 from prometheus_client.parser import text_string_to_metric_families
 
+from paystream.config import Settings
 from paystream.devenv import network
 from paystream.devenv.gotools import TOXIPROXY, go_tool
 from paystream.devenv.kafka import KafkaBroker
@@ -37,7 +38,7 @@ from tests.conftest import (
     running_simulator,
     wait_for,
 )
-from tests.test_chaos import RATE, RECORDS, check, seeds
+from tests.test_chaos import RATE, RECORDS, check, produced_at_least, seeds
 
 pytestmark = pytest.mark.chaos
 
@@ -98,8 +99,8 @@ class Wiring:
 
     env: Env
     simulator: SimulatorClient
-    harness: Any  # settings for reading offsets from the root namespace
-    processor: Any  # settings for a processor in a namespace
+    harness: Settings  # for reading offsets from the root namespace
+    processor: Settings  # for a processor in a namespace
     proxies: dict[str, str]  # dependency → proxy name
 
 
@@ -191,10 +192,6 @@ def hold(until: float) -> None:
     time.sleep(max(0.0, until - time.monotonic()))
 
 
-def _delivered(simulator: SimulatorClient, share: float) -> Callable[[], bool]:
-    return lambda: simulator.status().get("delivered", 0) >= share * RECORDS
-
-
 def _stored(env: Env) -> Callable[[], bool]:
     return lambda: env.query("SELECT count(*) FROM payments")[0][0] > 0
 
@@ -221,7 +218,7 @@ def test_blackhole(net: Net, tmp_path: Path, dependency: str, seed: int) -> None
         env, simulator = wiring.env, wiring.simulator
         metrics = Metrics(host)
         simulator.start(records=RECORDS, seed=seed, profile="hostile", rate=RATE)
-        wait_for(_delivered(simulator, share), 60, "the stream")
+        wait_for(produced_at_least(simulator, share), 60, "the stream")
         wait_for(_stored(env), 60, "some progress before the cut")
         before = metrics.total(metric, **labels)
         host.cut(dependency)
@@ -271,7 +268,7 @@ def test_slow_link(
             return everything - metrics.total(f"{histogram}_bucket", le=slow)
 
         simulator.start(records=RECORDS, seed=seed, profile="hostile", rate=RATE)
-        wait_for(_delivered(simulator, 0.2), 60, "the stream")
+        wait_for(produced_at_least(simulator, 0.2), 60, "the stream")
         before = slow_ones()
         proxy = wiring.proxies[dependency]
         net.toxiproxy.slow(proxy, latency_ms=2000, jitter_ms=500)
@@ -299,7 +296,7 @@ def test_partition_heals_during_a_rebalance(net: Net, tmp_path: Path, seed: int)
         env, simulator = wiring.env, wiring.simulator
         group = wiring.harness.group_id
         simulator.start(records=RECORDS, seed=seed, profile="hostile", rate=RATE)
-        wait_for(_delivered(simulator, 0.2), 60, "the stream")
+        wait_for(produced_at_least(simulator, 0.2), 60, "the stream")
         wait_for(_stored(env), 60, "some progress before the cut")
         first.cut("broker")
         cut_at = time.monotonic()

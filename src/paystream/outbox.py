@@ -22,7 +22,7 @@ from pyreqwest.client import Client
 
 from paystream import store, tracing
 from paystream.gateway import Unanswered, post
-from paystream.metrics import OUTBOX_DEPTH, REPORTS
+from paystream.metrics import REPORTS
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +130,6 @@ class OutboxRelay:
             await store.mark_reported(conn, delivered)
             if failed:
                 await store.mark_report_failed(conn, [i for i, _ in failed], failed[0][1])
-            OUTBOX_DEPTH.set(await store.outbox_depth(conn))
         return len(delivered), len(failed)
 
     async def _send(self, report: store.Report) -> str | None:

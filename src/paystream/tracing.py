@@ -18,8 +18,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from opentelemetry import trace
-from opentelemetry.context import Context
-from opentelemetry.trace import Link, SpanKind
+from opentelemetry.trace import Link, SpanContext, SpanKind
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 if TYPE_CHECKING:
@@ -29,20 +28,17 @@ _PROPAGATOR = TraceContextTextMapPropagator()
 TRACEPARENT = "traceparent"
 
 
-class _State:
-    tracer: trace.Tracer | None = None
-
-
-_state = _State()
+_tracer: trace.Tracer | None = None
 
 
 def enabled() -> bool:
-    return _state.tracer is not None
+    return _tracer is not None
 
 
 def install(provider: TracerProvider | None) -> None:
     """Trace into `provider` from now on (None: stop tracing)."""
-    _state.tracer = None if provider is None else provider.get_tracer("paystream")
+    global _tracer
+    _tracer = None if provider is None else provider.get_tracer("paystream")
 
 
 def configure_otlp(endpoint: str, service_name: str = "paystream") -> TracerProvider:
@@ -60,18 +56,18 @@ def configure_otlp(endpoint: str, service_name: str = "paystream") -> TracerProv
     return provider
 
 
-def context_of(traceparent: str | None) -> Context | None:
-    """The remote context a `traceparent` value names, or None if it names none (or is bad)."""
+def _remote(traceparent: str | None) -> SpanContext | None:
+    """The remote span a `traceparent` value names, or None if it names none (or is bad)."""
     if not traceparent:
         return None
     context = _PROPAGATOR.extract({TRACEPARENT: traceparent})
     span_context = trace.get_current_span(context).get_span_context()
-    return context if span_context.is_valid else None
+    return span_context if span_context.is_valid else None
 
 
 def current_traceparent() -> str | None:
     """The current span's `traceparent`, to send or to store; None while tracing is off."""
-    if _state.tracer is None:
+    if _tracer is None:
         return None
     carrier: dict[str, str] = {}
     _PROPAGATOR.inject(carrier)
@@ -86,17 +82,13 @@ def headers() -> dict[str, str]:
 
 def annotate(key: str, value: str | int) -> None:
     """Set an attribute on the current span, if tracing."""
-    if _state.tracer is not None:
+    if _tracer is not None:
         trace.get_current_span().set_attribute(key, value)
 
 
 def _links(traceparents: Sequence[str | None]) -> list[Link]:
-    links = []
-    for value in dict.fromkeys(t for t in traceparents if t):
-        context = context_of(value)
-        if context is not None:
-            links.append(Link(trace.get_current_span(context).get_span_context()))
-    return links
+    remotes = (_remote(t) for t in dict.fromkeys(t for t in traceparents if t))
+    return [Link(remote) for remote in remotes if remote is not None]
 
 
 @contextlib.contextmanager
@@ -111,13 +103,15 @@ def span(
     """A span around the block, child of the current one (or of the remote span `parent`
     names, linked then to the current one); linked to every span `links_to` names. Nothing at
     all while tracing is off."""
-    tracer = _state.tracer
+    tracer = _tracer
     if tracer is None:
         yield
         return
     links = _links(links_to)
-    context = context_of(parent)
-    if context is not None:
+    context = None
+    remote = _remote(parent)
+    if remote is not None:
+        context = trace.set_span_in_context(trace.NonRecordingSpan(remote))
         here = trace.get_current_span().get_span_context()
         if here.is_valid:
             links.append(Link(here))
