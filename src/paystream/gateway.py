@@ -20,7 +20,6 @@ import logging
 import random
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
@@ -33,6 +32,7 @@ from pyreqwest.exceptions import RequestError
 from paystream import tracing
 from paystream.errors import CircuitOpen, ConfigurationError, GatewayUnavailable
 from paystream.metrics import CIRCUIT_OPEN, GATEWAY_CALLS, GATEWAY_SECONDS
+from paystream.model import Approved, Declined
 
 log = logging.getLogger(__name__)
 
@@ -113,16 +113,6 @@ async def post(
     except RequestError as exc:
         raise Unanswered(f"connection failed ({type(exc).__name__})", timed_out=False) from exc
     return response.status
-
-
-@dataclass(frozen=True, slots=True)
-class Approved:
-    status: int
-
-
-@dataclass(frozen=True, slots=True)
-class Declined:
-    status: int
 
 
 Verdict = Approved | Declined

@@ -85,10 +85,32 @@ class Payment:
     credit_card: str | None
     amount: int
 
-    @property
-    def content(self) -> tuple[int, str, str | None, int]:
-        """The fields compared when the same payment_id arrives twice."""
-        return (self.account_id, self.payment_type.value, self.credit_card, self.amount)
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Existing:
+    """A payment found stored, and the record it was stored from (None when paystream did not
+    store it, or its origin was purged)."""
+
+    payment_id: str
+    account_id: int
+    payment_type: str
+    credit_card: str | None
+    amount: int
+    origin: RecordId | None
+
+
+@dataclass(frozen=True, slots=True)
+class Approved:
+    """The gateway approved the payment (HTTP 2xx)."""
+
+    status: int
+
+
+@dataclass(frozen=True, slots=True)
+class Declined:
+    """The gateway declined the payment definitively (a 4xx other than our credentials')."""
+
+    status: int
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

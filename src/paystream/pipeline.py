@@ -1,29 +1,34 @@
-"""One batch of Kafka records: decode → validate online payments concurrently → one transaction.
+"""One batch of Kafka records: load → decide → write, the rules in `paystream.rules`.
 
-The transaction is the only place outcomes become durable, and the caller commits Kafka offsets
-only after it. Inside it, the batch holds its partitions for its writer (`store.hold_partitions`):
-the batches of one owner run side by side, while two owners of a partition (they overlap during a
-rebalance) take turns. The re-check of which records already have an outcome then makes a
-redelivered record a no-op. Every write is idempotent, so order between batches does not matter.
+Decode; read which online records are done and which payments are stored; ask the gateway about
+the rest, concurrently; then one transaction decides and writes every outcome. It is the only
+place outcomes become durable, and the caller commits Kafka offsets only after it. Inside it, the
+batch holds its partitions for its writer (`store.hold_partitions`): the batches of one owner
+run side by side, while two owners of a partition (they overlap during a rebalance) take turns.
+The re-check of which records already have an outcome then makes a redelivered record a no-op.
+Every write is idempotent, so order between batches does not matter.
+
+Records read from Kafka and kept records being replayed differ only in how their outcomes are
+written (`FirstSight`, `Replay`).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 from uuid import UUID, uuid4
 
 import psycopg
 import psycopg_pool
 
-from paystream import store, tracing
-from paystream.codec import DecodeError, decode
-from paystream.errors import CircuitOpen, DatabaseUnavailable, GatewayUnavailable
-from paystream.gateway import Approved, Declined, Gateway
+from paystream import rules, store, tracing
+from paystream.codec import decode
+from paystream.errors import DatabaseUnavailable
+from paystream.gateway import Gateway
 from paystream.metrics import DATABASE_SECONDS, KEPT, REDELIVERED, STORED
 from paystream.model import Kept, Payment, PaymentType, Reason, Record, RecordId
 from paystream.sealing import KeptCipher
@@ -52,47 +57,38 @@ class BatchResult:
             self.kept_reasons[reason] = self.kept_reasons.get(reason, 0) + count
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class _Candidate:
-    """A record whose payment may be stored. `validated` is False when the gateway was skipped
-    because the payment_id was already stored: such a record can only end as a duplicate."""
+class Outcomes(Protocol):
+    """How a batch's kept records (and, for a replay, its newly stored ones) are written."""
 
-    record: Record
-    payment: Payment
-    validated: bool
+    @property
+    def kept_is_done(self) -> bool:
+        """Whether a record found kept already has its outcome (not so for a kept one replayed)."""
 
-
-@dataclass(slots=True)
-class _Prepared:
-    """Outcomes decided before the transaction."""
-
-    candidates: list[_Candidate] = field(default_factory=list)
-    kept: list[Kept] = field(default_factory=list)
-    redelivered: int = 0
-
-    @classmethod
-    def of(cls, items: Sequence[_Candidate | Kept]) -> _Prepared:
-        return cls(
-            candidates=[i for i in items if isinstance(i, _Candidate)],
-            kept=[i for i in items if isinstance(i, Kept)],
-        )
-
-    def records(self) -> list[RecordId]:
-        return [c.record.id for c in self.candidates] + [k.record.id for k in self.kept]
+    async def write(self, conn: store.Conn, stored: list[RecordId], kept: list[Kept]) -> None:
+        """`stored`: the records whose payments this batch stored; `kept`: what it keeps."""
 
 
-def _difference(new: Payment, existing: tuple[int, str, str | None, int]) -> str:
-    names = ("account_id", "payment_type", "credit_card", "amount")
-    differing = [n for n, a, b in zip(names, new.content, existing, strict=True) if a != b]
-    if not differing:
-        return "identical content"
-    return "different " + ", ".join(differing)  # field names only, never card data
+@dataclass(frozen=True, slots=True)
+class FirstSight:
+    """Records read from Kafka: the kept ones are written, their raw bytes sealed with a cipher."""
+
+    cipher: KeptCipher | None
+    kept_is_done: bool = True
+
+    async def write(self, conn: store.Conn, stored: list[RecordId], kept: list[Kept]) -> None:
+        await store.insert_kept(conn, kept, self.cipher)
 
 
-def _where(record_id: RecordId | None) -> str:
-    if record_id is None:
-        return "an earlier payment"
-    return f"record {record_id.topic}/{record_id.partition}@{record_id.offset}"
+@dataclass(frozen=True, slots=True)
+class Replay:
+    """Kept records re-driven: resolved when their payment is stored now, updated when kept
+    again (re-reported if the reason changed)."""
+
+    kept_is_done: bool = False
+
+    async def write(self, conn: store.Conn, stored: list[RecordId], kept: list[Kept]) -> None:
+        await store.resolve_kept(conn, stored)
+        await store.update_kept(conn, kept)
 
 
 class Pipeline:
@@ -113,268 +109,159 @@ class Pipeline:
         self._topic_types = topic_types
         self._on_kept = on_kept
         self._writer = uuid4()
+        self._first_sight = FirstSight(cipher)
 
     async def process(
-        self, records: Sequence[Record], *, writer: UUID | None = None, replay: bool = False
+        self, records: Sequence[Record], *, writer: UUID | None = None
     ) -> BatchResult:
         """Make every record's outcome durable. Raises DatabaseUnavailable (retry the batch).
 
         `writer` names who decides these records: the consumer passes one per assignment of its
-        partitions; without it, this pipeline's own (a replay, say) is used.
-        With `replay`, the records are kept ones being re-driven: their kept rows are updated
-        (resolved when the payment is now stored) instead of counting as an outcome already.
+        partitions; without it, this pipeline's own is used.
         """
+        return await self._run(records, writer or self._writer, self._first_sight)
+
+    async def replay(self, records: Sequence[Record]) -> BatchResult:
+        """Re-drive kept records: their kept rows are updated, or resolved when the payment is
+        stored now. Raises DatabaseUnavailable."""
+        return await self._run(records, self._writer, Replay())
+
+    async def _run(
+        self, records: Sequence[Record], writer: UUID, outcomes: Outcomes
+    ) -> BatchResult:
         try:
             with tracing.span("paystream.decode"):
-                prepared, online = self._decode(records)
-            if online:
-                started = time.perf_counter()
-                with tracing.span("paystream.load"):
-                    async with self._pool.connection() as conn:
-                        await conn.set_autocommit(True)
-                        online = await self._load(conn, prepared, online, replay=replay)
-                _LOAD_SECONDS.observe(time.perf_counter() - started)
-            # The connection goes back to the pool before the (possibly slow) gateway calls.
-            with tracing.span("paystream.validate", attributes={"paystream.online": len(online)}):
-                await self._validate(online, prepared)
-            writer = self._writer if writer is None else writer
+                decoded = [(r, decode(r.value, self._topic_types[r.id.topic])) for r in records]
+            triaged = await self._triage(decoded, outcomes)
             started = time.perf_counter()
             with tracing.span("paystream.transaction"):
-                result = await self._write(prepared, writer, replay=replay)
+                result = await self._write(triaged, writer, outcomes)
             _WRITE_SECONDS.observe(time.perf_counter() - started)
-            result.redelivered += prepared.redelivered
         except store.DATABASE_AWAY as exc:
             raise DatabaseUnavailable(f"database unavailable: {type(exc).__name__}") from exc
+        result.redelivered += triaged.redelivered
         REDELIVERED.inc(result.redelivered)
         if result.kept:
             self._on_kept()
         return result
 
-    def _decode(self, records: Sequence[Record]) -> tuple[_Prepared, list[tuple[Record, Payment]]]:
-        """Decode: what is kept already, the offline candidates, and the online payments."""
-        prepared = _Prepared()
-        online: list[tuple[Record, Payment]] = []
-        for record in records:
-            decoded = decode(record.value, self._topic_types[record.id.topic])
-            match decoded:
-                case DecodeError(
-                    reason=reason, description=description, payment_id=pid, amount=amount
-                ):
-                    prepared.kept.append(
-                        Kept(
-                            record=record,
-                            payment_id=pid,
-                            reason=reason,
-                            description=description,
-                            amount=amount,
-                        )
+    async def _triage(self, decoded: list[rules.Decoded], outcomes: Outcomes) -> rules.Triaged:
+        """Load what decides whether the gateway is asked, ask it, and sort the batch out."""
+        online = [
+            (r, p)
+            for r, p in decoded
+            if isinstance(p, Payment) and p.payment_type is PaymentType.ONLINE
+        ]
+        done: set[RecordId] = set()
+        stored: set[str] = set()
+        if online:
+            started = time.perf_counter()
+            with tracing.span("paystream.load"):
+                async with self._pool.connection() as conn:
+                    await conn.set_autocommit(True)
+                    ids = [(r.id, None) for r, _ in online]
+                    done = await store.processed_records(conn, ids, kept=outcomes.kept_is_done)
+                    stored = await store.stored_payment_ids(
+                        conn, [p.payment_id for r, p in online if r.id not in done]
                     )
-                case Payment(payment_type=PaymentType.OFFLINE):
-                    prepared.candidates.append(
-                        _Candidate(record=record, payment=decoded, validated=True)
-                    )
-                case Payment():
-                    online.append((record, decoded))
-        return prepared, online
+            _LOAD_SECONDS.observe(time.perf_counter() - started)
+        # The connection went back to the pool before the (possibly slow) gateway calls.
+        asks = rules.needs_gateway(decoded, done=done, stored=stored)
+        with tracing.span("paystream.validate", attributes={"paystream.online": len(asks)}):
+            verdicts = await self._validate(asks)
+        return rules.triage(decoded, done=done, stored=stored, verdicts=verdicts)
 
-    async def _load(
-        self,
-        conn: store.Conn,
-        prepared: _Prepared,
-        online: list[tuple[Record, Payment]],
-        *,
-        replay: bool,
-    ) -> list[tuple[Record, Payment]]:
-        """The online payments to validate: not those already done."""
-        # Spare the gateway a call for a record already kept (declined, say) and for a payment
-        # already stored, which can only end as a redelivery or a duplicate. Everything else is
-        # decided in the batch's transaction.
-        done = await store.processed_records(
-            conn, [(r.id, None) for r, _ in online], kept=not replay
-        )
-        prepared.redelivered = sum(1 for r, _ in online if r.id in done)
-        online = [(r, p) for r, p in online if r.id not in done]
-        stored = await store.stored_payment_ids(conn, [p.payment_id for _, p in online])
-        prepared.candidates.extend(
-            _Candidate(record=r, payment=p, validated=False)
-            for r, p in online
-            if p.payment_id in stored
-        )
-        return [(r, p) for r, p in online if p.payment_id not in stored]
-
-    async def _validate(self, online: list[tuple[Record, Payment]], prepared: _Prepared) -> None:
-        """Ask the gateway once per distinct payment in the batch, up to its in-flight limit."""
-        if not online:
-            return
+    async def _validate(self, asks: list[tuple[Record, Payment]]) -> dict[Payment, rules.Verdict]:
+        """Ask the gateway once per distinct payment, up to its in-flight limit."""
+        if not asks:
+            return {}
         distinct: dict[Payment, Record] = {}
-        for record, payment in online:
+        for record, payment in asks:
             distinct.setdefault(payment, record)
         answers = await self._gateway.validate_all(
             [(p.payment_id, r.value or b"") for p, r in distinct.items()],
             traceparents=[r.traceparent for r in distinct.values()],
         )
-        verdicts = dict(zip(distinct, answers, strict=True))
-        for record, payment in online:
-            match verdicts[payment]:
-                case Approved():
-                    prepared.candidates.append(
-                        _Candidate(record=record, payment=payment, validated=True)
-                    )
-                case Declined(status=status):
-                    prepared.kept.append(
-                        Kept.of(
-                            record,
-                            payment,
-                            Reason.DECLINED,
-                            f"gateway declined the payment (HTTP {status})",
-                        )
-                    )
-                case CircuitOpen() as exc:
-                    prepared.kept.append(
-                        Kept.of(
-                            record,
-                            payment,
-                            Reason.GATEWAY_UNAVAILABLE,
-                            f"gateway not asked: {exc}",
-                            attempted=False,
-                        )
-                    )
-                case GatewayUnavailable() as exc:
-                    prepared.kept.append(
-                        Kept.of(
-                            record,
-                            payment,
-                            Reason.GATEWAY_UNAVAILABLE,
-                            f"gateway unavailable after retries: {exc}",
-                        )
-                    )
+        return dict(zip(distinct, answers, strict=True))
 
-    async def _write(self, prepared: _Prepared, writer: UUID, *, replay: bool) -> BatchResult:
+    async def _write(self, triaged: rules.Triaged, writer: UUID, outcomes: Outcomes) -> BatchResult:
         """One transaction; on a data error, split the batch until the bad record is isolated."""
         try:
-            return await self._transaction(prepared, writer, replay=replay)
+            return await self._transaction(triaged, writer, outcomes)
         except _DATA_ERRORS as exc:
-            items: list[_Candidate | Kept] = [*prepared.candidates, *prepared.kept]
+            items = triaged.items()
             if len(items) == 1:
-                return await self._reject(items[0], exc, writer, replay=replay)
+                sqlstate = getattr(exc, "sqlstate", None) or "unknown"
+                kept = rules.rejected(items[0], type(exc).__name__, sqlstate)
+                return await self._transaction(rules.Triaged(kept=[kept]), writer, outcomes)
             log.warning("batch hit %s; isolating the record", type(exc).__name__)
             middle = len(items) // 2
             result = BatchResult()
             for part in (items[:middle], items[middle:]):
-                result.add(await self._write(_Prepared.of(part), writer, replay=replay))
+                result.add(await self._write(rules.Triaged.of(part), writer, outcomes))
             return result
 
-    async def _transaction(self, prepared: _Prepared, writer: UUID, *, replay: bool) -> BatchResult:
+    async def _transaction(
+        self, triaged: rules.Triaged, writer: UUID, outcomes: Outcomes
+    ) -> BatchResult:
         """`_write_in` in one transaction that holds the batch's partitions for `writer`, after
         taking over those another writer had (a rebalance; replay and the consumer in turn)."""
-        partitions = {(r.topic, r.partition) for r in prepared.records()}
+        partitions = {(r.topic, r.partition) for r in triaged.records()}
         async with self._pool.connection() as conn:
             while True:
                 async with conn.transaction():
                     others = await store.hold_partitions(conn, writer, partitions)
                     if not others:
-                        return await self._write_in(conn, prepared, replay=replay)
+                        return await self._write_in(conn, triaged, outcomes)
                 log.info("taking over the writing of %s", sorted(others))
                 async with conn.transaction():
                     await store.take_partitions(conn, writer, others)
 
-    async def _reject(
-        self, item: _Candidate | Kept, exc: Exception, writer: UUID, *, replay: bool
-    ) -> BatchResult:
-        """A single record the database refuses: keep it as a database error (no values echoed)."""
-        sqlstate = getattr(exc, "sqlstate", None) or "unknown"
-        description = f"database rejected the record ({type(exc).__name__}, SQLSTATE {sqlstate})"
-        if isinstance(item, _Candidate):
-            kept = Kept.of(item.record, item.payment, Reason.DATABASE_REJECTED, description)
-        else:
-            kept = dataclasses.replace(
-                item, reason=Reason.DATABASE_REJECTED, description=description
-            )
-        return await self._transaction(_Prepared(kept=[kept]), writer, replay=replay)
-
     async def _write_in(
-        self, conn: store.Conn, prepared: _Prepared, *, replay: bool
+        self, conn: store.Conn, triaged: rules.Triaged, outcomes: Outcomes
     ) -> BatchResult:
-        result = BatchResult()
         # Authoritative re-check, the partitions held: another owner may have finished these. A
         # candidate that stored its payment before shows up below as a conflict from itself.
         done = await store.processed_records(
             conn,
-            [(c.record.id, None) for c in prepared.candidates]
-            + [(k.record.id, k.payment_id) for k in prepared.kept],
-            kept=not replay,
+            [(c.record.id, None) for c in triaged.candidates]
+            + [(k.record.id, k.payment_id) for k in triaged.kept],
+            kept=outcomes.kept_is_done,
         )
-        result.redelivered = len(done)
-        candidates = [c for c in prepared.candidates if c.record.id not in done]
-        kept = [k for k in prepared.kept if k.record.id not in done]
-
-        known = await store.existing_accounts(conn, [c.payment.account_id for c in candidates])
-        first: dict[str, _Candidate] = {}
-        others: list[_Candidate] = []
-        for candidate in candidates:
-            payment = candidate.payment
-            if payment.account_id not in known:
-                kept.append(
-                    Kept.of(
-                        candidate.record,
-                        payment,
-                        Reason.UNKNOWN_ACCOUNT,
-                        f"account {payment.account_id} does not exist",
-                    )
-                )
-            elif candidate.validated and payment.payment_id not in first:
-                first[payment.payment_id] = candidate
-            else:
-                others.append(candidate)
-
+        accounts = await store.existing_accounts(
+            conn, [c.payment.account_id for c in triaged.candidates if c.record.id not in done]
+        )
+        decided = rules.decide(triaged, done=done, accounts=accounts)
         inserted = await store.insert_payments(
-            conn, [c.payment for c in first.values()], [c.record.id for c in first.values()]
+            conn, [c.payment for c in decided.store], [c.record.id for c in decided.store]
         )
-        inserted_ids = {i.payment_id for i in inserted}
-        # Metrics are counted per batch: an update per record (≈ 1.3 µs each) took ≈ 5 ms of
-        # the event loop per batch of 4000.
-        stored_types = Counter(first[i.payment_id].payment.payment_type for i in inserted)
-        for payment_type, count in stored_types.items():
-            STORED.labels(payment_type=payment_type.value).inc(count)
-        result.stored = len(inserted)
-
-        losers = [c for pid, c in first.items() if pid not in inserted_ids] + others
-        existing = await store.existing_payments(conn, [c.payment.payment_id for c in losers])
-        for candidate in losers:
-            payment = candidate.payment
-            found = existing.get(payment.payment_id)
-            if found is not None and found.origin == candidate.record.id:
-                result.redelivered += 1
-            elif found is not None:
-                kept.append(
-                    Kept.of(
-                        candidate.record,
-                        payment,
-                        Reason.DUPLICATE,
-                        f"payment_id already stored from {_where(found.origin)}"
-                        f" ({_difference(payment, found.content)})",
-                    )
-                )
+        taken = {i.payment_id for i in inserted}
+        stored = [c for c in decided.store if c.payment.payment_id in taken]
+        # Stored meanwhile by another batch, or by an earlier record of this one.
+        settling = [c for c in decided.store if c.payment.payment_id not in taken]
+        settling += decided.settle
+        existing = await store.existing_payments(conn, (c.payment.payment_id for c in settling))
+        kept, redelivered = decided.kept, decided.redelivered
+        for candidate in settling:
+            settled = rules.settle(candidate, existing.get(candidate.payment.payment_id))
+            if settled is None:
+                redelivered += 1
             else:
-                # Skipped the gateway because the id was stored, but that row is gone now.
-                kept.append(
-                    Kept.of(
-                        candidate.record,
-                        payment,
-                        Reason.GATEWAY_UNAVAILABLE,
-                        "not validated: the stored payment it duplicated was removed",
-                    )
-                )
-
-        if replay:
-            await store.resolve_kept(conn, [first[pid].record.id for pid in inserted_ids])
-            await store.update_kept(conn, kept)
-        else:
-            await store.insert_kept(conn, kept, self.cipher)
+                kept.append(settled)
+        await outcomes.write(conn, [c.record.id for c in stored], kept)
         # Last, so that the account locks (the only ones batches contend for) are held briefly.
         await store.stamp_accounts(conn, inserted)
-        result.kept_reasons = dict(Counter(k.reason for k in kept))
-        for reason, count in result.kept_reasons.items():
-            KEPT.labels(reason=reason.value).inc(count)
-        result.kept = len(kept)
-        return result
+        return _counted(stored, kept, redelivered)
+
+
+def _counted(stored: list[rules.Candidate], kept: list[Kept], redelivered: int) -> BatchResult:
+    """The batch's result, its metrics counted per batch: an update per record (≈ 1.3 µs each)
+    took ≈ 5 ms of the event loop per batch of 4000."""
+    for payment_type, count in Counter(c.payment.payment_type for c in stored).items():
+        STORED.labels(payment_type=payment_type.value).inc(count)
+    reasons = dict(Counter(k.reason for k in kept))
+    for reason, count in reasons.items():
+        KEPT.labels(reason=reason.value).inc(count)
+    return BatchResult(
+        stored=len(stored), kept=len(kept), redelivered=redelivered, kept_reasons=reasons
+    )

@@ -44,7 +44,7 @@ async def replay(
         after = rows[-1].id
         records = [r.record(pipeline.cipher) for r in rows if r.topic in topics]
         if records:
-            total.add(await pipeline.process(records, replay=True))
+            total.add(await pipeline.replay(records))
         on_progress(len(rows))
     return total
 

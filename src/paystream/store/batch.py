@@ -1,0 +1,248 @@
+"""The reads and writes of a batch (batch.sql). Every function takes a connection; none opens a
+transaction: the pipeline runs them in its one transaction per batch."""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from decimal import Decimal
+from uuid import UUID
+
+from psycopg.rows import class_row, kwargs_row, scalar_row
+
+from paystream import tracing
+from paystream.model import Existing, Kept, Payment, RecordId
+from paystream.sealing import KeptCipher
+from paystream.store.queries import Conn, json, query
+
+Partition = tuple[str, int]
+
+
+def _partitions(partitions: Iterable[Partition]) -> str:
+    return json([{"t": t, "p": p} for t, p in sorted(set(partitions))])
+
+
+def _record_ids(ids: Iterable[RecordId]) -> str:
+    return json([{"t": i.topic, "p": i.partition, "o": i.offset, "s": i.timestamp_ms} for i in ids])
+
+
+async def hold_partitions(
+    conn: Conn, writer: UUID, partitions: Iterable[Partition]
+) -> set[Partition]:
+    """Hold, until the transaction ends, those of the partitions `writer` writes; return the
+    others, which it must take over (`take_partitions`) before writing their records.
+
+    Held FOR SHARE, so the batches of one writer never wait for each other; rows are locked in
+    key order, the order `take_partitions` locks them in, so no two transactions deadlock here.
+    """
+    wanted = set(partitions)
+    cursor = await conn.execute(
+        query("hold_partitions"), {"partitions": _partitions(wanted), "writer": writer}
+    )
+    return wanted - {(t, p) for t, p in await cursor.fetchall()}
+
+
+async def take_partitions(conn: Conn, writer: UUID, partitions: Iterable[Partition]) -> None:
+    """Make `writer` the writer of these partitions (commit it at once). Waits until every
+    transaction holding them for their previous writer has ended, so a record is never decided
+    by two writers at the same time (two owners of a partition overlap during a rebalance)."""
+    await conn.execute(
+        query("take_partitions"), {"partitions": _partitions(partitions), "writer": writer}
+    )
+
+
+async def processed_records(
+    conn: Conn, checks: Sequence[tuple[RecordId, str | None]], *, kept: bool = True
+) -> set[RecordId]:
+    """Which of these records already have a durable outcome.
+
+    A record is done when (with `kept`) it is kept, or when its payment_id is given and the
+    stored payment of that id came from this very record. Pass no payment_id for a record about
+    to be inserted: the insert's conflict tells a redelivery apart more cheaply. Kept records are
+    looked up by offset range per partition, one index range scan each, not one probe a record.
+    """
+    stored = [
+        {"i": pid, "t": i.topic, "p": i.partition, "o": i.offset, "s": i.timestamp_ms}
+        for i, pid in checks
+        if pid is not None
+    ]
+    ranges: dict[Partition, tuple[int, int]] = {}
+    if kept:
+        for i, _ in checks:
+            lo, hi = ranges.get((i.topic, i.partition), (i.offset, i.offset))
+            ranges[(i.topic, i.partition)] = (min(lo, i.offset), max(hi, i.offset))
+    if not stored and not ranges:
+        return set()
+    cursor = conn.cursor(row_factory=class_row(RecordId))
+    await cursor.execute(
+        query("processed_records"),
+        {
+            "stored": json(stored),
+            "kept": json(
+                [{"t": t, "p": p, "lo": lo, "hi": hi} for (t, p), (lo, hi) in ranges.items()]
+            ),
+        },
+    )
+    asked = {i for i, _ in checks}
+    return {i for i in await cursor.fetchall() if i in asked}
+
+
+async def stored_payment_ids(conn: Conn, payment_ids: Sequence[str]) -> set[str]:
+    if not payment_ids:
+        return set()
+    cursor = conn.cursor(row_factory=scalar_row)
+    await cursor.execute(query("stored_payment_ids"), {"ids": json(list(payment_ids))})
+    return set(await cursor.fetchall())
+
+
+async def existing_accounts(conn: Conn, account_ids: Iterable[int]) -> set[int]:
+    """Which of these accounts exist (taking no lock)."""
+    wanted = sorted(set(account_ids))
+    if not wanted:
+        return set()
+    cursor = conn.cursor(row_factory=scalar_row)
+    await cursor.execute(query("existing_accounts"), {"ids": json(wanted)})
+    return set(await cursor.fetchall())
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Inserted:
+    payment_id: str
+    account_id: int
+    created_on: datetime
+
+
+async def insert_payments(
+    conn: Conn, payments: Sequence[Payment], origins: Sequence[RecordId]
+) -> list[Inserted]:
+    """Insert, each with the record it came from (`origins`, one per payment); a payment_id
+    already present is skipped. Returns those inserted."""
+    if not payments:
+        return []
+    rows = [
+        {
+            "i": p.payment_id,
+            "a": p.account_id,
+            "t": p.payment_type.value,
+            "c": p.credit_card,
+            "m": p.amount,
+            "rt": origin.topic,
+            "rp": origin.partition,
+            "ro": origin.offset,
+            "rs": origin.timestamp_ms,
+        }
+        for p, origin in zip(payments, origins, strict=True)
+    ]
+    cursor = conn.cursor(row_factory=class_row(Inserted))
+    await cursor.execute(query("insert_payments"), {"rows": json(rows)})
+    return await cursor.fetchall()
+
+
+async def stamp_accounts(conn: Conn, inserted: Sequence[Inserted]) -> None:
+    """last_payment_date only moves forward, to the newest stored payment's created_on.
+
+    The rows are locked first, in account order, so two batches can never deadlock on them; the
+    caller does this last in its transaction, so the locks are held only until the commit.
+    """
+    if not inserted:
+        return
+    await conn.execute(
+        query("lock_accounts"), {"ids": json(sorted({i.account_id for i in inserted}))}
+    )
+    await conn.execute(
+        query("stamp_accounts"),
+        {"rows": json([{"a": i.account_id, "c": i.created_on.isoformat()} for i in inserted])},
+    )
+
+
+def _existing(
+    *,
+    payment_id: str,
+    account_id: int,
+    payment_type: str,
+    credit_card: str | None,
+    amount: Decimal,
+    topic: str | None,
+    partition: int | None,
+    offset: int | None,
+    kafka_ts: int | None,
+) -> Existing:
+    origin = None
+    if topic is not None and partition is not None and offset is not None and kafka_ts is not None:
+        origin = RecordId(topic=topic, partition=partition, offset=offset, timestamp_ms=kafka_ts)
+    return Existing(
+        payment_id=payment_id,
+        account_id=account_id,
+        payment_type=payment_type,
+        credit_card=credit_card,
+        amount=int(amount),
+        origin=origin,
+    )
+
+
+async def existing_payments(conn: Conn, payment_ids: Iterable[str]) -> dict[str, Existing]:
+    """The stored payments of these ids, and the record each came from."""
+    wanted = sorted(set(payment_ids))
+    if not wanted:
+        return {}
+    cursor = conn.cursor(row_factory=kwargs_row(_existing))
+    await cursor.execute(query("existing_payments"), {"ids": json(wanted)})
+    return {e.payment_id: e for e in await cursor.fetchall()}
+
+
+async def insert_kept(conn: Conn, kept: Sequence[Kept], cipher: KeptCipher | None = None) -> None:
+    """Keep records durably (their raw bytes sealed, with a `cipher`); a record kept before is
+    left as it is."""
+    if not kept:
+        return
+    rows = []
+    here = tracing.current_traceparent()
+    for k in kept:
+        raw, key = k.record.value, None
+        if raw is not None and cipher is not None:
+            sealed = cipher.seal(k.record.id, raw)
+            raw, key = sealed.value, sealed.key
+        rows.append(
+            {
+                "t": k.record.id.topic,
+                "p": k.record.id.partition,
+                "o": k.record.id.offset,
+                "s": k.record.id.timestamp_ms,
+                "b": None if raw is None else base64.b64encode(raw).decode(),
+                "k": key,
+                "i": k.payment_id,
+                "e": k.error_type.value,
+                "r": k.reason.value,
+                "d": k.description,
+                "m": k.amount,
+                "tp": k.record.traceparent or here,
+            }
+        )
+    await conn.execute(query("insert_kept"), {"rows": json(rows)})
+
+
+async def resolve_kept(conn: Conn, ids: Sequence[RecordId]) -> None:
+    """A replay stored these kept records' payments."""
+    if ids:
+        await conn.execute(query("resolve_kept"), {"ids": _record_ids(ids)})
+
+
+async def update_kept(conn: Conn, kept: Sequence[Kept]) -> None:
+    """A replay kept these records again. A new reason is a new fact, so it is reported again.
+    A record that was not tried (`Kept.attempted`) keeps its count of replays."""
+    for k in kept:
+        await conn.execute(
+            query("update_kept"),
+            {
+                "reason": k.reason.value,
+                "etype": k.error_type.value,
+                "desc": k.description,
+                "attempted": k.attempted,
+                "t": k.record.id.topic,
+                "p": k.record.id.partition,
+                "o": k.record.id.offset,
+                "ts": k.record.id.timestamp_ms,
+            },
+        )

@@ -1,0 +1,51 @@
+"""The outbox of error reports (reports.sql): the kept rows not yet delivered to the log API."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from psycopg.rows import class_row, scalar_row
+
+from paystream.store.queries import Conn, query
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Report:
+    id: int
+    payment_id: str | None
+    error_type: str
+    description: str
+    traceparent: str | None = None
+
+
+async def claim_reports(conn: Conn, limit: int, lease_s: float) -> list[Report]:
+    """Lease the oldest due reports for `lease_s` (no other relay takes them meanwhile); rows
+    another relay is claiming are skipped, not waited for. Oldest first."""
+    cursor = conn.cursor(row_factory=class_row(Report))
+    await cursor.execute(query("claim_reports"), {"limit": limit, "lease_s": lease_s})
+    return sorted(await cursor.fetchall(), key=lambda r: r.id)
+
+
+async def mark_reported(conn: Conn, ids: Sequence[int]) -> None:
+    if ids:
+        await conn.execute(query("mark_reported"), {"ids": list(ids)})
+
+
+async def mark_report_failed(conn: Conn, ids: Sequence[int], error: str) -> None:
+    """Each row is due again after its back-off (1 s, 2 s, 4 s … capped at 30 s)."""
+    if ids:
+        await conn.execute(query("mark_report_failed"), {"ids": list(ids), "error": error})
+
+
+async def outbox_depth(conn: Conn) -> int:
+    cursor = conn.cursor(row_factory=scalar_row)
+    await cursor.execute(query("outbox_depth"))
+    return int(await cursor.fetchone() or 0)
+
+
+async def oldest_unreported_age_s(conn: Conn) -> float:
+    """Seconds since the oldest record still unreported was kept; 0 if none is."""
+    cursor = conn.cursor(row_factory=scalar_row)
+    await cursor.execute(query("oldest_unreported_age_s"))
+    return float(await cursor.fetchone() or 0.0)

@@ -1,0 +1,36 @@
+-- The outbox of error reports: kept rows whose reported_at is NULL (paystream.outbox).
+
+-- claim_reports --
+-- Lease the oldest due reports for %(lease_s)s; rows another relay is claiming are skipped, not
+-- waited for.
+UPDATE paystream.kept_records
+SET next_report_at = now() + %(lease_s)s * interval '1 second'
+WHERE id IN (
+    SELECT id FROM paystream.kept_records
+    WHERE reported_at IS NULL AND next_report_at <= now()
+    ORDER BY id LIMIT %(limit)s
+    FOR UPDATE SKIP LOCKED
+)
+RETURNING id, payment_id, error_type, description, traceparent;
+
+-- mark_reported --
+UPDATE paystream.kept_records
+SET reported_at = now(), report_attempts = report_attempts + 1
+WHERE id = ANY(%(ids)s::bigint[]);
+
+-- mark_report_failed --
+-- Back off per row: 1 s, 2 s, 4 s ... capped at 30 s.
+UPDATE paystream.kept_records SET
+    report_attempts = report_attempts + 1,
+    last_report_error = %(error)s,
+    next_report_at = now() + least(30, 2 ^ least(report_attempts, 5)) * interval '1 second'
+WHERE id = ANY(%(ids)s::bigint[]);
+
+-- outbox_depth --
+SELECT count(*) FROM paystream.kept_records WHERE reported_at IS NULL;
+
+-- oldest_unreported_age_s --
+-- Seconds since the oldest record still unreported was kept; 0 if none is.
+SELECT coalesce(extract(epoch FROM now() - min(kept_at)), 0)::float8
+FROM paystream.kept_records
+WHERE reported_at IS NULL;

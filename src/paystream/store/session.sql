@@ -1,0 +1,20 @@
+-- Run on every connection of the processor's pool when it opens (SET, not startup options, so
+-- that PgBouncer and other poolers accept them).
+
+-- configure_session --
+-- A batch's transaction cut off mid-way by a partition holds its row locks until the server
+-- notices the client is gone; waiting for the next command, the server sends nothing, so only
+-- its own keepalive probes find out: 11 s after the link went silent, not 2 hours.
+SET tcp_keepalives_idle = 5;
+SET tcp_keepalives_interval = 2;
+SET tcp_keepalives_count = 3;
+-- Through a proxy the server's probes are answered by the proxy, so also end any transaction of
+-- ours left idle for 30 s; ours hold no transaction open across a network call (gateway and log
+-- calls are made outside them), so only an abandoned one is hit.
+SET idle_in_transaction_session_timeout = '30s';
+-- Our statements take milliseconds; one running for a minute is waiting on a lock held by such
+-- an abandoned transaction, and is better failed and retried than left hanging.
+SET statement_timeout = '60s';
+
+-- answers --
+SELECT 1;

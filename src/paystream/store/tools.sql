@@ -1,0 +1,41 @@
+-- What the tools read (paystream.tools: the demo, the benchmark, the reconcile oracle) and what
+-- the simulator resets. Never run by the processor.
+
+-- all_payments --
+SELECT payment_id, account_id, payment_type, credit_card, amount FROM payments;
+
+-- all_origins --
+SELECT payment_id, topic, "partition", "offset" FROM paystream.payment_origins;
+
+-- all_kept --
+SELECT topic, "partition", "offset", error_type, payment_id, resolved_at IS NOT NULL AS resolved
+FROM paystream.kept_records;
+
+-- bad_account_dates --
+-- Accounts whose last_payment_date is not their newest stored payment's created_on.
+SELECT count(*) FROM accounts AS a
+WHERE a.last_payment_date IS DISTINCT FROM
+    (SELECT max(created_on) FROM payments AS p WHERE p.account_id = a.account_id);
+
+-- outcome_counts --
+SELECT (SELECT count(*) FROM payments) AS stored,
+       (SELECT count(*) FROM paystream.kept_records) AS kept,
+       (SELECT count(*) FROM paystream.kept_records WHERE reported_at IS NOT NULL) AS reported;
+
+-- reported_by --
+-- Reports delivered by %(until)s (epoch seconds).
+SELECT count(*) FROM paystream.kept_records WHERE reported_at <= to_timestamp(%(until)s);
+
+-- store_latency_ms --
+-- Milliseconds from a record's production (or %(since_ms)s, if later) to its payment's storing,
+-- for records produced from %(produced_from_ms)s on: the median, the 99th percentile, the worst.
+SELECT coalesce(percentile_cont(0.5) WITHIN GROUP (ORDER BY ms), 0) AS p50,
+       coalesce(percentile_cont(0.99) WITHIN GROUP (ORDER BY ms), 0) AS p99,
+       coalesce(max(ms), 0) AS worst
+FROM (SELECT extract(epoch FROM stored_at) * 1000 - greatest(kafka_ts, %(since_ms)s) AS ms
+      FROM paystream.payment_origins WHERE kafka_ts >= %(produced_from_ms)s) AS t;
+
+-- reset_payments --
+-- The simulator's /start: the retailer's tables as the original service leaves them.
+DELETE FROM payments;
+UPDATE accounts SET last_payment_date = NULL;
