@@ -13,15 +13,14 @@ from prometheus_client import REGISTRY
 from paystream.devenv.processes import free_port
 from paystream.errors import GatewayUnavailable
 from paystream.gateway import (
-    Approved,
     CircuitBreaker,
-    Declined,
     Gateway,
     OldestFirst,
     Verdict,
     idempotency_key,
     third_party_client,
 )
+from paystream.model import Approved, Declined
 from paystream.simulator.streams import is_declined
 from tests.conftest import SimulatorClient, async_wait_for, wait_for
 

@@ -195,7 +195,7 @@ def test_a_record_the_database_refuses_is_kept_as_rejected_whatever_it_was() -> 
 
 # --- every combination ------------------------------------------------------------------------
 
-_VERDICTS = st.sampled_from(
+_VERDICTS: st.SearchStrategy[rules.Verdict] = st.sampled_from(
     [Approved(200), Declined(400), GatewayUnavailable("HTTP 503"), CircuitOpen("open")]
 )
 
@@ -218,7 +218,7 @@ def _batches(draw: st.DrawFn) -> tuple[list[rules.Decoded], dict[str, rules.Verd
             amount=draw(st.integers(1, 3)),
         )
         decoded.append((record, payment))
-    verdicts = {pid: draw(_VERDICTS) for pid in "abcde"}
+    verdicts: dict[str, rules.Verdict] = {pid: draw(_VERDICTS) for pid in "abcde"}
     return decoded, verdicts
 
 

@@ -56,29 +56,11 @@ DATABASE_LINK: dict[str, Any] = {
     "keepalives_count": 3,
 }
 
-# The server's side of each of our sessions, set when a connection opens (SET, not a startup
-# option, so that PgBouncer and other poolers accept it).
-_SESSION_SETTINGS = (
-    # A batch's transaction cut off mid-way by a partition holds its row locks until the server
-    # notices the client is gone; waiting for the next command, the server sends nothing, so
-    # only its own keepalive probes find out: 11 s after the link went silent, not 2 hours.
-    "SET tcp_keepalives_idle = 5",
-    "SET tcp_keepalives_interval = 2",
-    "SET tcp_keepalives_count = 3",
-    # Through a proxy the server's probes are answered by the proxy, so also end any
-    # transaction of ours left idle for 30 s; ours hold no transaction open across a network
-    # call (gateway and log calls are made outside them), so only an abandoned one is hit.
-    "SET idle_in_transaction_session_timeout = '30s'",
-    # Our statements take milliseconds; one running for a minute is waiting on a lock held by
-    # such an abandoned transaction, and is better failed and retried than left hanging.
-    "SET statement_timeout = '60s'",
-)
-
 
 async def configure_session(conn: psycopg.AsyncConnection[Any]) -> None:
-    """The pool's hook for each new connection: our session settings, committed."""
-    for statement in _SESSION_SETTINGS:
-        await conn.execute(statement)
+    """The pool's hook for each new connection: the server's side of our sessions (keepalives
+    and timeouts, explained in store/session.sql), committed."""
+    await conn.execute(store.query("configure_session"))
     await conn.commit()
 
 
@@ -309,7 +291,7 @@ def warn_if_exposed(settings: Settings) -> None:
 async def database_answers(pool: psycopg_pool.AsyncConnectionPool) -> bool:
     try:
         async with asyncio.timeout(2), pool.connection(timeout=2) as conn:
-            await conn.execute("SELECT 1")
+            await conn.execute(store.query("answers"))
     except (TimeoutError, psycopg.Error, psycopg_pool.PoolTimeout):
         return False
     return True

@@ -386,10 +386,7 @@ def _third_party_ceiling(
     validations and to the error reports of kept records (declined, duplicate, ...) delivered
     before the run was drained, each kind of call at the capacity measured for it."""
     with psycopg.connect(settings.database_url) as conn:
-        row = conn.execute(
-            "SELECT count(*) FROM paystream.kept_records WHERE reported_at <= to_timestamp(%s)",
-            (run.finished_at,),
-        ).fetchone()
+        row = conn.execute(store.query("reported_by"), {"until": run.finished_at}).fetchone()
     reports = int(row[0]) if row else 0
     return records / (validations / gateway_per_s + reports / log_per_s)
 
@@ -417,13 +414,8 @@ def _latency(
     from `produced_from_ms` on: the median, the 99th percentile and the worst."""
     with psycopg.connect(database_url) as conn:
         row = conn.execute(
-            """
-            SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY ms),
-                   percentile_cont(0.99) WITHIN GROUP (ORDER BY ms), max(ms)
-            FROM (SELECT extract(epoch FROM stored_at) * 1000 - greatest(kafka_ts, %s) AS ms
-                  FROM paystream.payment_origins WHERE kafka_ts >= %s) AS t
-            """,
-            (since_ms, produced_from_ms),
+            store.query("store_latency_ms"),
+            {"since_ms": since_ms, "produced_from_ms": produced_from_ms},
         ).fetchone()
     if row is None:
         return 0.0, 0.0, 0.0

@@ -144,7 +144,8 @@ def simulator(
     import uvicorn
 
     from paystream.devenv.processes import ensure_port_free
-    from paystream.simulator.service import Faults, Simulator, SimulatorConfig, create_asgi_app
+    from paystream.simulator.service import create_asgi_app
+    from paystream.simulator.state import Faults, Simulator, SimulatorConfig
     from paystream.simulator.streams import Profile
 
     settings = _settings()

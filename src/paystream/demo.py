@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from paystream import logs
+from paystream import logs, store
 from paystream.app import Totals, open_pool, run_processor
 from paystream.config import Settings
 from paystream.devenv.processes import ensure_port_free, free_port
@@ -37,13 +37,7 @@ async def _get_json(session: aiohttp.ClientSession, url: str) -> Any:
 
 async def _counts(database_url: str) -> dict[str, int]:
     async with await psycopg.AsyncConnection.connect(database_url) as conn:
-        cursor = await conn.execute(
-            """
-            SELECT (SELECT count(*) FROM payments),
-                   (SELECT count(*) FROM paystream.kept_records),
-                   (SELECT count(*) FROM paystream.kept_records WHERE reported_at IS NOT NULL)
-            """
-        )
+        cursor = await conn.execute(store.query("outcome_counts"))
         row = await cursor.fetchone()
     assert row is not None
     return {"stored": row[0], "kept": row[1], "reported": row[2]}

@@ -18,6 +18,8 @@ import psycopg
 import stamina
 from confluent_kafka import Consumer, KafkaException, TopicPartition
 
+from paystream import store
+
 
 @dataclass(slots=True, kw_only=True)
 class Reconciliation:
@@ -103,20 +105,10 @@ def reconcile(
     result = Reconciliation(records=len(ledger), uncommitted=uncommitted)
     payments = {
         pid: (account, ptype, card, int(amount))
-        for pid, account, ptype, card, amount in conn.execute(
-            "SELECT payment_id, account_id, payment_type, credit_card, amount FROM payments"
-        )
+        for pid, account, ptype, card, amount in conn.execute(store.query("all_payments"))
     }
-    origins = {
-        (t, p, o): pid
-        for pid, t, p, o in conn.execute(
-            'SELECT payment_id, topic, "partition", "offset" FROM paystream.payment_origins'
-        )
-    }
-    every_kept = conn.execute(
-        'SELECT topic, "partition", "offset", error_type, payment_id, resolved_at IS NOT NULL'
-        " FROM paystream.kept_records"
-    ).fetchall()
+    origins = {(t, p, o): pid for pid, t, p, o in conn.execute(store.query("all_origins"))}
+    every_kept = conn.execute(store.query("all_kept")).fetchall()
     # A kept row that a replay resolved became a stored payment; its report still went out.
     kept_rows = {
         (t, p, o): (etype, pid) for t, p, o, etype, pid, resolved in every_kept if not resolved
@@ -181,13 +173,7 @@ def reconcile(
         result.problems.append(f"{result.unreported} kept records were never reported")
 
     # 3. account dates equal the newest stored payment
-    row = conn.execute(
-        """
-        SELECT count(*) FROM accounts a
-        WHERE a.last_payment_date IS DISTINCT FROM
-            (SELECT max(created_on) FROM payments p WHERE p.account_id = a.account_id)
-        """
-    ).fetchone()
+    row = conn.execute(store.query("bad_account_dates")).fetchone()
     result.bad_account_dates = int(row[0]) if row else 0
     if result.bad_account_dates:
         result.problems.append(
