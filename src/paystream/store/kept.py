@@ -13,7 +13,7 @@ from psycopg.rows import class_row, scalar_row
 
 from paystream.model import Record, RecordId
 from paystream.sealing import KeptCipher, open_raw
-from paystream.store.queries import Conn, query
+from paystream.store.queries import Conn, fetch_all, fetch_one
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -106,22 +106,18 @@ async def list_kept(
     conn: Conn, where: KeptFilter = KeptFilter(), *, after_id: int = 0, limit: int = 1000
 ) -> list[KeptRow]:
     """Matching kept records with an id above `after_id`, in id order (pages for `after_id`)."""
-    cursor = conn.cursor(row_factory=_KEPT_ROW)
-    await cursor.execute(query("list_kept"), {**where.params(), "after": after_id, "limit": limit})
-    return await cursor.fetchall()
+    return await fetch_all(
+        conn, _KEPT_ROW, "list_kept", {**where.params(), "after": after_id, "limit": limit}
+    )
 
 
 async def count_kept(conn: Conn, where: KeptFilter = KeptFilter()) -> int:
-    cursor = conn.cursor(row_factory=scalar_row)
-    await cursor.execute(query("count_kept"), where.params())
-    return int(await cursor.fetchone() or 0)
+    return int(await fetch_one(conn, scalar_row, "count_kept", where.params()) or 0)
 
 
 async def latest_kept(conn: Conn, limit: int) -> list[KeptRow]:
     """The most recently kept records, newest first."""
-    cursor = conn.cursor(row_factory=_KEPT_ROW)
-    await cursor.execute(query("latest_kept"), {"limit": limit})
-    return await cursor.fetchall()
+    return await fetch_all(conn, _KEPT_ROW, "latest_kept", {"limit": limit})
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -146,9 +142,7 @@ class KeptSummary:
 
 
 async def kept_by_reason(conn: Conn) -> list[KeptSummary]:
-    cursor = conn.cursor(row_factory=class_row(KeptSummary))
-    await cursor.execute(query("kept_by_reason"))
-    return await cursor.fetchall()
+    return await fetch_all(conn, class_row(KeptSummary), "kept_by_reason")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -168,9 +162,7 @@ class StoredPayment:
 
 
 async def stored_payment(conn: Conn, payment_id: str) -> StoredPayment | None:
-    cursor = conn.cursor(row_factory=class_row(StoredPayment))
-    await cursor.execute(query("stored_payment"), {"pid": payment_id})
-    return await cursor.fetchone()
+    return await fetch_one(conn, class_row(StoredPayment), "stored_payment", {"pid": payment_id})
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -184,6 +176,4 @@ class Replayed:
 
 
 async def replays_of(conn: Conn, kept_ids: Sequence[int]) -> list[Replayed]:
-    cursor = conn.cursor(row_factory=class_row(Replayed))
-    await cursor.execute(query("replays_of"), {"ids": list(kept_ids)})
-    return await cursor.fetchall()
+    return await fetch_all(conn, class_row(Replayed), "replays_of", {"ids": list(kept_ids)})

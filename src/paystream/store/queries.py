@@ -7,21 +7,23 @@ comments under it. Queries take named parameters (`%(name)s`); none is ever buil
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from functools import cache
 from importlib import resources
-from typing import LiteralString, cast
+from typing import LiteralString, TypeVar, cast
 
 import orjson
 import psycopg
 import psycopg_pool
 from psycopg import AsyncConnection
-from psycopg.rows import TupleRow
+from psycopg.rows import AsyncRowFactory, TupleRow
 
 DATABASE_AWAY = (psycopg.OperationalError, psycopg_pool.PoolTimeout)
 """What a call raises when the database is away (unreachable, restarting, timed out, the pool
 empty), as against a statement it refused: retry later, commit nothing."""
 
 Conn = AsyncConnection[TupleRow]
+Row = TypeVar("Row")
 
 _FILES = ("batch.sql", "kept.sql", "reports.sql", "session.sql", "tools.sql")
 _HEADER = re.compile(r"^-- ([a-z_]+) --$", re.MULTILINE)
@@ -52,3 +54,27 @@ def json(rows: object) -> str:
     it in C, where psycopg would build each array element in Python (a quarter of the
     processor's time when profiled)."""
     return orjson.dumps(rows).decode()
+
+
+async def fetch_all(
+    conn: Conn,
+    row: AsyncRowFactory[Row],
+    name: str,
+    params: Mapping[str, object] | None = None,
+) -> list[Row]:
+    """Every row of the named query, each made by `row` (a psycopg row factory)."""
+    cursor = conn.cursor(row_factory=row)
+    await cursor.execute(query(name), params)
+    return await cursor.fetchall()
+
+
+async def fetch_one(
+    conn: Conn,
+    row: AsyncRowFactory[Row],
+    name: str,
+    params: Mapping[str, object] | None = None,
+) -> Row | None:
+    """The first row of the named query, made by `row`; None if there is none."""
+    cursor = conn.cursor(row_factory=row)
+    await cursor.execute(query(name), params)
+    return await cursor.fetchone()

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from psycopg.rows import class_row, scalar_row
 
-from paystream.store.queries import Conn, query
+from paystream.store.queries import Conn, fetch_all, fetch_one, query
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -22,9 +22,12 @@ class Report:
 async def claim_reports(conn: Conn, limit: int, lease_s: float) -> list[Report]:
     """Lease the oldest due reports for `lease_s` (no other relay takes them meanwhile); rows
     another relay is claiming are skipped, not waited for. Oldest first."""
-    cursor = conn.cursor(row_factory=class_row(Report))
-    await cursor.execute(query("claim_reports"), {"limit": limit, "lease_s": lease_s})
-    return sorted(await cursor.fetchall(), key=lambda r: r.id)
+    return sorted(
+        await fetch_all(
+            conn, class_row(Report), "claim_reports", {"limit": limit, "lease_s": lease_s}
+        ),
+        key=lambda r: r.id,
+    )
 
 
 async def mark_reported(conn: Conn, ids: Sequence[int]) -> None:
@@ -39,13 +42,9 @@ async def mark_report_failed(conn: Conn, ids: Sequence[int], error: str) -> None
 
 
 async def outbox_depth(conn: Conn) -> int:
-    cursor = conn.cursor(row_factory=scalar_row)
-    await cursor.execute(query("outbox_depth"))
-    return int(await cursor.fetchone() or 0)
+    return int(await fetch_one(conn, scalar_row, "outbox_depth") or 0)
 
 
 async def oldest_unreported_age_s(conn: Conn) -> float:
     """Seconds since the oldest record still unreported was kept; 0 if none is."""
-    cursor = conn.cursor(row_factory=scalar_row)
-    await cursor.execute(query("oldest_unreported_age_s"))
-    return float(await cursor.fetchone() or 0.0)
+    return float(await fetch_one(conn, scalar_row, "oldest_unreported_age_s") or 0.0)
