@@ -251,7 +251,7 @@ def unreported(env: Env) -> int:
 
 
 def caught_up(env: Env, settings: Settings) -> bool:
-    from paystream.reconcile import committed_lag
+    from paystream.lag import committed_lag
 
     topics = [settings.online_topic, settings.offline_topic]
     return committed_lag(settings.kafka_bootstrap_servers, settings.group_id, topics) == 0
@@ -278,7 +278,8 @@ async def drain(env: Env, settings: Settings) -> None:
 
 
 def reconcile_now(env: Env, simulator: SimulatorClient, settings: Settings) -> Any:
-    from paystream.reconcile import committed_lag, reconcile
+    from paystream.lag import committed_lag
+    from paystream.tools.reconcile import reconcile
 
     topics = [settings.online_topic, settings.offline_topic]
     lag = committed_lag(settings.kafka_bootstrap_servers, settings.group_id, topics)

@@ -30,7 +30,7 @@ from paystream.devenv.processes import ChildProcess, run_processor
 from paystream.devenv.stack import (
     Stack,
 )
-from paystream.reconcile import Reconciliation
+from paystream.tools.reconcile import Reconciliation
 from tests import chaos_report
 from tests.conftest import (
     Env,

@@ -5,28 +5,57 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from pathlib import Path
+from uuid import UUID
 
 import pytest
 from confluent_kafka import Consumer, TopicPartition
 
+from paystream.brokers import GroupProtocol, choose_group_protocol
+from paystream.consumer import Membership
 from paystream.devenv.kafka import KafkaBroker
-from paystream.kafka import GroupProtocol, KafkaConsumer, choose_group_protocol
+from paystream.kafka import Assigned, CommitAnswered, KafkaConsumer, Key, Offsets, Revoked
 from tests.conftest import Env
 
 
-async def _consume_until(consumers: list[KafkaConsumer], done: Callable[[], bool]) -> None:
+class Member:
+    """One instance's Kafka bridge and the loop's view of its membership, as app.py wires them."""
+
+    def __init__(self, env: Env, protocol: GroupProtocol = "classic") -> None:
+        settings = env.settings()
+        self.membership = Membership()
+        self.kafka = KafkaConsumer(
+            settings.kafka_client(),
+            settings.group_id,
+            [env.online_topic, env.offline_topic],
+            group_protocol=protocol,
+            listener=self.membership.apply,
+        )
+
+    @property
+    def assignment(self) -> set[Key]:
+        return self.membership.assignment
+
+    async def writer_after_consume(self) -> UUID:
+        await self.kafka.consume(1, 0.05)
+        return self.membership.writer
+
+    async def commit(self, offsets: Offsets) -> Offsets:
+        return await self.membership.commit(self.kafka, offsets)
+
+
+async def _consume_until(members: list[Member], done: Callable[[], bool]) -> None:
     """Call consume on each (the group protocol advances inside it) until `done`, at most 30 s."""
     deadline = time.monotonic() + 30
     while not done() and time.monotonic() < deadline:
-        for consumer in consumers:
-            await consumer.consume(100, 0.05)
-    assert done(), [c.assignment for c in consumers]
+        for member in members:
+            await member.kafka.consume(100, 0.05)
+    assert done(), [m.assignment for m in members]
 
 
-async def _assigned(consumer: KafkaConsumer) -> None:
+async def _assigned(member: Member) -> None:
     """Start the consumer and wait until the group has given it partitions."""
-    await consumer.start()
-    await _consume_until([consumer], lambda: bool(consumer.assignment))
+    await member.kafka.start()
+    await _consume_until([member], lambda: bool(member.assignment))
 
 
 def _group_offset(env: Env, group_id: str, topic: str) -> int:
@@ -45,15 +74,9 @@ async def test_each_instance_gets_partitions_of_both_topics(
     """Two instances split the partitions so that each takes online *and* offline payments
     (cooperative-sticky gave one instance every online partition and the other every offline),
     with the classic protocol's round-robin and with KIP-848's broker-side range alike."""
-    settings = env.settings()
     topics = [env.online_topic, env.offline_topic]
     everything = {(t, p) for t in topics for p in range(env.stack.partitions)}
-    first = KafkaConsumer(
-        settings.kafka_client(), settings.group_id, topics, group_protocol=protocol
-    )
-    second = KafkaConsumer(
-        settings.kafka_client(), settings.group_id, topics, group_protocol=protocol
-    )
+    first, second = Member(env, protocol), Member(env, protocol)
 
     def settled() -> bool:
         return (
@@ -65,7 +88,7 @@ async def test_each_instance_gets_partitions_of_both_topics(
     await _assigned(first)
     try:
         held_throughout = set(first.assignment)  # narrowed to what it never stopped holding
-        await second.start()
+        await second.kafka.start()
         try:
 
             def settled_watching() -> bool:
@@ -75,9 +98,9 @@ async def test_each_instance_gets_partitions_of_both_topics(
             await _consume_until([first, second], settled_watching)
             shares = [set(first.assignment), set(second.assignment)]
         finally:
-            await second.close()
+            await second.kafka.close()
     finally:
-        await first.close()
+        await first.kafka.close()
     for share in shares:
         assert {topic for topic, _ in share} == set(topics)
     if protocol == "consumer":
@@ -106,21 +129,23 @@ async def test_a_stale_offset_never_moves_the_group_back(env: Env) -> None:
     """An instance holding an older finished offset for a partition another instance has since
     taken further (it got the partition back) does not commit it over the newer one."""
     settings = env.settings()
-    topics = [env.online_topic, env.offline_topic]
     key = (env.online_topic, 0)
     for offset in (10, 20):  # two owners in turn, each further than the last
-        owner = KafkaConsumer(settings.kafka_client(), settings.group_id, topics)
+        owner = Member(env)
         await _assigned(owner)
         assert {key: offset} == await owner.commit({key: offset})
-        await owner.close()
+        await owner.kafka.close()
     assert 20 == _group_offset(env, settings.group_id, env.online_topic)
 
-    late = KafkaConsumer(settings.kafka_client(), settings.group_id, topics)
+    late = Member(env)
     await _assigned(late)
     try:
         covered = await late.commit({key: 15})  # finished while it did not hold the partition
+        # One computed before a rebalance the Kafka thread has run since is not sent at all.
+        stale = late.membership.generation - 1
+        assert not await late.kafka.commit({key: 30}, stale)
     finally:
-        await late.close()
+        await late.kafka.close()
     assert {key: 15} == covered
     assert 20 == _group_offset(env, settings.group_id, env.online_topic)
 
@@ -129,15 +154,13 @@ async def test_every_assignment_gets_a_writer_of_its_own(env: Env) -> None:
     """After a rebalance a consumer may read its partitions again from the committed offsets
     while batches of its previous assignment are still being written: its records then carry a
     new writer, so that the database keeps the two apart (`store.hold_partitions`)."""
-    settings = env.settings()
     topics = [env.online_topic, env.offline_topic]
-    first = KafkaConsumer(settings.kafka_client(), settings.group_id, topics)
-    second = KafkaConsumer(settings.kafka_client(), settings.group_id, topics)
+    first, second = Member(env), Member(env)
     await _assigned(first)
     try:
-        before = (await first.consume(1, 0.05)).writer
-        assert before == (await first.consume(1, 0.05)).writer  # the same assignment
-        await second.start()
+        before = await first.writer_after_consume()
+        assert before == await first.writer_after_consume()  # the same assignment
+        await second.kafka.start()
         try:
             everything = {(t, p) for t in topics for p in range(env.stack.partitions)}
 
@@ -149,9 +172,36 @@ async def test_every_assignment_gets_a_writer_of_its_own(env: Env) -> None:
                 )
 
             await _consume_until([first, second], shared)
-            after = (await first.consume(1, 0.05)).writer
+            after = await first.writer_after_consume()
         finally:
-            await second.close()
+            await second.kafka.close()
     finally:
-        await first.close()
+        await first.kafka.close()
     assert after != before
+
+
+def test_membership_commits_only_owned_partitions_beyond_the_group() -> None:
+    """The loop's view, built from the Kafka thread's snapshots alone: a partition counts once
+    assigned and until revoked, an offset only beyond the group's committed one and any commit
+    on its way, and a commit's answer raises the group's offset."""
+    membership = Membership()
+    a, b = ("t", 0), ("t", 1)
+    membership.apply(Assigned(1, frozenset({a, b}), {a: 5}))
+    assert {a: 6, b: 1} == membership.uncommitted({a: 6, b: 1})
+    assert {} == membership.uncommitted({a: 5})
+    membership.apply(CommitAnswered({b: 9}, {}, None))
+    assert {} == membership.uncommitted({b: 9})
+    membership.apply(Revoked(2, frozenset({a})))
+    assert {b: 10} == membership.uncommitted({a: 7, b: 10})
+    assert 2 == membership.generation
+
+
+def test_a_new_assignment_brings_a_new_writer() -> None:
+    """Every Assigned snapshot names a new writer; a revocation keeps the current one."""
+    membership = Membership()
+    first = membership.writer
+    membership.apply(Assigned(1, frozenset({("t", 0)}), {}))
+    second = membership.writer
+    membership.apply(Revoked(2, frozenset({("t", 0)})))
+    assert first != second
+    assert second == membership.writer

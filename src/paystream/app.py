@@ -16,12 +16,13 @@ from aiohttp import web
 from pyreqwest.client import Client
 
 from paystream import store
+from paystream.brokers import check_access, choose_group_protocol
 from paystream.config import Settings
-from paystream.consumer import BatchConsumer
+from paystream.consumer import BatchConsumer, Membership
 from paystream.dashboard import DashboardState
 from paystream.errors import ConfigurationError
 from paystream.gateway import CircuitBreaker, Gateway, third_party_client
-from paystream.kafka import KafkaConsumer, check_access, choose_group_protocol
+from paystream.kafka import KafkaConsumer
 from paystream.metrics import BROKER_UP
 from paystream.migrations import migrate
 from paystream.model import PaymentType
@@ -198,14 +199,17 @@ async def run_processor(
             choose_group_protocol, kafka_client, settings.online_topic, settings.group_protocol
         )
         log.info("consumer group protocol: %s", protocol)
+        membership = Membership()
         kafka = KafkaConsumer(
             kafka_client,
             settings.group_id,
             [settings.online_topic, settings.offline_topic],
             group_protocol=protocol,
+            listener=membership.apply,
         )
         consumer = BatchConsumer(
             kafka,
+            membership,
             pipeline,
             batch_size=settings.batch_size,
             batches_in_flight=settings.batches_in_flight,
@@ -214,12 +218,12 @@ async def run_processor(
             on_batch=totals.add,
         )
         await kafka.start()
-        BROKER_UP.set_function(lambda: 1.0 if kafka.broker_ok else 0.0)
+        BROKER_UP.set_function(lambda: 1.0 if membership.broker_up else 0.0)
         runner = None
         try:
 
             async def ready() -> dict[str, bool]:
-                return {"database": await database_answers(pool), "broker": kafka.broker_ok}
+                return {"database": await database_answers(pool), "broker": membership.broker_up}
 
             async def replay_one(kept_id: int) -> dict[str, int]:
                 where = store.KeptFilter(ids=[kept_id])

@@ -7,7 +7,6 @@ import gc
 import json
 import signal
 import sys
-from dataclasses import fields
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -414,7 +413,7 @@ def demo(
 
     Example: paystream demo --profile hostile --rate 100
     """
-    from paystream.demo import Interrupted, run_demo
+    from paystream.tools.demo import Interrupted, run_demo
 
     try:
         report = run_demo(
@@ -438,7 +437,7 @@ def demo(
     if as_json:
         sys.stdout.write(json.dumps(report.as_json()) + "\n")
     else:
-        from paystream.demo import report_table
+        from paystream.tools.demo import report_table
 
         out.print(report_table(report))
     raise typer.Exit(0 if report.ok else 1)
@@ -460,11 +459,13 @@ def bench(
     """
     import shutil
 
-    from paystream import bench as benchmark
+    from paystream.tools import bench as benchmark
+    from paystream.tools.report import tables
+    from paystream.tools.workloads import Sizes
 
     if home.exists():
         shutil.rmtree(home)
-    sizes = benchmark.Sizes.quick() if quick else benchmark.Sizes()
+    sizes = Sizes.quick() if quick else Sizes()
     try:
         result = benchmark.run(
             home, sizes, lambda text: console.print(f"[dim]{text}[/]"), profile_dir=profile
@@ -474,24 +475,5 @@ def bench(
     if as_json:
         sys.stdout.write(json.dumps(result) + "\n")
         return
-    table = Table(title="paystream bench")
-    columns = [
-        f.name for f in fields(benchmark.Workload) if f.name not in ("seconds", "run_ratios")
-    ]
-    for column in columns:
-        table.add_column(column, justify="left" if column in ("name", "bound_by") else "right")
-    for workload in result["workloads"]:
-        table.add_row(*(str(workload[c]) for c in columns))
-    out.print(table)
-    for workload in result["workloads"]:
-        if ratios := workload["run_ratios"]:
-            out.print(
-                f"{workload['name']}: the median of {len(ratios)} drains, whose ratios were "
-                + ", ".join(f"{r:.3f}" for r in ratios)
-            )
-    ceilings = Table(title="ceilings measured in the same run")
-    ceilings.add_column("ceiling")
-    ceilings.add_column("per second", justify="right")
-    for name, value in result["ceilings"].items():
-        ceilings.add_row(name, f"{value:,.0f}")
-    out.print(ceilings)
+    for shown in tables(result):
+        out.print(shown)

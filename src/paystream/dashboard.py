@@ -25,6 +25,7 @@ from prometheus_client import Counter, Histogram
 from paystream import store
 from paystream.config import Settings
 from paystream.errors import DatabaseUnavailable, SealedRecordUnreadable
+from paystream.lag import partition_lag
 from paystream.metrics import (
     CONSUMER_LAG,
     DATABASE_UP,
@@ -43,7 +44,6 @@ from paystream.metrics import (
     STORED,
 )
 from paystream.model import Reason
-from paystream.reconcile import partition_lag
 
 _WAITING_REASONS = frozenset(r.value for r in Reason if r.waits)
 

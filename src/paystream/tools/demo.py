@@ -22,7 +22,8 @@ from paystream.config import Settings
 from paystream.devenv.processes import ensure_port_free, free_port
 from paystream.devenv.stack import Simulator, Stack
 from paystream.errors import PaystreamError
-from paystream.reconcile import Reconciliation, committed_lag, reconcile
+from paystream.lag import committed_lag
+from paystream.tools.reconcile import Reconciliation, reconcile
 
 
 class Interrupted(PaystreamError):

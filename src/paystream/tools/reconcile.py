@@ -9,14 +9,11 @@ from __future__ import annotations
 
 import base64
 from collections import Counter
-from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import orjson
 import psycopg
-import stamina
-from confluent_kafka import Consumer, KafkaException, TopicPartition
 
 from paystream import store
 
@@ -53,38 +50,6 @@ class Reconciliation:
         return {**asdict(self), "ok": self.ok, "problems": self.problems[:50]}
 
 
-@stamina.retry(on=KafkaException, attempts=5, timeout=30)
-def partition_lag(
-    kafka: str | Mapping[str, str], group_id: str, topics: list[str]
-) -> dict[str, int]:
-    """Per "topic/partition": records between the group's committed offset and the end.
-    `kafka`: the bootstrap servers, or a whole librdkafka client configuration.
-
-    Retried: the group coordinator answers with transient errors while it loads."""
-    client = {"bootstrap.servers": kafka} if isinstance(kafka, str) else dict(kafka)
-    consumer = Consumer({**client, "group.id": group_id, "log_level": 0})
-    try:
-        metadata = consumer.list_topics(timeout=10)
-        partitions = [
-            TopicPartition(topic, p)
-            for topic in topics
-            if topic in metadata.topics
-            for p in metadata.topics[topic].partitions
-        ]
-        lag = {}
-        for tp in consumer.committed(partitions, timeout=10):
-            low, high = consumer.get_watermark_offsets(tp, timeout=10, cached=False)
-            lag[f"{tp.topic}/{tp.partition}"] = high - (tp.offset if tp.offset >= 0 else low)
-        return lag
-    finally:
-        consumer.close()
-
-
-def committed_lag(kafka: str | Mapping[str, str], group_id: str, topics: list[str]) -> int:
-    """Records between the group's committed offsets and the end of the topics (0: caught up)."""
-    return sum(partition_lag(kafka, group_id, topics).values())
-
-
 def _fields(value: bytes) -> tuple[int, str, str | None, int]:
     document = orjson.loads(value)
     return (
@@ -116,7 +81,29 @@ def reconcile(
     result.kept = dict(Counter(etype for etype, _ in kept_rows.values()))
     result.stored = len(payments)
 
-    # 1. every valid payment is stored exactly once, with the fields of one of its records
+    _check_stored(result, ledger, payments)
+    _check_records(result, ledger, payments, origins, kept_rows)
+    _check_reports(result, every_kept, logs)
+
+    # 3. account dates equal the newest stored payment
+    row = conn.execute(store.query("bad_account_dates")).fetchone()
+    result.bad_account_dates = int(row[0]) if row else 0
+    if result.bad_account_dates:
+        result.problems.append(
+            f"{result.bad_account_dates} accounts have a wrong last_payment_date"
+        )
+    if uncommitted:
+        result.problems.append(f"committed offsets are {uncommitted} records short of the end")
+    return result
+
+
+def _check_stored(
+    result: Reconciliation,
+    ledger: list[dict[str, Any]],
+    payments: dict[str, tuple[int, str, str | None, int]],
+) -> None:
+    """1 and 2: every valid payment stored exactly once, with the fields of one of its records;
+    nothing else stored."""
     valid: dict[str, list[tuple[int, str, str | None, int]]] = {}
     for entry in ledger:
         if entry["expect"] == "store":
@@ -131,12 +118,19 @@ def reconcile(
         elif payments[pid] not in versions:
             result.wrong_type += 1
             result.problems.append(f"payment {pid} is stored with fields it never arrived with")
-    # 2. nothing else is stored
     for pid in payments.keys() - valid.keys():
         result.doubled += 1
         result.problems.append(f"payment {pid} is stored but should not be")
 
-    # 4. every record that was not stored is kept with the right type, and reported
+
+def _check_records(
+    result: Reconciliation,
+    ledger: list[dict[str, Any]],
+    payments: dict[str, tuple[int, str, str | None, int]],
+    origins: dict[tuple[str, int, int], str],
+    kept_rows: dict[tuple[str, int, int], tuple[str, str | None]],
+) -> None:
+    """4: every record that was not stored is kept, with the right type."""
     for entry in ledger:
         key = (entry["topic"], entry["partition"], entry["offset"])
         if entry["offset"] is None:
@@ -163,7 +157,11 @@ def reconcile(
                     f"record {key} ({entry['kind']}) kept as {kept[0]}, expected {expected}"
                 )
 
-    # reports: each kept row delivered at least once, duplicates counted apart
+
+def _check_reports(
+    result: Reconciliation, every_kept: list[tuple[Any, ...]], logs: list[dict[str, Any]]
+) -> None:
+    """4: each kept record reported at least once; duplicate reports counted apart."""
     want = Counter((pid, etype) for _, _, _, etype, pid, _ in every_kept)
     got = Counter((log.get("payment_id"), log.get("error_type")) for log in logs)
     result.reported = sum(min(got[k], n) for k, n in want.items())
@@ -171,14 +169,3 @@ def reconcile(
     result.duplicate_reports = sum(max(0, n - want[k]) for k, n in got.items())
     if result.unreported:
         result.problems.append(f"{result.unreported} kept records were never reported")
-
-    # 3. account dates equal the newest stored payment
-    row = conn.execute(store.query("bad_account_dates")).fetchone()
-    result.bad_account_dates = int(row[0]) if row else 0
-    if result.bad_account_dates:
-        result.problems.append(
-            f"{result.bad_account_dates} accounts have a wrong last_payment_date"
-        )
-    if uncommitted:
-        result.problems.append(f"committed offsets are {uncommitted} records short of the end")
-    return result

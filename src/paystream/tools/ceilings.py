@@ -1,0 +1,171 @@
+"""The ceilings each workload is measured against, taken in the same run: how fast a bare
+consumer reads, how fast the database takes the processor's statements, what the third party
+answers, and the Little's-law bound of the calls in flight."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import time
+import uuid
+from dataclasses import asdict, dataclass, replace
+from datetime import timedelta
+
+import psycopg
+from confluent_kafka import Consumer
+
+from paystream import store
+from paystream.config import Settings
+from paystream.gateway import post, third_party_client
+from paystream.migrations import migrate
+from paystream.model import Payment, PaymentType, RecordId
+from paystream.tools.meter import Drained
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Ceilings:
+    """Records (or calls) per second; 0 for one not measured yet. The gateway's are measured
+    around the online drains at each of its two latencies."""
+
+    consumer_read_per_s: float = 0.0
+    database_insert_per_s: float = 0.0
+    log_capacity_per_s: float = 0.0
+    littles_law_20ms_per_s: float = 0.0
+    gateway_capacity_20ms_per_s: float = 0.0
+    littles_law_100ms_per_s: float = 0.0
+    gateway_capacity_100ms_per_s: float = 0.0
+
+    def base(self) -> dict[str, float]:
+        """The ceilings every workload has, named as `bound_by` names them."""
+        return {"consumer": self.consumer_read_per_s, "database": self.database_insert_per_s}
+
+    def littles_law(self, latency_ms: int) -> float:
+        return self.littles_law_20ms_per_s if latency_ms == 20 else self.littles_law_100ms_per_s
+
+    def gateway_capacity(self, latency_ms: int) -> float:
+        if latency_ms == 20:
+            return self.gateway_capacity_20ms_per_s
+        return self.gateway_capacity_100ms_per_s
+
+    def with_gateway(self, latency_ms: int, littles_law: float, capacity: float) -> Ceilings:
+        match latency_ms:
+            case 20:
+                return replace(
+                    self, littles_law_20ms_per_s=littles_law, gateway_capacity_20ms_per_s=capacity
+                )
+            case 100:
+                return replace(
+                    self, littles_law_100ms_per_s=littles_law, gateway_capacity_100ms_per_s=capacity
+                )
+        raise ValueError(f"the bench runs the gateway at 20 or 100 ms, not {latency_ms}")
+
+    def as_json(self) -> dict[str, float]:
+        return {name: round(value, 1) for name, value in asdict(self).items() if value}
+
+
+def consumer_ceiling(settings: Settings, records: int) -> float:
+    """How fast one Python consumer reads the backlog, doing nothing with it."""
+    consumer = Consumer(
+        {
+            "bootstrap.servers": settings.kafka_bootstrap_servers,
+            "group.id": f"raw-{uuid.uuid4()}",
+            "auto.offset.reset": "earliest",
+            "enable.auto.commit": False,
+        }
+    )
+    consumer.subscribe([settings.online_topic, settings.offline_topic])
+    read = 0
+    started = 0.0
+    deadline = time.monotonic() + 300
+    while read < records and time.monotonic() < deadline:
+        batch = consumer.consume(1000, 0.5)
+        if batch and not started:
+            started = time.monotonic()
+        read += sum(1 for m in batch if m.error() is None)
+    elapsed = time.monotonic() - started
+    consumer.close()
+    return read / elapsed if elapsed > 0 else 0.0
+
+
+async def database_ceiling(database_url: str, records: int, batch: int, clients: int) -> float:
+    """How fast the database takes the same rows through the same statements as the processor,
+    `batch` rows a transaction and `clients` transactions at a time, as the processor sends them
+    (one client with small batches took half as many rows a second here)."""
+    rng = random.Random(1)
+    payments = [
+        Payment(
+            payment_id=str(uuid.UUID(int=rng.getrandbits(128), version=4)),
+            account_id=rng.randint(1, 2000),
+            payment_type=PaymentType.OFFLINE,
+            credit_card="",
+            amount=rng.randint(1, 500),
+        )
+        for _ in range(records)
+    ]
+    origins = [
+        RecordId(topic="ceiling", partition=i % 3, offset=i, timestamp_ms=0) for i in range(records)
+    ]
+    chunks = iter(range(0, records, batch))
+
+    async def client(conn: store.Conn) -> None:
+        for i in chunks:
+            async with conn.transaction():
+                chunk = payments[i : i + batch]
+                await store.existing_accounts(conn, [p.account_id for p in chunk])
+                inserted = await store.insert_payments(conn, chunk, origins[i : i + batch])
+                await store.stamp_accounts(conn, inserted)
+
+    async with await psycopg.AsyncConnection.connect(database_url) as conn:
+        await migrate(conn)  # the table of origins
+    async with contextlib.AsyncExitStack() as connections:
+        conns = [
+            await connections.enter_async_context(
+                await psycopg.AsyncConnection.connect(database_url)
+            )
+            for _ in range(clients)
+        ]
+        started = time.monotonic()
+        await asyncio.gather(*(client(conn) for conn in conns))
+        return records / (time.monotonic() - started)
+
+
+async def third_party_capacity(url: str, body: bytes, concurrency: int, seconds: float) -> float:
+    """Calls per second the third party answers at `url` with `concurrency` callers, each
+    waiting for its answer before the next call (connections opened beforehand, not timed)."""
+    timeout = timedelta(seconds=30)
+    async with third_party_client(concurrency) as client:
+
+        async def caller(until: float) -> int:
+            calls = 0
+            while time.monotonic() < until:
+                await post(client, url, body, timeout)
+                calls += 1
+            return calls
+
+        async def callers(for_s: float) -> int:
+            until = time.monotonic() + for_s
+            return sum(await asyncio.gather(*(caller(until) for _ in range(concurrency))))
+
+        await callers(0.5)
+        started = time.monotonic()
+        calls = await callers(seconds)
+        return calls / (time.monotonic() - started)
+
+
+def third_party_ceiling(
+    settings: Settings,
+    run: Drained,
+    records: int,
+    *,
+    validations: int,
+    gateway_per_s: float,
+    log_per_s: float,
+) -> float:
+    """Records per second the third party can serve for this run: its time goes to the
+    validations and to the error reports of kept records (declined, duplicate, ...) delivered
+    before the run was drained, each kind of call at the capacity measured for it."""
+    with psycopg.connect(settings.database_url) as conn:
+        row = conn.execute(store.query("reported_by"), {"until": run.finished_at}).fetchone()
+    reports = int(row[0]) if row else 0
+    return records / (validations / gateway_per_s + reports / log_per_s)

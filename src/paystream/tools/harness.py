@@ -1,0 +1,146 @@
+"""The bench's hands on local infrastructure: a fresh pair of topics and a database for each
+workload, processors as child processes (so /proc shows their CPU and memory), a backlog, the
+simulator's latency, and a drain measured until the group has committed everything."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import random
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import orjson
+import uvloop
+
+from paystream.config import Settings
+from paystream.devenv.processes import ChildProcess, answers_ok, free_port, run_processor
+from paystream.devenv.stack import Simulator, Stack
+from paystream.tools.ceilings import third_party_capacity
+from paystream.tools.load import document, produce
+from paystream.tools.meter import Drained, Meter, members_assigned, wait
+
+Progress = Callable[[str], None]
+
+
+class Bench:
+    def __init__(
+        self, stack: Stack, gateway: Simulator, progress: Progress, profile_dir: Path | None = None
+    ) -> None:
+        self.stack = stack
+        self.gateway = gateway
+        self.progress = progress
+        self.profile_dir = profile_dir
+        self._n = 0
+
+    def fresh(self, partitions: int = 3) -> Settings:
+        self._n += 1
+        name = f"b{self._n}_{int(time.time())}"
+        topics = [f"online_{name}", f"offline_{name}"]
+        self.stack.create_topics(topics, partitions)
+        return self.stack.settings(
+            database_url=self.stack.fresh_database(f"bench_{name}"),
+            online_topic=topics[0],
+            offline_topic=topics[1],
+            group_id=f"bench-{name}",
+            gateway_url=self.gateway.url,
+            log_url=self.gateway.url,
+        )
+
+    def set_latency(self, latency_ms: float) -> None:
+        request = urllib.request.Request(
+            self.gateway.url + "/faults",
+            data=orjson.dumps({"latency_ms": latency_ms, "max_delay_ms": max(latency_ms, 1)}),
+            headers={"Content-Type": "application/json"},
+            method="POST",
+        )
+        with urllib.request.urlopen(request, timeout=10):
+            pass
+
+    def _profile(self, pid: int, name: str) -> subprocess.Popen[bytes] | None:
+        """py-spy samples the processor until it exits; collapsed stacks go to PROFILE_DIR."""
+        if self.profile_dir is None:
+            return None
+        self.profile_dir.mkdir(parents=True, exist_ok=True)
+        output = self.profile_dir / f"{name}.txt"
+        return subprocess.Popen(
+            [
+                str(Path(sys.executable).with_name("py-spy")),
+                "record",
+                "--pid",
+                str(pid),
+                "--rate",
+                "250",
+                "--format",
+                "raw",
+                "--nonblocking",
+                "-o",
+                str(output),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+
+    @contextlib.contextmanager
+    def processors(
+        self, settings: Settings, instances: int, label: str
+    ) -> Iterator[list[ChildProcess]]:
+        """`instances` processors on their own dashboard ports, ready; stopped at the end."""
+        procs: list[ChildProcess] = []
+        try:
+            for i in range(instances):
+                port = free_port()
+                own = settings.model_copy(update={"web_port": port, "log_level": "warning"})
+                proc = run_processor(own, self.stack.home / f"processor-{label}-{i}.log")
+                procs.append(proc)
+                ready = functools.partial(answers_ok, f"http://127.0.0.1:{port}/health/ready")
+                proc.wait_until(ready, 60, "ready")
+            yield procs
+        finally:
+            for proc in procs:
+                proc.stop(60)
+
+    def backlog(self, settings: Settings, kind: str, count: int, rng: random.Random) -> None:
+        """Preload `count` fresh payments of one kind onto its topic."""
+        topic = settings.online_topic if kind == "online" else settings.offline_topic
+        produce(
+            settings.kafka_bootstrap_servers, [(topic, document(rng, kind)) for _ in range(count)]
+        )
+
+    def capacity(self, path: str, body: bytes, concurrency: int, seconds: float) -> float:
+        """The most calls per second the third party answers at `path`: with as many callers as
+        the processor has calls in flight, and with four times as many, so that at a long
+        latency the callers' own concurrency is not what is measured.
+
+        Run on the processor's event loop, so that the load generator is as lean as it is.
+        """
+        return max(
+            uvloop.run(third_party_capacity(self.gateway.url + path, body, callers, seconds))
+            for callers in (concurrency, 4 * concurrency)
+        )
+
+    def drain(
+        self, settings: Settings, instances: int = 1, backlog: Callable[[], None] | None = None
+    ) -> Drained:
+        """Start processors on the backlog and measure them until it is drained.
+
+        With `backlog`, the backlog is produced only once every instance holds its partitions,
+        so that the first one up does not take all of it before the others join.
+        """
+        profiler = None
+        with self.processors(settings, instances, settings.group_id) as procs:
+            if backlog is not None:
+                wait(lambda: members_assigned(settings) == instances, 60)
+            profiler = self._profile(procs[0].pid, settings.group_id)
+            meter = Meter(procs)
+            if backlog is not None:
+                backlog()
+            # For a backlog, latency counts from the processor's start, not from production.
+            result = meter.until_drained(settings, 1800, latency_from_ms=meter.started_at * 1000)
+        if profiler is not None:
+            profiler.wait(60)
+        return result

@@ -1,0 +1,298 @@
+"""The workloads of `paystream bench`, in the order they run (WORKLOADS). Each is a function of
+the run so far that drains one or more fresh backlogs or loads and returns their rows; a few
+also measure a ceiling the later ones are compared with."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import random
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+from paystream.config import Settings
+from paystream.simulator.streams import Profile, plan
+from paystream.tools.ceilings import (
+    Ceilings,
+    consumer_ceiling,
+    database_ceiling,
+    third_party_ceiling,
+)
+from paystream.tools.harness import Bench
+from paystream.tools.load import REPORT, PacedLoad, document, produce
+from paystream.tools.meter import Drained, Meter
+from paystream.tools.report import Workload, workload
+
+SCALE_IN_FLIGHT = 64
+"""Gateway calls in flight per instance in the scale-out workload."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Sizes:
+    offline: int = 200_000
+    online: int = 50_000
+    mix: int = 100_000
+    memory: int = 1_000_000
+    scale: int = 8_000
+    steady_s: float = 10.0
+    steady_warmup_s: float = 2.0
+    """Steady load before the measured part of the steady workload."""
+    join_s: float = 8.0
+    """Steady load during which a second instance joins (join-pause workloads)."""
+    probe_s: float = 3.0
+    """How long each capacity probe of the third party runs."""
+    capacity_drains: int = 3
+    """Drains of a workload whose ceiling is the gateway's measured capacity: the probe and the
+    drain share the cores with everything else, and one drain's ratio ranged 0.72-0.98 here."""
+
+    @classmethod
+    def quick(cls) -> Sizes:
+        return cls(
+            offline=5_000,
+            online=1_000,
+            mix=2_000,
+            memory=10_000,
+            scale=400,
+            steady_s=2.0,
+            steady_warmup_s=0.5,
+            join_s=3.0,
+            probe_s=0.5,
+            capacity_drains=1,
+        )
+
+
+@dataclass(slots=True, kw_only=True)
+class Run:
+    """What the workloads of one run share: the harness, the sizes, one seeded random source
+    (so that every run offers the same payments) and the ceilings measured so far."""
+
+    bench: Bench
+    sizes: Sizes
+    in_flight: int
+    rng: random.Random
+    ceilings: Ceilings
+
+    def third_party(
+        self,
+        settings: Settings,
+        drained: Drained,
+        records: int,
+        validations: int,
+        gateway_per_s: float,
+    ) -> float:
+        """The third party's ceiling for a drain: `validations` gateway calls at
+        `gateway_per_s`, and the reports delivered meanwhile at the log API's capacity."""
+        return third_party_ceiling(
+            settings,
+            drained,
+            records,
+            validations=validations,
+            gateway_per_s=gateway_per_s,
+            log_per_s=self.ceilings.log_capacity_per_s,
+        )
+
+
+def offline(run: Run) -> list[Workload]:
+    """An offline backlog, with the consumer's and the database's ceilings on the same rows."""
+    bench, sizes = run.bench, run.sizes
+    defaults = Settings()
+    settings = bench.fresh()
+    bench.progress(f"offline: preloading {sizes.offline} records")
+    bench.backlog(settings, "offline", sizes.offline, run.rng)
+    consumer = consumer_ceiling(settings, sizes.offline)
+    scratch = bench.fresh()
+    database = asyncio.run(
+        database_ceiling(
+            scratch.database_url, sizes.offline, defaults.batch_size, defaults.batches_in_flight
+        )
+    )
+    run.ceilings = replace(
+        run.ceilings, consumer_read_per_s=consumer, database_insert_per_s=database
+    )
+    bench.progress("offline: draining")
+    drained = bench.drain(settings)
+    return [workload("offline", sizes.offline, drained, ceilings=run.ceilings.base())]
+
+
+def offline_two_instances(run: Run) -> list[Workload]:
+    run.bench.progress("offline with 2 instances (6 partitions)")
+    settings = run.bench.fresh(partitions=6)
+    backlog = functools.partial(run.bench.backlog, settings, "offline", run.sizes.offline, run.rng)
+    drained = run.bench.drain(settings, instances=2, backlog=backlog)
+    base = run.ceilings.base()
+    return [workload("offline-2-instances", run.sizes.offline, drained, base, instances=2)]
+
+
+def log_capacity(run: Run) -> list[Workload]:
+    """Every kept record is reported to the third party's log API, which shares its capacity
+    with the gateway: online ceilings count both kinds of call."""
+    capacity = run.bench.capacity("/log", REPORT, run.in_flight, run.sizes.probe_s)
+    run.ceilings = replace(run.ceilings, log_capacity_per_s=capacity)
+    return []
+
+
+def online(run: Run, *, latency_ms: int) -> list[Workload]:
+    """An online backlog against a gateway of `latency_ms`. Bound by the measured third-party
+    capacity rather than the computed Little's law, the row is the median of several drains,
+    not a single draw; each is compared with the mean of the capacity measured just before and
+    just after it (one probe alone drifted by a fifth between runs here), and a probe between
+    two drains serves as the one after the first and the one before the second."""
+    bench, sizes = run.bench, run.sizes
+    bench.set_latency(latency_ms)
+    little = run.in_flight / (latency_ms / 1000)
+    body = document(random.Random(2), "online")
+
+    def capacity() -> float:
+        return bench.capacity("/payment", body, run.in_flight, sizes.probe_s)
+
+    before = capacity()
+    runs: list[tuple[Workload, float]] = []
+    while not runs or (len(runs) < sizes.capacity_drains and runs[0][0].ceiling_per_s < little):
+        settings = bench.fresh()
+        bench.progress(f"online-{latency_ms}ms: preloading {sizes.online} records")
+        bench.backlog(settings, "online", sizes.online, run.rng)
+        drained = bench.drain(settings)
+        after = capacity()
+        mean = (before + after) / 2
+        third_party = run.third_party(settings, drained, sizes.online, sizes.online, mean)
+        ceilings = {
+            **run.ceilings.base(),
+            "third-party capacity": third_party,
+            "Little's law": little,
+        }
+        runs.append((workload(f"online-{latency_ms}ms", sizes.online, drained, ceilings), mean))
+        before = after
+    runs.sort(key=lambda r: r[0].ceiling_ratio)
+    row, mean = runs[len(runs) // 2]
+    run.ceilings = run.ceilings.with_gateway(latency_ms, little, mean)
+    if len(runs) > 1:
+        row.run_ratios = [r.ceiling_ratio for r, _ in runs]
+    return [row]
+
+
+def scale_out(run: Run, *, instances: int) -> list[Workload]:
+    """Each instance is held to a small in-flight limit, so the bound is the instances' own
+    concurrency, while the gateway (still at 100 ms) and the database have room to spare."""
+    bench, records = run.bench, run.sizes.scale
+    settings = bench.fresh(partitions=6).model_copy(
+        update={"gateway_max_in_flight": SCALE_IN_FLIGHT}
+    )
+    bench.progress(f"scale-out, {instances} instance(s) of {SCALE_IN_FLIGHT} calls in flight")
+    backlog = functools.partial(bench.backlog, settings, "online", records, run.rng)
+    drained = bench.drain(settings, instances=instances, backlog=backlog)
+    ceilings = {
+        **run.ceilings.base(),
+        "third-party capacity": run.third_party(
+            settings, drained, records, records, run.ceilings.gateway_capacity(100)
+        ),
+        "Little's law": SCALE_IN_FLIGHT * instances / 0.100,
+    }
+    return [workload(f"scale-out-{instances}", records, drained, ceilings, instances=instances)]
+
+
+def original_mix(run: Run) -> list[Workload]:
+    """The original stream's shape (half of it exact duplicates, 69 % online) at 20 ms."""
+    bench, records = run.bench, run.sizes.mix
+    bench.set_latency(20)
+    settings = bench.fresh()
+    planned = plan(Profile.ORIGINAL, records=records, seed=3, decline_rate=0.1)
+    topic = {"online": settings.online_topic, "offline": settings.offline_topic}
+    bench.progress(f"original-mix: preloading {records} records")
+    produce(settings.kafka_bootstrap_servers, [(topic[p.topic_type], p.value) for p in planned])
+    validations = len({p.payment_id for p in planned if p.topic_type == "online"})
+    drained = bench.drain(settings)
+    ceilings = {
+        **run.ceilings.base(),
+        "third-party capacity": run.third_party(
+            settings, drained, records, validations, run.ceilings.gateway_capacity(20)
+        ),
+        "Little's law": run.ceilings.littles_law(20) * len(planned) / validations,
+    }
+    return [workload("original-mix", records, drained, ceilings)]
+
+
+def steady(run: Run, *, rate: int = 1000) -> list[Workload]:
+    """A steady offline+online load while the processor runs: true end-to-end latency, once
+    the processor is warm. Measured from the start, the first two seconds (gateway connections
+    being opened, statements prepared) held 100 and 72 of the worst 100 latencies in two runs."""
+    sizes = run.sizes
+    run.bench.progress(
+        f"steady {rate}/s for {sizes.steady_warmup_s:.0f} s + {sizes.steady_s:.0f} s measured"
+        " (true produce → stored latency)"
+    )
+    settings = run.bench.fresh()
+    with run.bench.processors(settings, 1, "steady") as procs:
+        load = PacedLoad(settings, run.rng, rate)
+        load.produce(sizes.steady_warmup_s)
+        meter = Meter(procs)
+        measured = load.produce(sizes.steady_s)
+        load.flush()
+        drained = meter.until_drained(
+            settings, 120, latency_from_ms=0, produced_from_ms=meter.started_at * 1000
+        )
+    bound = f"offered load ({rate}/s)"
+    return [
+        workload(f"steady-{rate}-per-s", measured, drained, run.ceilings.base(), bound_by=bound)
+    ]
+
+
+def join_pause(run: Run, *, protocol: str, rate: int = 500) -> list[Workload]:
+    """A second instance joins one that carries a steady load: the end-to-end latency of what
+    was produced meanwhile shows how long the join held payments up. With the classic protocol
+    every partition of the first instance stops until the group has rebalanced; with KIP-848
+    only those that move to the newcomer do."""
+    bench, sizes = run.bench, run.sizes
+    bench.progress(f"join under {rate}/s, {protocol} group protocol")
+    settings = bench.fresh().model_copy(update={"group_protocol": protocol})
+    with bench.processors(settings, 1, f"join-{protocol}") as procs:
+        load = PacedLoad(settings, run.rng, rate)
+        load.produce(sizes.steady_warmup_s)
+        meter = Meter(procs)
+        producing = threading.Thread(target=load.produce, args=(sizes.join_s,))
+        producing.start()
+        # The newcomer starts a second into the load (pacing the scenario, not waiting for a
+        # result): its start-up checks and its join fall inside the measured window.
+        time.sleep(1.0)
+        with bench.processors(settings, 1, f"join-{protocol}-newcomer"):
+            producing.join()
+            load.flush()
+            drained = meter.until_drained(
+                settings, 120, latency_from_ms=0, produced_from_ms=meter.started_at * 1000
+            )
+    return [
+        workload(
+            f"join-pause-{protocol}",
+            int(rate * sizes.join_s),
+            drained,
+            ceilings=run.ceilings.base(),
+            bound_by=f"offered load ({rate}/s), a second instance joining",
+            instances=2,
+        )
+    ]
+
+
+def memory(run: Run) -> list[Workload]:
+    run.bench.progress(f"memory: {run.sizes.memory} record backlog")
+    settings = run.bench.fresh()
+    run.bench.backlog(settings, "offline", run.sizes.memory, run.rng)
+    drained = run.bench.drain(settings)
+    return [workload("offline-1m-backlog", run.sizes.memory, drained, run.ceilings.base())]
+
+
+WORKLOADS: tuple[Callable[[Run], list[Workload]], ...] = (
+    offline,
+    offline_two_instances,
+    log_capacity,
+    functools.partial(online, latency_ms=20),
+    functools.partial(online, latency_ms=100),
+    functools.partial(scale_out, instances=1),
+    functools.partial(scale_out, instances=2),
+    original_mix,
+    steady,
+    functools.partial(join_pause, protocol="classic"),
+    functools.partial(join_pause, protocol="consumer"),
+    memory,
+)
+"""In order: a workload may use the ceilings that an earlier one measured."""
