@@ -18,10 +18,10 @@ from paystream.gateway import (
     OldestFirst,
     Verdict,
     idempotency_key,
-    third_party_client,
 )
 from paystream.model import Approved, Declined
 from paystream.simulator.streams import is_declined
+from paystream.thirdparty import third_party_client
 from tests.conftest import SimulatorClient, async_wait_for, wait_for
 
 

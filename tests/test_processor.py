@@ -15,11 +15,12 @@ from confluent_kafka import Producer
 from paystream import store
 from paystream.app import open_pool, topic_types
 from paystream.config import Settings
-from paystream.gateway import CircuitBreaker, Gateway, third_party_client
+from paystream.gateway import CircuitBreaker, Gateway
 from paystream.kafka import KafkaConsumer
 from paystream.model import Record
 from paystream.pipeline import Pipeline
 from paystream.simulator.streams import is_declined
+from paystream.thirdparty import third_party_client
 from tests.conftest import (
     Env,
     SimulatorClient,

@@ -20,16 +20,17 @@ from paystream.brokers import check_access, choose_group_protocol
 from paystream.config import Settings
 from paystream.consumer import BatchConsumer, Membership
 from paystream.dashboard import DashboardState
-from paystream.errors import ConfigurationError
-from paystream.gateway import CircuitBreaker, Gateway, third_party_client
+from paystream.errors import ConfigurationError, ReportFailed
+from paystream.gateway import CircuitBreaker, Gateway
 from paystream.kafka import KafkaConsumer
 from paystream.metrics import BROKER_UP
 from paystream.migrations import migrate
 from paystream.model import PaymentType
-from paystream.outbox import LogClient, OutboxRelay, ReportFailed
+from paystream.outbox import LogClient, OutboxRelay
 from paystream.pipeline import BatchResult, Pipeline
 from paystream.replay import replay, revalidate
 from paystream.sealing import KeptCipher
+from paystream.thirdparty import third_party_client
 from paystream.web import make_app
 
 log = logging.getLogger(__name__)
@@ -56,6 +57,20 @@ DATABASE_LINK: dict[str, Any] = {
     "keepalives_interval": 2,
     "keepalives_count": 3,
 }
+
+
+_POOL_WAIT_S = 5.0
+"""How long a batch waits for a pooled connection before it counts as the database being away:
+the pool holds one per batch in flight and a few more, so a wait this long means none comes."""
+_POOL_OPEN_S = 15.0
+"""Start-up: the first connections, after one direct attempt already succeeded."""
+_SPARE_CONNECTIONS = 4
+"""Database connections beyond one per batch in flight: the outbox relay, re-validation, the
+dashboard's listings and the readiness probe, none of which should wait on a batch."""
+_SPARE_HTTP_CONNECTIONS = 32
+"""Third-party connections beyond the gateway's in-flight limit: the outbox relay's reports."""
+_READY_PROBE_S = 2.0
+"""A readiness probe of the database that takes longer says "not ready"."""
 
 
 async def configure_session(conn: psycopg.AsyncConnection[Any]) -> None:
@@ -88,14 +103,14 @@ async def open_pool(
         settings.database_dsn,
         min_size=1,
         max_size=max_size,
-        timeout=5.0,
+        timeout=_POOL_WAIT_S,
         open=False,
         check=psycopg_pool.AsyncConnectionPool.check_connection,
         kwargs={"application_name": "paystream", **DATABASE_LINK},
         configure=configure_session,
     )
     try:
-        await pool.open(wait=True, timeout=15.0)
+        await pool.open(wait=True, timeout=_POOL_OPEN_S)
     except psycopg_pool.PoolTimeout as exc:
         await pool.close()
         raise unreachable("") from exc
@@ -169,8 +184,8 @@ async def run_processor(
     """Run until `stop` is set; then finish in-flight batches, commit, and return."""
     totals = totals or Totals()
     async with (
-        open_pool(settings, max_size=settings.batches_in_flight + 4) as pool,
-        third_party(settings, settings.gateway_max_in_flight + 32) as client,
+        open_pool(settings, max_size=settings.batches_in_flight + _SPARE_CONNECTIONS) as pool,
+        third_party(settings, settings.gateway_max_in_flight + _SPARE_HTTP_CONNECTIONS) as client,
     ):
         gateway = make_gateway(settings, client)
         log_client = LogClient(client, settings.log_url, settings.log_timeout_s)
@@ -195,18 +210,8 @@ async def run_processor(
         await asyncio.gather(
             asyncio.to_thread(check_access, kafka_client), gateway.check_credentials()
         )
-        protocol = await asyncio.to_thread(
-            choose_group_protocol, kafka_client, settings.online_topic, settings.group_protocol
-        )
-        log.info("consumer group protocol: %s", protocol)
         membership = Membership()
-        kafka = KafkaConsumer(
-            kafka_client,
-            settings.group_id,
-            [settings.online_topic, settings.offline_topic],
-            group_protocol=protocol,
-            listener=membership.apply,
-        )
+        kafka = await kafka_consumer(settings, membership)
         consumer = BatchConsumer(
             kafka,
             membership,
@@ -221,41 +226,9 @@ async def run_processor(
         BROKER_UP.set_function(lambda: 1.0 if membership.broker_up else 0.0)
         runner = None
         try:
-
-            async def ready() -> dict[str, bool]:
-                return {"database": await database_answers(pool), "broker": membership.broker_up}
-
-            async def replay_one(kept_id: int) -> dict[str, int]:
-                where = store.KeptFilter(ids=[kept_id])
-                result = await replay(pool, pipeline, set(topic_types(settings)), where)
-                return {"stored": result.stored, "kept": result.kept}
-
-            dashboard = DashboardState(
-                settings=settings,
-                kafka=kafka_client,
-                pool=pool,
-                checks=ready,
-                circuit=lambda: gateway.breaker.state,
-                replay=replay_one,
-            )
+            dashboard = dashboard_state(settings, pool, pipeline, gateway, membership)
             if serve_web:
-                warn_if_exposed(settings)
-                runner = web.AppRunner(
-                    make_app(ready, dashboard), access_log=None, shutdown_timeout=2.0
-                )
-                await runner.setup()
-                try:
-                    await web.TCPSite(runner, settings.web_host, settings.web_port).start()
-                except OSError as exc:
-                    raise ConfigurationError(
-                        f"Port {settings.web_port} on {settings.web_host} is taken, so the "
-                        "dashboard cannot listen there; set PAYSTREAM_WEB_PORT to a free port."
-                    ) from exc
-                log.info(
-                    "dashboard, metrics and health on http://%s:%d",
-                    settings.web_host,
-                    settings.web_port,
-                )
+                runner = await serve_dashboard(settings, make_app(dashboard.checks, dashboard))
             async with asyncio.TaskGroup() as group:
                 if serve_web:
                     group.create_task(dashboard.refresh_lag(stop))
@@ -279,6 +252,69 @@ async def run_processor(
             await kafka.close()
 
 
+def dashboard_state(
+    settings: Settings,
+    pool: psycopg_pool.AsyncConnectionPool,
+    pipeline: Pipeline,
+    gateway: Gateway,
+    membership: Membership,
+) -> DashboardState:
+    """What the dashboard and the health endpoints read, and the replay its button runs."""
+
+    async def ready() -> dict[str, bool]:
+        return {"database": await database_answers(pool), "broker": membership.broker_up}
+
+    async def replay_one(kept_id: int) -> dict[str, int]:
+        where = store.KeptFilter(ids=[kept_id])
+        result = await replay(pool, pipeline, set(topic_types(settings)), where)
+        return {"stored": result.stored, "kept": result.kept}
+
+    return DashboardState(
+        settings=settings,
+        kafka=settings.kafka_client(),
+        pool=pool,
+        checks=ready,
+        circuit=lambda: gateway.breaker.state,
+        replay=replay_one,
+    )
+
+
+async def kafka_consumer(settings: Settings, membership: Membership) -> KafkaConsumer:
+    """The bridge to the group, speaking the protocol the brokers take (or the one set); it
+    hands `membership` what the Kafka thread sees."""
+    protocol = await asyncio.to_thread(
+        choose_group_protocol,
+        settings.kafka_client(),
+        settings.online_topic,
+        settings.group_protocol,
+    )
+    log.info("consumer group protocol: %s", protocol)
+    return KafkaConsumer(
+        settings.kafka_client(),
+        settings.group_id,
+        [settings.online_topic, settings.offline_topic],
+        group_protocol=protocol,
+        listener=membership.apply,
+    )
+
+
+async def serve_dashboard(settings: Settings, app: web.Application) -> web.AppRunner:
+    """The dashboard, metrics and health endpoints listening; a taken port is a setting to fix."""
+    warn_if_exposed(settings)
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=2.0)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, settings.web_host, settings.web_port).start()
+    except OSError as exc:
+        await runner.cleanup()
+        raise ConfigurationError(
+            f"Port {settings.web_port} on {settings.web_host} is taken, so the "
+            "dashboard cannot listen there; set PAYSTREAM_WEB_PORT to a free port."
+        ) from exc
+    log.info("dashboard, metrics and health on http://%s:%d", settings.web_host, settings.web_port)
+    return runner
+
+
 def warn_if_exposed(settings: Settings) -> None:
     """Reading needs no credentials, so say loudly when anyone on the network can read."""
     loopback = settings.web_host in ("127.0.0.1", "localhost", "::1")
@@ -294,7 +330,7 @@ def warn_if_exposed(settings: Settings) -> None:
 
 async def database_answers(pool: psycopg_pool.AsyncConnectionPool) -> bool:
     try:
-        async with asyncio.timeout(2), pool.connection(timeout=2) as conn:
+        async with asyncio.timeout(_READY_PROBE_S), pool.connection(timeout=_READY_PROBE_S) as conn:
             await conn.execute(store.query("answers"))
     except (TimeoutError, psycopg.Error, psycopg_pool.PoolTimeout):
         return False

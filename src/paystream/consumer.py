@@ -8,7 +8,6 @@ every uncommitted record either durable (redelivery is a no-op) or unprocessed.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections import Counter
@@ -17,6 +16,7 @@ from dataclasses import dataclass
 from uuid import UUID, uuid4
 
 from paystream import tracing
+from paystream.backoff import Backoff, pause
 from paystream.errors import DatabaseUnavailable
 from paystream.kafka import (
     Assigned,
@@ -66,6 +66,14 @@ class OrderedCommits:
                 self.committable[key] = max(self.committable.get(key, 0), offset)
             self._oldest_unfinished += 1
 
+
+_DB_RETRY_FIRST_S = 0.2
+"""The first pause of a batch the database failed, doubling up to Settings.db_retry_max_s: a
+failover or a restart takes seconds, and a batch held at once would retry into it in a loop."""
+
+_CONSUME_WAIT_S = 0.05
+"""How long a consume call waits for records: short, so the loop comes back to free slots,
+finished batches' commits and the stop event promptly; librdkafka prefetches meanwhile."""
 
 _COMMIT_RETRY_S = 1.0
 """After a failed or refused commit, the next try waits this long (a rebalance or an outage is
@@ -213,7 +221,7 @@ class BatchConsumer:
         await self._commit()  # a last try on the way out, whatever the back-off
 
     async def _fetch(self) -> Batch:
-        fetched = await self._kafka.consume(self._batch_size, 0.05)
+        fetched = await self._kafka.consume(self._batch_size, _CONSUME_WAIT_S)
         # The snapshots of the rebalances this call ran reached the loop before its result.
         assert fetched.generation == self._membership.generation
         return Batch(fetched.records, self._membership.writer)
@@ -248,7 +256,7 @@ class BatchConsumer:
 
     async def _process_until_durable(self, batch: Batch, stop: asyncio.Event) -> BatchResult | None:
         records = batch.records
-        delay_s = 0.2
+        backoff = Backoff(initial_s=_DB_RETRY_FIRST_S, max_s=self._db_retry_max_s)
         reported = False
         while True:
             try:
@@ -263,11 +271,9 @@ class BatchConsumer:
                         f"{exc}; {len(records)} records from {first.topic}/{first.partition}"
                         f"@{first.offset} wait uncommitted and will be processed when it is back"
                     )
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), timeout=delay_s)
+                await pause(backoff.next_s(), stop)
                 if stop.is_set():
                     return None
-                delay_s = min(delay_s * 2, self._db_retry_max_s)
                 continue
             return result
 

@@ -23,6 +23,7 @@ from aiohttp import web
 from prometheus_client import Counter, Histogram
 
 from paystream import store
+from paystream.backoff import pause
 from paystream.config import Settings
 from paystream.errors import DatabaseUnavailable, SealedRecordUnreadable
 from paystream.lag import partition_lag
@@ -44,6 +45,10 @@ from paystream.metrics import (
     STORED,
 )
 from paystream.model import Reason
+
+_LAG_EVERY_S = 2.0
+"""How often the consumer lag is read for the page and its gauge: one committed-offsets and one
+watermark request per partition each time, cheap at this pace, fresh enough to watch a drain."""
 
 _WAITING_REASONS = frozenset(r.value for r in Reason if r.waits)
 
@@ -112,8 +117,7 @@ class DashboardState:
                 for name, lag in self.lag.items():
                     topic, partition = name.rsplit("/", 1)
                     CONSUMER_LAG.labels(topic=topic, partition=partition).set(lag)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), timeout=2.0)
+            await pause(_LAG_EVERY_S, stop)
 
     async def watch_kept(self, stop: asyncio.Event, every_s: float = 5.0) -> None:
         """Keep the at-risk gauges current: unresolved kept records, their amount and the age of
@@ -137,8 +141,7 @@ class DashboardState:
                     )
                     KEPT_OLDEST_AGE.labels(reason=reason).set(age_s or 0)
             DATABASE_UP.set(1 if answered else 0)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), timeout=every_s)
+            await pause(every_s, stop)
 
     async def snapshot(self) -> dict[str, Any]:
         calls = _by_label(GATEWAY_CALLS, "outcome")

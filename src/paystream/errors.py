@@ -1,12 +1,17 @@
 """The exceptions paystream raises. A caller knows from the class alone how to react.
 
 PaystreamError
-├── ConfigurationError    bad settings: fix the configuration, do not retry
+├── ConfigurationError      bad settings: fix the configuration, do not retry
 │   └── SealedRecordUnreadable  a kept record's key is missing or wrong: fix the key file
-├── DevenvError           local infrastructure could not start: read the message
-├── GatewayUnavailable    transient gateway failure: retry later, keep the payment meanwhile
-│   └── CircuitOpen       nothing was sent (the breaker is open): as above, no attempt spent
-└── DatabaseUnavailable   the database cannot be reached or failed transiently: retry the batch
+├── DevenvError             local infrastructure could not start: read the message
+├── Interrupted             the operator stopped a command (Ctrl-C, SIGTERM): exit 130
+├── Unanswered              an HTTP call to the third party got no answer: the caller decides
+├── AttemptFailed           one gateway attempt failed transiently: retry within the budget
+├── CredentialsRefused      the gateway refused our credentials: no retry until they are fixed
+├── GatewayUnavailable      transient gateway failure: retry later, keep the payment meanwhile
+│   └── CircuitOpen         nothing was sent (the breaker is open): as above, no attempt spent
+├── ReportFailed            the log service did not take a report: the outbox sends it again
+└── DatabaseUnavailable     the database cannot be reached or failed transiently: retry the batch
 """
 
 
@@ -27,6 +32,30 @@ class DevenvError(PaystreamError):
     """Local infrastructure (broker, database, simulator) could not start; the message says why."""
 
 
+class Interrupted(PaystreamError):
+    """Ctrl-C or SIGTERM during a command; everything was stopped. Exit 130, like a shell."""
+
+
+class Unanswered(PaystreamError):
+    """A call to the third party got no HTTP answer: it timed out or the connection failed.
+    Whether that is worth a retry is the caller's to say (the gateway: yes, within its budget;
+    the outbox: later)."""
+
+    def __init__(self, reason: str, *, timed_out: bool) -> None:
+        super().__init__(reason)
+        self.timed_out = timed_out
+
+
+class AttemptFailed(PaystreamError):
+    """One gateway attempt failed in a way worth retrying (no answer, 5xx, 408, 425, 429).
+    Retried within the budget; then it becomes GatewayUnavailable."""
+
+
+class CredentialsRefused(PaystreamError):
+    """The gateway refused our credentials (401, 403, 407): an outage of ours, not the payment's
+    decline. Not retried: with the same credentials every retry is refused too."""
+
+
 class GatewayUnavailable(PaystreamError):
     """The gateway did not answer definitively (timeout, 5xx, 429, reset). Retry, then keep."""
 
@@ -34,6 +63,11 @@ class GatewayUnavailable(PaystreamError):
 class CircuitOpen(GatewayUnavailable):
     """The circuit breaker refused the call, so the gateway was not asked. Keep the payment; it
     was not tried, so a re-validation that ends here does not count against its attempts."""
+
+
+class ReportFailed(PaystreamError):
+    """The log service did not take a report; the message says how. The report stays due and
+    the outbox sends it again after a back-off."""
 
 
 class DatabaseUnavailable(PaystreamError):

@@ -21,26 +21,38 @@ import random
 import time
 from collections.abc import Mapping, Sequence
 from datetime import timedelta
-from pathlib import Path
 
 import stamina
 from opentelemetry.trace import SpanKind
 from prometheus_client import Counter
-from pyreqwest.client import Client, ClientBuilder
-from pyreqwest.exceptions import RequestError
+from pyreqwest.client import Client
 
 from paystream import tracing
-from paystream.errors import CircuitOpen, ConfigurationError, GatewayUnavailable
+from paystream.errors import (
+    AttemptFailed,
+    CircuitOpen,
+    ConfigurationError,
+    CredentialsRefused,
+    GatewayUnavailable,
+    Unanswered,
+)
 from paystream.metrics import CIRCUIT_OPEN, GATEWAY_CALLS, GATEWAY_SECONDS
 from paystream.model import Approved, Declined
+from paystream.thirdparty import post
 
 log = logging.getLogger(__name__)
+
+_RETRY_FIRST_S = 0.05
+"""The first pause before retrying a transient failure, jittered, then doubling: a gateway that
+shed one call under load usually takes the next one a few tens of milliseconds later."""
+_RETRY_MAX_S = 2.0
+"""The longest pause between two attempts: past it, the budget (Settings.gateway_budget_s) is
+better spent keeping the payment for re-validation than waiting."""
 
 _TRANSIENT_STATUSES = frozenset({408, 425, 429})
 # Our credentials refused: an outage of ours, not the payment's decline, and one that retrying
 # with the same credentials cannot end (so no retries: they would be a storm of refusals).
 _REFUSED_STATUSES = frozenset({401, 403, 407})
-_JSON_HEADERS = {"Content-Type": "application/json"}
 
 
 def idempotency_key(payment_id: str) -> str:
@@ -50,80 +62,7 @@ def idempotency_key(payment_id: str) -> str:
     return hashlib.sha256(b"paystream idempotency\0" + payment_id.encode()).hexdigest()[:32]
 
 
-def third_party_client(
-    connections: int,
-    headers: Mapping[str, str] | None = None,
-    ca_file: Path | None = None,
-) -> Client:
-    """The HTTP client for the third party's gateway and log API: every call carries `headers`
-    (its credentials), and HTTPS trusts `ca_file`'s certificates besides the system's. The bench
-    measures the gateway's capacity through one made here, sending the body the processor sends.
-    """
-    builder = (
-        ClientBuilder()
-        .max_connections(connections)
-        # A SYN nobody answers (the provider's host partitioned away): fail the attempt after
-        # 2 s so the retries and the circuit breaker act, instead of spending the whole call
-        # timeout on a connection that will never open. Loopback or a LAN connects in < 1 ms,
-        # an intercontinental TLS endpoint in ~0.3 s.
-        .connect_timeout(timedelta(seconds=2))
-        # Pooled connections that died silently while idle are found by keepalive probes
-        # (5 s idle, then 3 probes 2 s apart: 11 s) and dropped, instead of each costing a
-        # payment a timed-out attempt after a partition heals.
-        .tcp_keepalive(timedelta(seconds=5))
-        .tcp_keepalive_interval(timedelta(seconds=2))
-        .tcp_keepalive_retries(3)
-    )
-    builder = builder.default_headers({**_JSON_HEADERS, **(headers or {})})
-    if ca_file is not None:
-        try:
-            bundle = ca_file.read_bytes()
-        except OSError as exc:
-            raise ConfigurationError(
-                f"Cannot read PAYSTREAM_THIRD_PARTY_CA_FILE ({ca_file}): "
-                f"{exc.strerror or type(exc).__name__}."
-            ) from exc
-        builder = builder.add_root_certificate_pem(bundle)
-    return builder.build()
-
-
-class Unanswered(Exception):
-    """A call got no HTTP answer: it timed out or the connection failed."""
-
-    def __init__(self, reason: str, *, timed_out: bool) -> None:
-        super().__init__(reason)
-        self.timed_out = timed_out
-
-
-async def post(
-    client: Client,
-    url: str,
-    body: bytes,
-    timeout: timedelta,
-    headers: Mapping[str, str] | None = None,
-) -> int:
-    """POST a JSON body and read the whole answer; its HTTP status."""
-    request = client.post(url).body_bytes(body).timeout(timeout)
-    for name, value in (headers or {}).items():
-        request = request.header(name, value)
-    try:
-        response = await request.build().send()
-    except TimeoutError as exc:
-        raise Unanswered("timed out", timed_out=True) from exc
-    except RequestError as exc:
-        raise Unanswered(f"connection failed ({type(exc).__name__})", timed_out=False) from exc
-    return response.status
-
-
 Verdict = Approved | Declined
-
-
-class _Transient(Exception):
-    """One attempt failed in a way worth retrying."""
-
-
-class _Refused(Exception):
-    """The gateway refused our credentials: not worth retrying until they are fixed."""
 
 
 class CircuitBreaker:
@@ -307,25 +246,29 @@ class Gateway:
         headers = {"Idempotency-Key": idempotency_key(payment_id)}
         try:
             return await self._attempt(body, headers, priority)
-        except _Refused as exc:
+        except CredentialsRefused as exc:
             raise GatewayUnavailable(str(exc)) from exc
-        except _Transient as exc:
+        except AttemptFailed as exc:
             if self._attempts <= 1:
                 raise GatewayUnavailable(str(exc)) from exc
         # stamina's first iteration runs at once: the back-off before it is this jittered pause.
-        await asyncio.sleep(random.uniform(0.025, 0.075))
+        await asyncio.sleep(random.uniform(_RETRY_FIRST_S / 2, _RETRY_FIRST_S * 1.5))
         remaining_s = max(self._budget_s - (time.monotonic() - started), 0.001)
         try:
             async for attempt in stamina.retry_context(
-                on=_Transient,
+                on=AttemptFailed,
                 attempts=self._attempts - 1,
                 timeout=remaining_s,
-                wait_initial=0.05,
-                wait_max=2.0,
+                wait_initial=_RETRY_FIRST_S,
+                wait_max=_RETRY_MAX_S,
             ):
                 with attempt:
                     return await self._attempt(body, headers, priority)
-        except (_Transient, _Refused, CircuitOpen) as exc:  # the first attempt was sent
+        except (
+            AttemptFailed,
+            CredentialsRefused,
+            CircuitOpen,
+        ) as exc:  # the first attempt was sent
             raise GatewayUnavailable(str(exc)) from exc
         raise AssertionError("unreachable: retry_context either returns or raises")
 
@@ -334,7 +277,7 @@ class Gateway:
             raise CircuitOpen("circuit open after repeated gateway failures")
         try:
             verdict = await self._call(body, headers, priority)
-        except (_Transient, _Refused):
+        except (AttemptFailed, CredentialsRefused):
             self.breaker.failed()
             raise
         except asyncio.CancelledError:
@@ -358,7 +301,7 @@ class Gateway:
             status = await post(self._client, self._url, body, self._timeout, headers)
         except Unanswered as exc:
             _calls("timeout" if exc.timed_out else "connection_error").inc()
-            raise _Transient(f"gateway {exc}") from exc
+            raise AttemptFailed(f"gateway {exc}") from exc
         finally:
             self._slots.release()
             GATEWAY_SECONDS.observe(time.perf_counter() - started)
@@ -367,9 +310,9 @@ class Gateway:
         if 200 <= status < 300:
             return Approved(status)
         if status >= 500 or status in _TRANSIENT_STATUSES:
-            raise _Transient(f"gateway answered HTTP {status}")
+            raise AttemptFailed(f"gateway answered HTTP {status}")
         if status in _REFUSED_STATUSES:
-            raise _Refused(_refusal(status))
+            raise CredentialsRefused(_refusal(status))
         return Declined(status)
 
     async def check_credentials(self) -> None:

@@ -10,7 +10,6 @@ and a relay that dies mid-way leaves its rows due again when the lease ends (at 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import math
 from datetime import timedelta
@@ -21,14 +20,23 @@ from opentelemetry.trace import SpanKind
 from pyreqwest.client import Client
 
 from paystream import store, tracing
-from paystream.gateway import Unanswered, post
+from paystream.backoff import Backoff, pause
+from paystream.errors import ReportFailed, Unanswered
 from paystream.metrics import REPORTS
+from paystream.thirdparty import post
 
 log = logging.getLogger(__name__)
 
+_REPORTS_IN_FLIGHT = 32
+"""Reports sent at once by one relay: enough to clear a backlog of kept records at the log API's
+pace (it answers in milliseconds), few enough not to crowd the gateway's share of the client."""
 
-class ReportFailed(Exception):
-    """The log service did not take the report; the message says how."""
+_MARK_S = 10.0
+"""Room in a claim's lease for marking its reports once sent (one short transaction)."""
+
+_FAILING_PAUSE_MAX_S = 10.0
+"""The longest pause between rounds while the log service fails: an outage is noticed within
+it once over, without a storm of calls into it meanwhile."""
 
 
 class LogClient:
@@ -82,7 +90,7 @@ class OutboxRelay:
         *,
         claim_batch: int,
         idle_s: float,
-        max_in_flight: int = 32,
+        max_in_flight: int = _REPORTS_IN_FLIGHT,
     ) -> None:
         self._pool = pool
         self._client = client
@@ -92,28 +100,27 @@ class OutboxRelay:
         self._slots = asyncio.Semaphore(max_in_flight)
         # Every claimed report sent, each at most its timeout, max_in_flight at a time; and
         # room for the marking. A claim never lapses while its relay is still sending.
-        self._lease_s = client.timeout_s * math.ceil(claim_batch / max_in_flight) + 10.0
+        self._lease_s = client.timeout_s * math.ceil(claim_batch / max_in_flight) + _MARK_S
 
     def wake(self) -> None:
         """New kept records are durable: relay without waiting for the idle timer."""
         self._wake.set()
 
     async def run(self, stop: asyncio.Event) -> None:
-        pause_s = self._idle_s
+        backoff = Backoff(initial_s=2 * self._idle_s, max_s=_FAILING_PAUSE_MAX_S)
         while not stop.is_set():
             try:
                 delivered, failed = await self.relay_once()
             except store.DATABASE_AWAY as exc:
                 log.warning("outbox: database unavailable (%s)", type(exc).__name__)
                 delivered, failed = 0, 1
-            if delivered and not failed:
-                pause_s = self._idle_s
-                continue  # there may be more due right now
+            if not failed:
+                backoff.reset()
+                if delivered:
+                    continue  # there may be more due right now
             # Idle, or the log service is failing: wait, longer after each failing round.
-            pause_s = min(pause_s * 2, 10.0) if failed else self._idle_s
             self._wake.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(_first(self._wake, stop), timeout=pause_s)
+            await pause(backoff.next_s() if failed else self._idle_s, self._wake, stop)
 
     async def relay_once(self) -> tuple[int, int]:
         """Deliver one claimed batch of due reports. Returns (delivered, failed)."""
@@ -143,12 +150,3 @@ class OutboxRelay:
                 return str(exc)
         REPORTS.labels(outcome="delivered").inc()
         return None
-
-
-async def _first(*events: asyncio.Event) -> None:
-    waiters = [asyncio.create_task(e.wait()) for e in events]
-    try:
-        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for waiter in waiters:
-            waiter.cancel()

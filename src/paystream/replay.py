@@ -5,7 +5,6 @@ twice; a record kept again keeps its row (re-reported only if the reason changed
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import logging
 from collections.abc import Callable
@@ -13,6 +12,7 @@ from collections.abc import Callable
 import psycopg_pool
 
 from paystream import store
+from paystream.backoff import pause
 from paystream.errors import DatabaseUnavailable, GatewayUnavailable, SealedRecordUnreadable
 from paystream.gateway import Gateway
 from paystream.model import Reason
@@ -87,8 +87,7 @@ async def revalidate(
         return gateway.breaker.state == "closed"
 
     while not stop.is_set():
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), timeout=every_s)
+        await pause(every_s, stop)
         if stop.is_set():
             return
         try:

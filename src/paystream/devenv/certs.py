@@ -32,15 +32,11 @@ def _name(common_name: str) -> x509.Name:
     return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
 
 
-def make_server_certificate(
-    folder: Path, *, hosts: tuple[str, ...] = ("127.0.0.1", "localhost")
-) -> ServerCertificate:
-    """A new CA and a certificate it signs for `hosts` (IP addresses or DNS names), in `folder`."""
-    folder.mkdir(parents=True, exist_ok=True)
-    now = datetime.datetime.now(datetime.UTC)
-    valid = (now - datetime.timedelta(minutes=5), now + datetime.timedelta(days=2))
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_cert = (
+def _ca_certificate(
+    ca_key: ec.EllipticCurvePrivateKey, valid: tuple[datetime.datetime, datetime.datetime]
+) -> x509.Certificate:
+    """A self-signed CA that may sign server certificates (and nothing below them)."""
+    return (
         x509.CertificateBuilder()
         .subject_name(_name("paystream test CA"))
         .issuer_name(_name("paystream test CA"))
@@ -65,6 +61,17 @@ def make_server_certificate(
         )
         .sign(ca_key, hashes.SHA256())
     )
+
+
+def make_server_certificate(
+    folder: Path, *, hosts: tuple[str, ...] = ("127.0.0.1", "localhost")
+) -> ServerCertificate:
+    """A new CA and a certificate it signs for `hosts` (IP addresses or DNS names), in `folder`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    now = datetime.datetime.now(datetime.UTC)
+    valid = (now - datetime.timedelta(minutes=5), now + datetime.timedelta(days=2))
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_cert = _ca_certificate(ca_key, valid)
     names: list[x509.GeneralName] = []
     for host in hosts:
         try:

@@ -17,9 +17,9 @@ from confluent_kafka import Consumer
 
 from paystream import store
 from paystream.config import Settings
-from paystream.gateway import post, third_party_client
 from paystream.migrations import migrate
 from paystream.model import Payment, PaymentType, RecordId
+from paystream.thirdparty import post, third_party_client
 from paystream.tools.meter import Drained
 
 

@@ -21,13 +21,9 @@ from paystream.app import Totals, open_pool, run_processor
 from paystream.config import Settings
 from paystream.devenv.processes import ensure_port_free, free_port
 from paystream.devenv.stack import Simulator, Stack
-from paystream.errors import PaystreamError
+from paystream.errors import Interrupted
 from paystream.lag import committed_lag
 from paystream.tools.reconcile import Reconciliation, reconcile
-
-
-class Interrupted(PaystreamError):
-    """Ctrl-C or SIGTERM during the demo; everything was stopped. Exit 130, like a shell."""
 
 
 async def _get_json(session: aiohttp.ClientSession, url: str) -> Any:
