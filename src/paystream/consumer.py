@@ -161,6 +161,8 @@ class Membership:
 
 @dataclass(frozen=True, slots=True)
 class Batch:
+    """Records to process, and the writer of the assignment they were fetched in."""
+
     records: list[Record]
     writer: UUID
 

@@ -1,7 +1,10 @@
 """A thin asyncio bridge over confluent-kafka. No business logic.
 
 librdkafka's consumer is not thread-safe, so one dedicated thread owns it: every call goes through
-a single-thread executor, and rebalance callbacks run on that same thread.
+a single-thread executor, and rebalance, commit and error callbacks run on that same thread. What
+they learn reaches the event loop only as snapshots (KafkaEvent) handed over with
+call_soon_threadsafe; the loop keeps the state they build (consumer.Membership), and the bridge
+keeps none the loop reads.
 """
 
 from __future__ import annotations
@@ -23,7 +26,10 @@ from paystream.model import Record, RecordId
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-Offsets = dict[tuple[str, int], int]
+Key = tuple[str, int]
+"""(topic, partition)."""
+
+Offsets = dict[Key, int]
 """(topic, partition) → the next offset to read, i.e. the offset to commit."""
 
 
@@ -33,6 +39,9 @@ Offsets = dict[tuple[str, int], int]
 # socket.timeout.ms has passed (and not at all while a commit holds the consumer's thread).
 _PROBE_EVERY_S = 5.0
 _PROBE_TIMEOUT_S = 1.0
+_COMMITTED_READ_S = 10.0
+"""How long an assignment waits for the group's committed offsets: the commit policy needs them,
+and a coordinator that takes longer is away (socket.timeout.ms below is as long)."""
 _BROKER_AWAY = frozenset(
     {KafkaError._ALL_BROKERS_DOWN, KafkaError._TRANSPORT, KafkaError._TIMED_OUT}
 )
@@ -52,10 +61,6 @@ LINK_TIMEOUTS: dict[str, Any] = {
     # idle timers, which otherwise forget them silently.
     "socket.keepalive.enable": True,
 }
-
-
-Key = tuple[str, int]
-"""(topic, partition)."""
 
 
 # What the Kafka thread tells the event loop. Rebalance, commit and error callbacks run on that
@@ -133,7 +138,11 @@ class KafkaConsumer:
         self._config = {
             **group_timing(group_protocol),
             **LINK_TIMEOUTS,
+            # A batch that waits out a database outage keeps the loop calling consume (paused),
+            # so this only catches a loop that hangs: librdkafka's default, said out loud.
             "max.poll.interval.ms": 300_000,
+            # A fetch returns after 50 ms with whatever arrived (default 500 ms): the steady
+            # load's end-to-end latency is a few batches, not a few fetch waits.
             "fetch.wait.max.ms": 50,
             # Bound prefetched memory whatever the backlog (librdkafka's default is 64 MiB).
             "queued.max.messages.kbytes": 16_384,
@@ -179,7 +188,7 @@ class KafkaConsumer:
         self._generation += 1
         committed: dict[Key, int] | None = None
         try:
-            read = consumer.committed(partitions, timeout=10) if partitions else []
+            read = consumer.committed(partitions, timeout=_COMMITTED_READ_S) if partitions else []
             committed = {(tp.topic, tp.partition): tp.offset for tp in read if tp.offset >= 0}
         except KafkaException as exc:
             log.warning("could not read committed offsets on assignment: %s", exc)

@@ -8,7 +8,8 @@ from collections.abc import Mapping
 import stamina
 from confluent_kafka import Consumer, KafkaException, TopicPartition
 
-Key = tuple[str, int]
+from paystream.kafka import Key
+
 Watermarks = dict[Key, tuple[int, int]]
 """(topic, partition) → (low, high): the first offset still on the broker and the next one."""
 
