@@ -36,7 +36,7 @@ Offsets = dict[Key, int]
 # Whether the brokers answer, for readiness and paystream_broker_up: asked every 5 s (one small
 # metadata request) and on every consume call while they do not. librdkafka's own errors say so
 # only once a connection has failed, and a link that went silent fails no connection until
-# socket.timeout.ms has passed (and not at all while a commit holds the consumer's thread).
+# socket.timeout.ms has passed.
 _PROBE_EVERY_S = 5.0
 _PROBE_TIMEOUT_S = 1.0
 _COMMITTED_READ_S = 10.0
