@@ -4,7 +4,7 @@ every packet silently, links that add seconds of latency, a partition that heals
 The processor runs in a network namespace of its own and reaches the broker, the database, the
 gateway and the log API each over a link of its own (paystream.devenv.network), which a scenario
 cuts (100 % loss, no reset) and heals; the database, gateway and log API go through Toxiproxy,
-which slows them down. Each scenario ends with the full oracle (test_chaos.check) and records how
+which slows them down. Each scenario ends with the full oracle (tests.chaos.check) and records how
 long the processor took to notice the fault, read from its own metrics over a link never cut.
 """
 
@@ -31,6 +31,7 @@ from paystream.devenv.kafka import KafkaBroker
 from paystream.devenv.processes import ChildProcess, answers_ok, free_port, run_processor
 from paystream.devenv.stack import Stack
 from paystream.devenv.toxiproxy import Toxiproxy
+from tests.chaos import RATE, RECORDS, check, produced_at_least, seeds
 from tests.conftest import (
     Env,
     SimulatorClient,
@@ -38,7 +39,6 @@ from tests.conftest import (
     running_simulator,
     wait_for,
 )
-from tests.test_chaos import RATE, RECORDS, check, produced_at_least, seeds
 
 pytestmark = pytest.mark.chaos
 
