@@ -29,7 +29,7 @@ def fail(exc: PaystreamError) -> typer.Exit:
     return typer.Exit(2)
 
 
-def settings() -> Settings:
+def read_settings() -> Settings:
     """The settings, or exit 2 with one sentence: a secret file that cannot be read, a value of
     the wrong kind."""
     try:

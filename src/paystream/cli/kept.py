@@ -11,8 +11,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 from rich.table import Table
 
-from paystream.cli.common import app, console, out, with_pool
-from paystream.cli.common import settings as read_settings
+from paystream.cli.common import app, console, out, read_settings, with_pool
 
 if TYPE_CHECKING:
     from paystream.store import KeptFilter

@@ -10,8 +10,7 @@ from typing import Annotated
 
 import typer
 
-from paystream.cli.common import app, fail
-from paystream.cli.common import settings as read_settings
+from paystream.cli.common import app, fail, read_settings
 from paystream.errors import PaystreamError
 
 
