@@ -41,14 +41,21 @@ class Ceilings:
         return {"consumer": self.consumer_read_per_s, "database": self.database_insert_per_s}
 
     def littles_law(self, latency_ms: int) -> float:
-        return self.littles_law_20ms_per_s if latency_ms == 20 else self.littles_law_100ms_per_s
+        return self._at(latency_ms)[0]
 
     def gateway_capacity(self, latency_ms: int) -> float:
-        if latency_ms == 20:
-            return self.gateway_capacity_20ms_per_s
-        return self.gateway_capacity_100ms_per_s
+        return self._at(latency_ms)[1]
+
+    def _at(self, latency_ms: int) -> tuple[float, float]:
+        match latency_ms:
+            case 20:
+                return self.littles_law_20ms_per_s, self.gateway_capacity_20ms_per_s
+            case 100:
+                return self.littles_law_100ms_per_s, self.gateway_capacity_100ms_per_s
+        raise ValueError(f"the bench runs the gateway at 20 or 100 ms, not {latency_ms}")
 
     def with_gateway(self, latency_ms: int, littles_law: float, capacity: float) -> Ceilings:
+        """These ceilings, with the gateway's measured at `latency_ms`."""
         match latency_ms:
             case 20:
                 return replace(
