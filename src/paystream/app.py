@@ -26,7 +26,7 @@ from paystream.kafka import KafkaConsumer
 from paystream.metrics import BROKER_UP
 from paystream.migrations import migrate
 from paystream.model import PaymentType
-from paystream.outbox import LogClient, OutboxRelay
+from paystream.outbox import REPORTS_IN_FLIGHT, LogClient, OutboxRelay
 from paystream.pipeline import BatchResult, Pipeline
 from paystream.replay import replay, revalidate
 from paystream.sealing import KeptCipher
@@ -67,7 +67,7 @@ _POOL_OPEN_S = 15.0
 _SPARE_CONNECTIONS = 4
 """Database connections beyond one per batch in flight: the outbox relay, re-validation, the
 dashboard's listings and the readiness probe, none of which should wait on a batch."""
-_SPARE_HTTP_CONNECTIONS = 32
+_SPARE_HTTP_CONNECTIONS = REPORTS_IN_FLIGHT
 """Third-party connections beyond the gateway's in-flight limit: the outbox relay's reports."""
 _READY_PROBE_S = 2.0
 """A readiness probe of the database that takes longer says "not ready"."""

@@ -27,7 +27,7 @@ from paystream.thirdparty import post
 
 log = logging.getLogger(__name__)
 
-_REPORTS_IN_FLIGHT = 32
+REPORTS_IN_FLIGHT = 32
 """Reports sent at once by one relay: enough to clear a backlog of kept records at the log API's
 pace (it answers in milliseconds), few enough not to crowd the gateway's share of the client."""
 
@@ -90,7 +90,7 @@ class OutboxRelay:
         *,
         claim_batch: int,
         idle_s: float,
-        max_in_flight: int = _REPORTS_IN_FLIGHT,
+        max_in_flight: int = REPORTS_IN_FLIGHT,
     ) -> None:
         self._pool = pool
         self._client = client
