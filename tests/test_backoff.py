@@ -20,11 +20,9 @@ async def test_pause_ends_when_an_event_is_set() -> None:
     """A pause of a minute ends as soon as one of its events (stop, a wake-up) is set."""
     stop, wake = asyncio.Event(), asyncio.Event()
     asyncio.get_running_loop().call_later(0.05, wake.set)
-    started = time.monotonic()
     await asyncio.wait_for(pause(60, stop, wake), timeout=10)
     assert wake.is_set()
     assert not stop.is_set()
-    assert time.monotonic() - started < 10
 
 
 async def test_pause_with_its_event_set_returns_at_once() -> None:

@@ -211,7 +211,7 @@ async def run_processor(
             asyncio.to_thread(check_access, kafka_client), gateway.check_credentials()
         )
         membership = Membership()
-        kafka = await kafka_consumer(settings, membership)
+        kafka = await kafka_consumer(settings, kafka_client, membership)
         consumer = BatchConsumer(
             kafka,
             membership,
@@ -226,7 +226,7 @@ async def run_processor(
         BROKER_UP.set_function(lambda: 1.0 if membership.broker_up else 0.0)
         runner = None
         try:
-            dashboard = dashboard_state(settings, pool, pipeline, gateway, membership)
+            dashboard = dashboard_state(settings, kafka_client, pool, pipeline, gateway, membership)
             if serve_web:
                 runner = await serve_dashboard(settings, make_app(dashboard.checks, dashboard))
             async with asyncio.TaskGroup() as group:
@@ -254,6 +254,7 @@ async def run_processor(
 
 def dashboard_state(
     settings: Settings,
+    kafka_client: dict[str, str],
     pool: psycopg_pool.AsyncConnectionPool,
     pipeline: Pipeline,
     gateway: Gateway,
@@ -271,7 +272,7 @@ def dashboard_state(
 
     return DashboardState(
         settings=settings,
-        kafka=settings.kafka_client(),
+        kafka=kafka_client,
         pool=pool,
         checks=ready,
         circuit=lambda: gateway.breaker.state,
@@ -279,18 +280,20 @@ def dashboard_state(
     )
 
 
-async def kafka_consumer(settings: Settings, membership: Membership) -> KafkaConsumer:
+async def kafka_consumer(
+    settings: Settings, kafka_client: dict[str, str], membership: Membership
+) -> KafkaConsumer:
     """The bridge to the group, speaking the protocol the brokers take (or the one set); it
     hands `membership` what the Kafka thread sees."""
     protocol = await asyncio.to_thread(
         choose_group_protocol,
-        settings.kafka_client(),
+        kafka_client,
         settings.online_topic,
         settings.group_protocol,
     )
     log.info("consumer group protocol: %s", protocol)
     return KafkaConsumer(
-        settings.kafka_client(),
+        kafka_client,
         settings.group_id,
         [settings.online_topic, settings.offline_topic],
         group_protocol=protocol,

@@ -4,20 +4,17 @@ stopping (or is woken), and pauses that double while a dependency keeps failing.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from dataclasses import dataclass, field
 
 
-async def pause(seconds: float, *events: asyncio.Event) -> None:
-    """Wait `seconds`, or until one of `events` (the stop event, a wake-up) is set."""
+async def pause(seconds: float, stop: asyncio.Event, *wake: asyncio.Event) -> None:
+    """Wait `seconds`, or until `stop` (or one of the `wake` events) is set."""
+    events = (stop, *wake)
     if any(event.is_set() for event in events):
         return
     waiters = [asyncio.create_task(event.wait()) for event in events]
     try:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(
-                asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED), timeout=seconds
-            )
+        await asyncio.wait(waiters, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
     finally:
         for waiter in waiters:
             waiter.cancel()

@@ -145,7 +145,7 @@ class Membership:
         """Commit what `uncommitted` leaves of `offsets`; return the owned offsets now covered
         by a commit, sent or done, or nothing if it could not be sent (try again later)."""
         owned = {key: offset for key, offset in offsets.items() if key in self.assignment}
-        ahead = self.uncommitted(owned)
+        ahead = self.uncommitted(offsets)
         if not ahead:
             return owned
         if time.monotonic() < self.retry_at:

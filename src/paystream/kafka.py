@@ -302,8 +302,8 @@ class KafkaConsumer:
         for tp in partitions:
             ok = error is None and tp.error is None
             (done if ok else failed)[(tp.topic, tp.partition)] = tp.offset
-        reason = None if not failed else error.str() if error else "a partition's commit failed"
-        self._tell(CommitAnswered(done, failed, reason))
+        reason = error.str() if error is not None else "a partition's commit failed"
+        self._tell(CommitAnswered(done, failed, reason if failed else None))
 
     async def commit(self, offsets: Offsets, generation: int) -> bool:
         """Send a commit of `offsets`, computed on the loop from the snapshots up to

@@ -26,9 +26,7 @@ class GroupLag:
         self._consumer = Consumer({**client, "group.id": group_id, "log_level": 0})
         self._topics = topics
 
-    @stamina.retry(on=KafkaException, attempts=5, timeout=30)
     def watermarks(self) -> Watermarks:
-        """Retried, like `behind`: the brokers answer with transient errors while they load."""
         metadata = self._consumer.list_topics(timeout=10)
         ends = {}
         for topic in self._topics:
@@ -41,7 +39,9 @@ class GroupLag:
     @stamina.retry(on=KafkaException, attempts=5, timeout=30)
     def behind(self, watermarks: Watermarks | None = None) -> dict[Key, int]:
         """Per partition, records past the committed offset (from the start for a partition the
-        group never committed), against `watermarks` or the ends as they are now."""
+        group never committed), against `watermarks` or the ends as they are now.
+
+        Retried: the group coordinator answers with transient errors while it loads."""
         ends = self.watermarks() if watermarks is None else watermarks
         committed = self._consumer.committed([TopicPartition(t, p) for t, p in ends], timeout=10)
         lag = {}

@@ -120,7 +120,7 @@ class OutboxRelay:
                     continue  # there may be more due right now
             # Idle, or the log service is failing: wait, longer after each failing round.
             self._wake.clear()
-            await pause(backoff.next_s() if failed else self._idle_s, self._wake, stop)
+            await pause(backoff.next_s() if failed else self._idle_s, stop, self._wake)
 
     async def relay_once(self) -> tuple[int, int]:
         """Deliver one claimed batch of due reports. Returns (delivered, failed)."""
