@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 from paystream.codec import DecodeError, decode
 from paystream.model import Payment, PaymentType, Reason
+from paystream.text import control_at
 
 CARD = "4847171163467501036"
 
@@ -56,7 +57,20 @@ def test_original_message_decodes() -> None:
         (_doc(payment_type="crypto"), Reason.INVALID, "payment_type must be"),
         (_doc(payment_type="offline", credit_card=""), Reason.WRONG_TOPIC, "arrived on the online"),
         (_doc(credit_card=123), Reason.INVALID, "credit_card must be a string"),
-        (b"[" * 5000 + b"]" * 5000, Reason.MALFORMED, "not valid JSON"),
+        (b"[" * 5000 + b"]" * 5000, Reason.MALFORMED, "not valid JSON: depth limit exceeded"),
+        (b'"\\ud800"', Reason.MALFORMED, "not valid JSON: no low surrogate in string"),
+        (b"\xef\xbb\xbf" + _doc(), Reason.MALFORMED, "starts with a UTF-8 byte-order mark"),
+        (_doc(payment_id="nul\x00id"), Reason.INVALID, "U+0000 (NUL) at position 3"),
+        (_doc(payment_id="tab\tid"), Reason.INVALID, "control character U+0009 at position 3"),
+        (_doc(payment_id="c1\x85"), Reason.INVALID, "control character U+0085"),
+        (_doc(credit_card="4111\x00"), Reason.INVALID, "credit_card holds U+0000 (NUL)"),
+        (
+            b'{"payment_id": "p", "account_id": 18446744073709551616}',
+            Reason.INVALID,
+            "beyond the 64-bit integer",
+        ),
+        (b'{"payment_id": "p", "account_id": 1e3}', Reason.INVALID, "a decimal point or an exp"),
+        (b'{"payment_id": "p", "account_id": 1e999}', Reason.MALFORMED, "number is infinity"),
     ],
 )
 def test_bad_input_gets_a_precise_reason(value: bytes, reason: Reason, words: str) -> None:
@@ -65,6 +79,14 @@ def test_bad_input_gets_a_precise_reason(value: bytes, reason: Reason, words: st
     assert isinstance(result, DecodeError)
     assert reason == result.reason
     assert words in result.description
+
+
+def test_an_id_the_database_cannot_hold_travels_escaped() -> None:
+    """A payment_id with control characters is refused by the codec and travels with its
+    error escaped: printable, storable, and telling exactly what arrived."""
+    result = decode(_doc(payment_id="nul\x00id\x1b[2J"), PaymentType.ONLINE)
+    assert isinstance(result, DecodeError)
+    assert "nul\\u0000id\\u001b[2J" == result.payment_id
 
 
 def test_readable_payment_id_is_kept_with_the_error() -> None:
@@ -116,6 +138,8 @@ def test_any_document_decodes_or_is_rejected_without_card_data(document: dict[st
     result = decode(orjson.dumps(document), PaymentType.ONLINE)
     if isinstance(result, DecodeError):
         assert CARD not in result.description
+        shown = [result.description, result.payment_id or ""]
+        assert [None, None] == [control_at(text) for text in shown]
     else:
         assert result.amount > 0
         assert 1 <= result.account_id <= 2**31 - 1

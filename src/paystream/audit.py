@@ -118,7 +118,8 @@ def render(trail: Trail) -> Group:
         heading = Text.assemble(("not stored", "bold yellow"), f": kept {len(trail.kept)} times")
     else:
         heading = Text(f"no record carried payment_id {trail.payment_id!r}", style="bold red")
-    table = Table(title=f"payment {trail.payment_id}", title_justify="left")
+    # Text, not markup, wherever a value from a record or a peer is shown.
+    table = Table(title=Text(f"payment {trail.payment_id}"), title_justify="left")
     for column in ("record", "record time", "outcome", "reported", "replays"):
         table.add_column(column)
     if stored is not None:
@@ -132,6 +133,10 @@ def render(trail: Trail) -> Group:
     for kept in trail.kept:
         if kept.reported_at is not None:
             reported = f"delivered {_when(kept.reported_at)} ({kept.report_attempts} attempts)"
+        elif kept.undeliverable_at is not None:
+            reported = (
+                f"undeliverable since {_when(kept.undeliverable_at)}: {kept.last_report_error}"
+            )
         else:
             reported = f"waiting ({kept.report_attempts} attempts"
             reported += f"; last: {kept.last_report_error})" if kept.last_report_error else ")"
@@ -145,8 +150,8 @@ def render(trail: Trail) -> Group:
         table.add_row(
             _place(kept.topic, kept.partition, kept.offset) or "",
             _kafka_time(kept.kafka_ts) or "—",
-            outcome,
-            reported,
-            "\n".join(history) or "none",
+            Text(outcome),
+            Text(reported),
+            Text("\n".join(history) or "none"),
         )
     return Group(heading, table)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, TypeGuard
 
 import orjson
 
 from paystream.model import Payment, PaymentType, Reason
+from paystream.text import codepoint, control_at, visible
 
 MAX_ID_CHARS = 100  # payments.payment_id varchar(100)
 MAX_CARD_CHARS = 100  # payments.credit_card varchar(100)
@@ -16,6 +18,8 @@ MAX_AMOUNT = 10**15  # far above any real payment; keeps numbers sane in reports
 MAX_REPORTED_ID_CHARS = 1000
 """An over-long payment_id is kept and reported as it arrived, so the log service can find the
 record it is told about; only beyond this (a bound for the log service) is it cut."""
+_MAX_PARSER_WORDS = 120  # the parser's own account of what is wrong, cut to a readable line
+_UTF8_BOM = b"\xef\xbb\xbf"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -31,10 +35,40 @@ def _is_int(value: Any) -> TypeGuard[int]:
 
 
 def _readable_id(document: dict[str, Any]) -> str | None:
+    """The payment_id as kept and reported: control characters escaped (`visible`), so that a
+    valid id reads as itself and any other can be stored, listed and sent."""
     value = document.get("payment_id")
     if isinstance(value, str) and value:
-        return value[:MAX_REPORTED_ID_CHARS]
+        return visible(value)[:MAX_REPORTED_ID_CHARS]
     return None
+
+
+def _unreadable(value: bytes, exc: orjson.JSONDecodeError) -> DecodeError:
+    """Why bytes are not a JSON text, in the parser's words (which name a position and what was
+    expected there, never the content)."""
+    words = visible(str(exc))[:_MAX_PARSER_WORDS]
+    if value.startswith(_UTF8_BOM):
+        what = "starts with a UTF-8 byte-order mark, which JSON does not allow"
+    elif "utf-8" in words.lower():  # the parser's words here say 'surrogates', misleadingly
+        what = "is not UTF-8 text"
+    else:
+        what = f"is not valid JSON: {words}"
+    return DecodeError(
+        reason=Reason.MALFORMED,
+        description=f"message ({len(value)} bytes) {what}",
+        payment_id=None,
+    )
+
+
+def _has_control(field: str, value: str) -> str | None:
+    """Why a text field holding a control character is refused, or None if it holds none."""
+    at = control_at(value)
+    if at is None:
+        return None
+    char = codepoint(value[at])
+    if value[at] == "\x00":
+        return f"{field} holds {char} (NUL) at position {at}, which the database cannot store"
+    return f"{field} holds the control character {char} at position {at}"
 
 
 def decode(value: bytes | None, topic_type: PaymentType) -> Payment | DecodeError:
@@ -47,12 +81,7 @@ def decode(value: bytes | None, topic_type: PaymentType) -> Payment | DecodeErro
     try:
         document = orjson.loads(value)
     except orjson.JSONDecodeError as exc:
-        kind = "not UTF-8" if "utf-8" in str(exc).lower() else "not valid JSON"
-        return DecodeError(
-            reason=Reason.MALFORMED,
-            description=f"message is {kind} ({len(value)} bytes)",
-            payment_id=None,
-        )
+        return _unreadable(value, exc)
     if not isinstance(document, dict):
         return DecodeError(
             reason=Reason.MALFORMED,
@@ -74,6 +103,10 @@ def decode(value: bytes | None, topic_type: PaymentType) -> Payment | DecodeErro
         return invalid("payment_id is missing or not a non-empty string")
     if len(raw_id) > MAX_ID_CHARS:
         return invalid(f"payment_id is longer than {MAX_ID_CHARS} characters")
+    # An id is printable text: a control character in one is a producer's fault, and U+0000
+    # cannot be stored at all. Refused here, before the database is ever asked.
+    if refused := _has_control("payment_id", raw_id):
+        return invalid(refused)
 
     account_id = document.get("account_id")
     if not _is_int(account_id):
@@ -96,6 +129,8 @@ def decode(value: bytes | None, topic_type: PaymentType) -> Payment | DecodeErro
         return invalid(f"credit_card must be a string, got {_json_type(card)}")
     if card is not None and len(card) > MAX_CARD_CHARS:
         return invalid(f"credit_card is longer than {MAX_CARD_CHARS} characters")
+    if card is not None and (refused := _has_control("credit_card", card)):
+        return invalid(refused)  # a position and a code point: nothing of the number
 
     amount = document.get("amount")
     if not _is_int(amount):
@@ -123,12 +158,24 @@ def _json_type(value: Any) -> str:
         case int():
             return "an integer"
         case float():
-            return (
-                "a fractional number" if not value.is_integer() else "a number with a decimal point"
-            )
+            return _number_kind(value)
         case str():
             return "a string"
         case list():
             return "an array"
         case _:
             return "an object"
+
+
+_INT64 = 2**63
+
+
+def _number_kind(value: float) -> str:
+    """What a number the parser read as a float was: it reads integers beyond 64 bits so."""
+    if not math.isfinite(value):
+        return "a number beyond any numeric range"
+    if not value.is_integer():
+        return "a fractional number"
+    if abs(value) >= _INT64:
+        return "a number beyond the 64-bit integer range"
+    return "a number written with a decimal point or an exponent"

@@ -42,6 +42,7 @@ from paystream.metrics import (
     RECORDS,
     REDELIVERED,
     REPORTS,
+    REPORTS_UNDELIVERABLE,
     STORED,
 )
 from paystream.model import Reason
@@ -130,6 +131,7 @@ class DashboardState:
                     summaries = {k.reason: k for k in await store.kept_by_reason(conn)}
                     OUTBOX_OLDEST_AGE.set(await store.oldest_unreported_age_s(conn))
                     OUTBOX_DEPTH.set(await store.outbox_depth(conn))
+                    REPORTS_UNDELIVERABLE.set(await store.undeliverable_reports(conn))
                 answered = True
                 now = time.time()
                 for reason in {r.value for r in Reason} | summaries.keys():

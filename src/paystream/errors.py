@@ -7,10 +7,13 @@ PaystreamError
 ├── Interrupted             the operator stopped a command (Ctrl-C, SIGTERM): exit 130
 ├── Unanswered              an HTTP call to the third party got no answer: the caller decides
 ├── AttemptFailed           one gateway attempt failed transiently: retry within the budget
-├── CredentialsRefused      the gateway refused our credentials: no retry until they are fixed
+├── Misconfigured           the gateway's answer says our settings are wrong: no retry until fixed
+│   ├── CredentialsRefused  it refused our credentials
+│   └── Redirected          it answered with a redirect: its URL is not where it is
 ├── GatewayUnavailable      transient gateway failure: retry later, keep the payment meanwhile
 │   └── CircuitOpen         nothing was sent (the breaker is open): as above, no attempt spent
 ├── ReportFailed            the log service did not take a report: the outbox sends it again
+│   └── ReportRefused       it refused this one report: sent again, alone, a few times at most
 └── DatabaseUnavailable     the database cannot be reached or failed transiently: retry the batch
 """
 
@@ -51,9 +54,18 @@ class AttemptFailed(PaystreamError):
     Retried within the budget; then it becomes GatewayUnavailable."""
 
 
-class CredentialsRefused(PaystreamError):
-    """The gateway refused our credentials (401, 403, 407): an outage of ours, not the payment's
-    decline. Not retried: with the same credentials every retry is refused too."""
+class Misconfigured(PaystreamError):
+    """The gateway's answer says our settings for it are wrong: an outage of ours, not the
+    payment's decline. Not retried: with the same settings every retry gets the same answer."""
+
+
+class CredentialsRefused(Misconfigured):
+    """The gateway refused our credentials (401, 403, 407)."""
+
+
+class Redirected(Misconfigured):
+    """The gateway answered with a redirect (3xx): the configured URL is not where it is. Not
+    followed: the payment's body, card number included, would go wherever it points."""
 
 
 class GatewayUnavailable(PaystreamError):
@@ -68,6 +80,12 @@ class CircuitOpen(GatewayUnavailable):
 class ReportFailed(PaystreamError):
     """The log service did not take a report; the message says how. The report stays due and
     the outbox sends it again after a back-off."""
+
+
+class ReportRefused(ReportFailed):
+    """The log service refused this report for what it says (a 4xx about its body), while the
+    service itself is up. The report is sent again after its own back-off, without slowing the
+    others; after a few refusals it is marked undeliverable (still kept, listed and alerted on)."""
 
 
 class DatabaseUnavailable(PaystreamError):

@@ -2,7 +2,9 @@
 
 2XX approves; a definitive non-2XX (most 4xx) declines; anything transient (timeout, connection
 failure, 5xx, 408, 425, 429) is retried with back-off and jitter within a budget, then raises
-GatewayUnavailable so the pipeline keeps the payment for later re-validation.
+GatewayUnavailable so the pipeline keeps the payment for later re-validation. A redirect (3xx) or
+a refusal of our credentials says our settings are wrong, not the payment: it is kept the same
+way, without retries, and the start-up check refuses to start on either.
 
 Every call carries an `Idempotency-Key` derived from the payment_id alone: a timed-out call may
 have been acted on by the provider, and the key makes its retries, later re-validations and the
@@ -34,11 +36,13 @@ from paystream.errors import (
     ConfigurationError,
     CredentialsRefused,
     GatewayUnavailable,
+    Misconfigured,
+    Redirected,
     Unanswered,
 )
 from paystream.metrics import CIRCUIT_OPEN, GATEWAY_CALLS, GATEWAY_SECONDS
 from paystream.model import Approved, Declined
-from paystream.thirdparty import post
+from paystream.thirdparty import Answer, post
 
 log = logging.getLogger(__name__)
 
@@ -246,7 +250,7 @@ class Gateway:
         headers = {"Idempotency-Key": idempotency_key(payment_id)}
         try:
             return await self._attempt(body, headers, priority)
-        except CredentialsRefused as exc:
+        except Misconfigured as exc:
             raise GatewayUnavailable(str(exc)) from exc
         except AttemptFailed as exc:
             if self._attempts <= 1:
@@ -264,11 +268,7 @@ class Gateway:
             ):
                 with attempt:
                     return await self._attempt(body, headers, priority)
-        except (
-            AttemptFailed,
-            CredentialsRefused,
-            CircuitOpen,
-        ) as exc:  # the first attempt was sent
+        except (AttemptFailed, Misconfigured, CircuitOpen) as exc:  # the first attempt was sent
             raise GatewayUnavailable(str(exc)) from exc
         raise AssertionError("unreachable: retry_context either returns or raises")
 
@@ -277,7 +277,7 @@ class Gateway:
             raise CircuitOpen("circuit open after repeated gateway failures")
         try:
             verdict = await self._call(body, headers, priority)
-        except (AttemptFailed, CredentialsRefused):
+        except (AttemptFailed, Misconfigured):
             self.breaker.failed()
             raise
         except asyncio.CancelledError:
@@ -298,13 +298,14 @@ class Gateway:
         await self._slots.acquire(priority)
         started = time.perf_counter()
         try:
-            status = await post(self._client, self._url, body, self._timeout, headers)
+            answer = await post(self._client, self._url, body, self._timeout, headers)
         except Unanswered as exc:
             _calls("timeout" if exc.timed_out else "connection_error").inc()
             raise AttemptFailed(f"gateway {exc}") from exc
         finally:
             self._slots.release()
             GATEWAY_SECONDS.observe(time.perf_counter() - started)
+        status = answer.status
         _calls(status).inc()
         tracing.annotate("http.response.status_code", status)
         if 200 <= status < 300:
@@ -313,6 +314,8 @@ class Gateway:
             raise AttemptFailed(f"gateway answered HTTP {status}")
         if status in _REFUSED_STATUSES:
             raise CredentialsRefused(_refusal(status))
+        if answer.redirected:
+            raise Redirected(_redirection(answer))
         return Declined(status)
 
     async def check_credentials(self) -> None:
@@ -321,7 +324,7 @@ class Gateway:
         us answers 4xx; one that cannot be reached is an outage, not a configuration error, and
         the processor starts anyway (payments wait, kept, until it is back)."""
         try:
-            status = await post(
+            answer = await post(
                 self._client, self._url, b"{}", self._timeout, {"Idempotency-Key": "check"}
             )
         except Unanswered as exc:
@@ -332,14 +335,23 @@ class Gateway:
                 ) from exc
             log.warning("gateway not reachable at start-up (%s): payments wait until it is", exc)
             return
-        if status in _REFUSED_STATUSES:
-            raise ConfigurationError(_refusal(status) + ".")
+        if answer.status in _REFUSED_STATUSES:
+            raise ConfigurationError(_refusal(answer.status) + ".")
+        if answer.redirected:
+            raise ConfigurationError(f"{_redirection(answer)}.")
 
 
 def _refusal(status: int) -> str:
     return (
         f"the gateway refused our credentials (HTTP {status}); check PAYSTREAM_GATEWAY_TOKEN "
         "and PAYSTREAM_GATEWAY_AUTH_HEADER"
+    )
+
+
+def _redirection(answer: Answer) -> str:
+    return (
+        f"the gateway answered {answer.describe()}: set PAYSTREAM_GATEWAY_URL to where the "
+        "gateway is (redirects are never followed: they would carry card numbers elsewhere)"
     )
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -328,14 +329,19 @@ def _keys(partitions: list[TopicPartition]) -> frozenset[Key]:
 
 
 def _traceparent(message: Message) -> str | None:
-    """The record's `traceparent` header (librdkafka returns headers as a list of pairs)."""
+    """The record's `traceparent` header (librdkafka returns headers as a list of pairs), if it
+    has the W3C form; any other value is ignored, as the W3C asks (it is the producer's bytes:
+    it may hold anything, a NUL included, and it is stored with a kept record)."""
     headers = message.headers()
     if not isinstance(headers, list):
         return None
     for name, value in headers:
-        if name == tracing.TRACEPARENT and value:
-            return value.decode("ascii", "replace") if isinstance(value, bytes) else str(value)
+        if name == tracing.TRACEPARENT and isinstance(value, bytes):
+            return value.decode("ascii") if _TRACEPARENT.fullmatch(value) else None
     return None
+
+
+_TRACEPARENT = re.compile(rb"[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")
 
 
 def merge_offsets(target: Offsets, records: Iterable[Record]) -> None:

@@ -31,6 +31,10 @@ OUTBOX_OLDEST_AGE = Gauge(
     "paystream_outbox_oldest_age_seconds",
     "Seconds since the oldest record not yet reported to the log service was kept; 0 if none",
 )
+REPORTS_UNDELIVERABLE = Gauge(
+    "paystream_reports_undeliverable",
+    "Kept records whose report the log service refused for good (listed by paystream errors)",
+)
 DATABASE_UP = Gauge(
     "paystream_database_up",
     "1 while the database answered this instance's last check (every 5 s), else 0",

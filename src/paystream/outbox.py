@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+from dataclasses import dataclass
 from datetime import timedelta
 
 import orjson
@@ -21,7 +22,7 @@ from pyreqwest.client import Client
 
 from paystream import store, tracing
 from paystream.backoff import Backoff, pause
-from paystream.errors import ReportFailed, Unanswered
+from paystream.errors import ReportFailed, ReportRefused, Unanswered
 from paystream.metrics import REPORTS
 from paystream.thirdparty import post
 
@@ -37,6 +38,18 @@ _MARK_S = 10.0
 _FAILING_PAUSE_MAX_S = 10.0
 """The longest pause between rounds while the log service fails: an outage is noticed within
 it once over, without a storm of calls into it meanwhile."""
+
+MAX_REFUSALS = 5
+"""Refusals of one report (a 4xx about its body) after which it is marked undeliverable: its
+back-off has by then given the log service about half a minute to change its mind."""
+
+_NOT_ABOUT_THE_REPORT = frozenset({401, 403, 404, 405, 407, 408, 425, 429})
+"""4xx answers that are about us or the service (credentials, a wrong URL, rate limits), not
+about one report: they fail the whole round, and no report is ever marked undeliverable by them."""
+
+
+def _refuses_the_report(status: int) -> bool:
+    return 400 <= status < 500 and status not in _NOT_ABOUT_THE_REPORT
 
 
 class LogClient:
@@ -74,12 +87,26 @@ class LogClient:
             "error_description": description,
         }
         try:
-            status = await post(self._client, self._url, orjson.dumps(body), self._timeout, headers)
+            answer = await post(self._client, self._url, orjson.dumps(body), self._timeout, headers)
         except Unanswered as exc:
             raise ReportFailed(f"log service unreachable: {exc}") from exc
-        tracing.annotate("http.response.status_code", status)
-        if not 200 <= status < 300:
-            raise ReportFailed(f"log service answered HTTP {status}")
+        tracing.annotate("http.response.status_code", answer.status)
+        if 200 <= answer.status < 300:
+            return
+        if _refuses_the_report(answer.status):
+            raise ReportRefused(f"log service refused the report ({answer.describe()})")
+        raise ReportFailed(f"log service answered {answer.describe()}")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RelayRound:
+    """What one round of the relay did with the reports it claimed."""
+
+    delivered: int = 0
+    failed: int = 0
+    """Not taken because of the service (down, failing, misconfigured): the relay backs off."""
+    refused: int = 0
+    """Refused for what they say: each waits on its own back-off; the relay goes on."""
 
 
 class OutboxRelay:
@@ -110,43 +137,56 @@ class OutboxRelay:
         backoff = Backoff(initial_s=2 * self._idle_s, max_s=_FAILING_PAUSE_MAX_S)
         while not stop.is_set():
             try:
-                delivered, failed = await self.relay_once()
+                done = await self.relay_once()
             except store.DATABASE_AWAY as exc:
                 log.warning("outbox: database unavailable (%s)", type(exc).__name__)
-                delivered, failed = 0, 1
-            if not failed:
+                done = RelayRound(failed=1)
+            if not done.failed:
                 backoff.reset()
-                if delivered:
+                if done.delivered or done.refused:
                     continue  # there may be more due right now
             # Idle, or the log service is failing: wait, longer after each failing round.
             self._wake.clear()
-            await pause(backoff.next_s() if failed else self._idle_s, stop, self._wake)
+            await pause(backoff.next_s() if done.failed else self._idle_s, stop, self._wake)
 
-    async def relay_once(self) -> tuple[int, int]:
-        """Deliver one claimed batch of due reports. Returns (delivered, failed)."""
+    async def relay_once(self) -> RelayRound:
+        """Deliver one claimed batch of due reports."""
         async with self._pool.connection() as conn:
             reports = await store.claim_reports(conn, self._claim_batch, self._lease_s)
         if not reports:  # none due: the rest wait for their back-off or another relay's lease
-            return 0, 0
+            return RelayRound()
         outcomes = await asyncio.gather(*(self._send(r) for r in reports))
         delivered = [r.id for r, error in zip(reports, outcomes, strict=True) if error is None]
-        failed = [
-            (r.id, error) for r, error in zip(reports, outcomes, strict=True) if error is not None
-        ]
+        failed: dict[str, list[int]] = {}
+        refused: dict[str, list[int]] = {}
+        for report, error in zip(reports, outcomes, strict=True):
+            if error is not None:
+                into = refused if isinstance(error, ReportRefused) else failed
+                into.setdefault(str(error), []).append(report.id)
         async with self._pool.connection() as conn, conn.transaction():
             await store.mark_reported(conn, delivered)
-            if failed:
-                await store.mark_report_failed(conn, [i for i, _ in failed], failed[0][1])
-        return len(delivered), len(failed)
+            for why, ids in failed.items():
+                await store.mark_report_failed(conn, ids, why)
+            for why, ids in refused.items():
+                undeliverable = await store.mark_report_refused(conn, ids, why, MAX_REFUSALS)
+                for kept_id in undeliverable:
+                    log.error("report of kept record %d is undeliverable: %s", kept_id, why)
+        return RelayRound(
+            delivered=len(delivered),
+            failed=sum(map(len, failed.values())),
+            refused=sum(map(len, refused.values())),
+        )
 
-    async def _send(self, report: store.Report) -> str | None:
+    async def _send(self, report: store.Report) -> ReportFailed | None:
         async with self._slots:
             try:
                 await self._client.send(
                     report.payment_id, report.error_type, report.description, report.traceparent
                 )
             except ReportFailed as exc:
-                REPORTS.labels(outcome="failed").inc()
-                return str(exc)
+                REPORTS.labels(
+                    outcome="refused" if isinstance(exc, ReportRefused) else "failed"
+                ).inc()
+                return exc
         REPORTS.labels(outcome="delivered").inc()
         return None

@@ -156,20 +156,33 @@ class Pipeline:
         stored: set[str] = set()
         if online:
             started = time.perf_counter()
-            with tracing.span("paystream.load"):
-                async with self._pool.connection() as conn:
-                    await conn.set_autocommit(True)
-                    ids = [(r.id, None) for r, _ in online]
-                    done = await store.processed_records(conn, ids, kept=outcomes.kept_is_done)
-                    stored = await store.stored_payment_ids(
-                        conn, [p.payment_id for r, p in online if r.id not in done]
-                    )
+            try:
+                done, stored = await self._load(online, outcomes)
+            except _DATA_ERRORS as exc:
+                # Knowing nothing is safe: the gateway is asked again (same Idempotency-Key) and
+                # the transaction's own re-check still tells redeliveries apart; the record the
+                # database refuses is isolated there.
+                log.warning("reading what is done hit %s; validating the batch anew", exc.sqlstate)
             _LOAD_SECONDS.observe(time.perf_counter() - started)
         # The connection went back to the pool before the (possibly slow) gateway calls.
         asks = rules.needs_gateway(decoded, done=done, stored=stored)
         with tracing.span("paystream.validate", attributes={"paystream.online": len(asks)}):
             verdicts = await self._validate(asks)
         return rules.triage(decoded, done=done, stored=stored, verdicts=verdicts)
+
+    async def _load(
+        self, online: list[tuple[Record, Payment]], outcomes: Outcomes
+    ) -> tuple[set[RecordId], set[str]]:
+        """Which online records are done, and which of the others' payments are stored."""
+        with tracing.span("paystream.load"):
+            async with self._pool.connection() as conn:
+                await conn.set_autocommit(True)
+                ids = [(r.id, None) for r, _ in online]
+                done = await store.processed_records(conn, ids, kept=outcomes.kept_is_done)
+                stored = await store.stored_payment_ids(
+                    conn, [p.payment_id for r, p in online if r.id not in done]
+                )
+        return done, stored
 
     async def _validate(self, asks: list[tuple[Record, Payment]]) -> dict[Payment, rules.Verdict]:
         """Ask the gateway once per distinct payment, up to its in-flight limit."""
@@ -191,15 +204,32 @@ class Pipeline:
         except _DATA_ERRORS as exc:
             items = triaged.items()
             if len(items) == 1:
-                sqlstate = getattr(exc, "sqlstate", None) or "unknown"
-                kept = rules.rejected(items[0], type(exc).__name__, sqlstate)
-                return await self._transaction(rules.Triaged(kept=[kept]), writer, outcomes)
+                return await self._keep_rejected(items[0], exc, writer, outcomes)
             log.warning("batch hit %s; isolating the record", type(exc).__name__)
             middle = len(items) // 2
             result = BatchResult()
             for part in (items[:middle], items[middle:]):
                 result.add(await self._write(rules.Triaged.of(part), writer, outcomes))
             return result
+
+    async def _keep_rejected(
+        self, item: rules.Candidate | Kept, exc: psycopg.Error, writer: UUID, outcomes: Outcomes
+    ) -> BatchResult:
+        """Keep a single record the database refused. Should keeping it fail on its data too
+        (the codec let through a value the database cannot hold), keep it bare: its coordinates,
+        its raw bytes and a fixed description, which no value can make fail."""
+        kept = rules.rejected(item, type(exc).__name__, exc.sqlstate or "unknown")
+        try:
+            return await self._transaction(rules.Triaged(kept=[kept]), writer, outcomes)
+        except _DATA_ERRORS as again:
+            log.error(
+                "the database refused keeping %s too (%s, SQLSTATE %s); keeping it bare",
+                kept.record.id,
+                type(again).__name__,
+                again.sqlstate,
+            )
+            bare = rules.bare(kept)
+            return await self._transaction(rules.Triaged(kept=[bare]), writer, outcomes)
 
     async def _transaction(
         self, triaged: rules.Triaged, writer: UUID, outcomes: Outcomes

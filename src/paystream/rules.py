@@ -208,6 +208,22 @@ def rejected(item: Candidate | Kept, error: str, sqlstate: str) -> Kept:
     return dataclasses.replace(item, reason=Reason.DATABASE_REJECTED, description=description)
 
 
+BARE_DESCRIPTION = "database rejected the record and its description; its raw bytes are kept"
+
+
+def bare(kept: Kept) -> Kept:
+    """A kept record reduced to what no value can make the database refuse: its coordinates,
+    its raw bytes and a fixed description (no payment_id, no trace context)."""
+    record = dataclasses.replace(kept.record, traceparent=None)
+    return Kept(
+        record=record,
+        payment_id=None,
+        reason=Reason.DATABASE_REJECTED,
+        description=BARE_DESCRIPTION,
+        amount=kept.amount,
+    )
+
+
 def _difference(new: Payment, existing: Existing) -> str:
     differing = [name for name in CONTENT if getattr(new, name) != getattr(existing, name)]
     if not differing:

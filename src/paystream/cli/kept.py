@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.table import Table
+from rich.text import Text
 
 from paystream.cli.common import app, console, out, read_settings, with_pool
 
@@ -121,16 +122,25 @@ def _kept_table(listed: list[dict[str, object]], shown: int, total: int) -> Tabl
         table.add_column(column, justify="right" if column == "amount" else "left")
     for i in listed:
         amount = i["amount"]
-        table.add_row(
-            str(i["id"]),
-            str(i["payment_id"] or "—"),
-            str(i["error_type"]),
-            str(i["reason"]),
+        if i["reported"]:
+            reported = "yes"
+        elif i["undeliverable"]:
+            reported = f"undeliverable: {i['last_report_error']}"
+        else:
+            reported = "no"
+        cells = (
+            i["id"],
+            i["payment_id"] or "—",
+            i["error_type"],
+            i["reason"],
             "—" if amount is None else f"{amount:,}",
             f"{i['topic']}/{i['partition']}@{i['offset']}",
-            "yes" if i["reported"] else "no",
-            str(i["error_description"]),
+            reported,
+            i["error_description"],
         )
+        # Text, not markup: ids and descriptions come from records, and `[/x]` in one would
+        # otherwise end the listing with a markup error.
+        table.add_row(*(Text(str(c)) for c in cells))
     return table
 
 

@@ -35,9 +35,11 @@ from paystream.store.reports import (
     Report,
     claim_reports,
     mark_report_failed,
+    mark_report_refused,
     mark_reported,
     oldest_unreported_age_s,
     outbox_depth,
+    undeliverable_reports,
 )
 
 __all__ = [
@@ -63,6 +65,7 @@ __all__ = [
     "latest_kept",
     "list_kept",
     "mark_report_failed",
+    "mark_report_refused",
     "mark_reported",
     "oldest_unreported_age_s",
     "outbox_depth",
@@ -74,5 +77,6 @@ __all__ = [
     "stored_payment",
     "stored_payment_ids",
     "take_partitions",
+    "undeliverable_reports",
     "update_kept",
 ]

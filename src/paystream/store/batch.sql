@@ -120,6 +120,8 @@ WITH again AS (
         replays = replays + %(attempted)s::int,
         reported_at = CASE WHEN reason = %(reason)s THEN reported_at END,
         next_report_at = CASE WHEN reason = %(reason)s THEN next_report_at ELSE now() END,
+        report_refusals = CASE WHEN reason = %(reason)s THEN report_refusals ELSE 0 END,
+        undeliverable_at = CASE WHEN reason = %(reason)s THEN undeliverable_at END,
         reason = %(reason)s, error_type = %(etype)s, description = %(desc)s
     WHERE (topic, "partition", "offset", kafka_ts) = (%(t)s, %(p)s, %(o)s, %(ts)s)
     RETURNING id

@@ -36,6 +36,7 @@ class KeptRow:
     reported_at: datetime | None
     report_attempts: int
     last_report_error: str | None
+    undeliverable_at: datetime | None
     resolved_at: datetime | None
     replays: int
 
@@ -68,6 +69,8 @@ class KeptRow:
             "amount": None if self.amount is None else int(self.amount),
             "kept_at": self.kept_at.isoformat(),
             "reported": self.reported_at is not None,
+            "undeliverable": self.undeliverable_at is not None,
+            "last_report_error": self.last_report_error,
             "resolved": self.resolved_at is not None,
             "replays": self.replays,
         }

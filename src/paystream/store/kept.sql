@@ -4,7 +4,7 @@
 -- list_kept --
 SELECT id, topic, "partition", "offset", kafka_ts, raw, raw_key, payment_id,
     error_type, reason, description, amount, kept_at, reported_at, report_attempts,
-    last_report_error, resolved_at, replays
+    last_report_error, undeliverable_at, resolved_at, replays
 FROM paystream.kept_matching(%(etype)s::text, %(reason)s::text, %(topic)s::text,
     %(since)s::timestamptz, %(unresolved)s::boolean, %(ids)s::bigint[], %(max_replays)s::int,
     %(pid)s::text)
@@ -21,7 +21,7 @@ FROM paystream.kept_matching(%(etype)s::text, %(reason)s::text, %(topic)s::text,
 -- latest_kept --
 SELECT id, topic, "partition", "offset", kafka_ts, raw, raw_key, payment_id,
     error_type, reason, description, amount, kept_at, reported_at, report_attempts,
-    last_report_error, resolved_at, replays
+    last_report_error, undeliverable_at, resolved_at, replays
 FROM paystream.kept_records
 ORDER BY id DESC
 LIMIT %(limit)s;

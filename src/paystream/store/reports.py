@@ -41,6 +41,27 @@ async def mark_report_failed(conn: Conn, ids: Sequence[int], error: str) -> None
         await conn.execute(query("mark_report_failed"), {"ids": list(ids), "error": error})
 
 
+async def mark_report_refused(
+    conn: Conn, ids: Sequence[int], error: str, max_refusals: int
+) -> list[int]:
+    """The log service refused these reports for what they say: each is due again after its own
+    back-off, until its `max_refusals`-th refusal marks it undeliverable (no longer claimed,
+    still kept and listed). Returns the ids marked undeliverable now."""
+    if not ids:
+        return []
+    return await fetch_all(
+        conn,
+        scalar_row,
+        "mark_report_refused",
+        {"ids": list(ids), "error": error, "max_refusals": max_refusals},
+    )
+
+
+async def undeliverable_reports(conn: Conn) -> int:
+    """Kept records whose report the log service refused for good."""
+    return int(await fetch_one(conn, scalar_row, "undeliverable_reports") or 0)
+
+
 async def outbox_depth(conn: Conn) -> int:
     return int(await fetch_one(conn, scalar_row, "outbox_depth") or 0)
 

@@ -7,7 +7,7 @@ UPDATE paystream.kept_records
 SET next_report_at = now() + %(lease_s)s * interval '1 second'
 WHERE id IN (
     SELECT id FROM paystream.kept_records
-    WHERE reported_at IS NULL AND next_report_at <= now()
+    WHERE reported_at IS NULL AND undeliverable_at IS NULL AND next_report_at <= now()
     ORDER BY id LIMIT %(limit)s
     FOR UPDATE SKIP LOCKED
 )
@@ -26,11 +26,32 @@ UPDATE paystream.kept_records SET
     next_report_at = now() + least(30, 2 ^ least(report_attempts, 5)) * interval '1 second'
 WHERE id = ANY(%(ids)s::bigint[]);
 
+-- mark_report_refused --
+-- Refused for what it says: back off per row as above; the %(max_refusals)s-th refusal makes the
+-- report undeliverable (never claimed again, still kept). Returns the rows that became so now.
+WITH refused AS (
+    UPDATE paystream.kept_records SET
+        report_attempts = report_attempts + 1,
+        report_refusals = report_refusals + 1,
+        last_report_error = %(error)s,
+        next_report_at = now() + least(30, 2 ^ least(report_attempts, 5)) * interval '1 second',
+        undeliverable_at = CASE WHEN report_refusals + 1 >= %(max_refusals)s THEN now() END
+    WHERE id = ANY(%(ids)s::bigint[])
+    RETURNING id, undeliverable_at
+)
+SELECT id FROM refused WHERE undeliverable_at IS NOT NULL ORDER BY id;
+
+-- undeliverable_reports --
+SELECT count(*) FROM paystream.kept_records
+WHERE reported_at IS NULL AND undeliverable_at IS NOT NULL;
+
 -- outbox_depth --
-SELECT count(*) FROM paystream.kept_records WHERE reported_at IS NULL;
+-- Reports still to deliver (the undeliverable ones are counted apart).
+SELECT count(*) FROM paystream.kept_records
+WHERE reported_at IS NULL AND undeliverable_at IS NULL;
 
 -- oldest_unreported_age_s --
 -- Seconds since the oldest record still unreported was kept; 0 if none is.
 SELECT coalesce(extract(epoch FROM now() - min(kept_at)), 0)::float8
 FROM paystream.kept_records
-WHERE reported_at IS NULL;
+WHERE reported_at IS NULL AND undeliverable_at IS NULL;
