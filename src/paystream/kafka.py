@@ -237,23 +237,7 @@ class KafkaConsumer:
                 if error.code() != KafkaError._PARTITION_EOF:
                     log.warning("kafka consume error: %s", error)
                 continue
-            _, timestamp = message.timestamp()
-            topic, partition, offset = message.topic(), message.partition(), message.offset()
-            assert topic is not None
-            assert partition is not None
-            assert offset is not None
-            records.append(
-                Record(
-                    id=RecordId(
-                        topic=topic,
-                        partition=partition,
-                        offset=offset,
-                        timestamp_ms=timestamp,
-                    ),
-                    value=message.value(),
-                    traceparent=_traceparent(message) if tracing_on else None,
-                )
-            )
+            records.append(record_of(message, tracing_on=tracing_on))
         # Rebalance callbacks run inside consume, and librdkafka drops what the call fetched for
         # partitions revoked meanwhile: every record returned belongs to the current assignment.
         return Fetched(records, self._generation)
@@ -326,6 +310,20 @@ class KafkaConsumer:
 
 def _keys(partitions: list[TopicPartition]) -> frozenset[Key]:
     return frozenset((p.topic, p.partition) for p in partitions)
+
+
+def record_of(message: Message, *, tracing_on: bool) -> Record:
+    """A consumed message as a record: its value as it arrived, its trace context if traced."""
+    _, timestamp = message.timestamp()
+    topic, partition, offset = message.topic(), message.partition(), message.offset()
+    assert topic is not None
+    assert partition is not None
+    assert offset is not None
+    return Record(
+        id=RecordId(topic=topic, partition=partition, offset=offset, timestamp_ms=timestamp),
+        value=message.value(),
+        traceparent=_traceparent(message) if tracing_on else None,
+    )
 
 
 def _traceparent(message: Message) -> str | None:

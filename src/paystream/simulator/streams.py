@@ -14,6 +14,8 @@ from typing import Any
 
 import orjson
 
+from paystream.text import visible
+
 ORIGINAL_RECORDS = 1038
 ORIGINAL_PAYMENTS = 515
 ONLINE_SHARE = 0.69
@@ -112,7 +114,7 @@ def _hostile_one(rng: random.Random, decline_rate: float) -> Planned:
             topic_type=on, value=value, payment_id=payment_id, expect=Expect.OTHER, kind=kind
         )
 
-    match rng.randrange(13):
+    match rng.randrange(19):
         case 0:
             return bad("malformed-json", _encode(doc)[:-7], None)
         case 1:
@@ -150,6 +152,25 @@ def _hostile_one(rng: random.Random, decline_rate: float) -> Planned:
         case 11:
             doc["account_id"] = 2**40
             return bad("overflowing-account", _encode(doc))
+        case 13:
+            doc["payment_id"] = pid[:8] + "\x00" + pid[8:]  # PostgreSQL text cannot hold it
+            return bad("nul-in-id", _encode(doc), visible(doc["payment_id"]))
+        case 14:
+            doc["payment_id"] = "\x1b[2J" + pid  # a terminal's clear-screen
+            return bad("control-in-id", _encode(doc), visible(doc["payment_id"]))
+        case 15:
+            return bad("byte-order-mark", b"\xef\xbb\xbf" + _encode(doc), None)
+        case 16:
+            lone = _encode(doc).replace(pid.encode(), b"\\ud800" + pid.encode())
+            return bad("lone-surrogate", lone, None)
+        case 17:
+            doc["amount"] = "2**70"  # a placeholder: orjson writes no integer beyond 64 bits
+            huge = _encode(doc).replace(b'"2**70"', str(2**70).encode())
+            return bad("amount-beyond-64-bits", huge)
+        case 18:
+            # Duplicate keys: the last one counts (as in most JSON readers), here a bad amount.
+            twice = _encode(doc)[:-1] + b',"amount":-1}'
+            return bad("duplicate-keys", twice)
         case _:
             doc["payment_id"] = "'; DROP TABLE payments; --" + pid
             doc["credit_card"] = "<script>alert(1)</script>" if online else ""
