@@ -71,6 +71,13 @@ def test_original_message_decodes() -> None:
         ),
         (b'{"payment_id": "p", "account_id": 1e3}', Reason.INVALID, "a decimal point or an exp"),
         (b'{"payment_id": "p", "account_id": 1e999}', Reason.MALFORMED, "number is infinity"),
+        (_doc()[:-1] + b', "amount": 2300}', Reason.INVALID, "amount given more than once"),
+        (_doc()[:-1] + b', "\\u0061mount": 1}', Reason.INVALID, "amount given more than once"),
+        (
+            _doc()[:-1] + b', "x": "\\u0041", "deep": ' + b"[" * 1000 + b"]" * 1000 + b"}",
+            Reason.INVALID,
+            "nests too deeply to tell",
+        ),
     ],
 )
 def test_bad_input_gets_a_precise_reason(value: bytes, reason: Reason, words: str) -> None:
@@ -79,6 +86,22 @@ def test_bad_input_gets_a_precise_reason(value: bytes, reason: Reason, words: st
     assert isinstance(result, DecodeError)
     assert reason == result.reason
     assert words in result.description
+
+
+def test_a_field_nested_or_escaped_elsewhere_is_not_a_repetition() -> None:
+    """Only the outer object's own fields count: the same name inside a nested object, or an
+    escape in a value, leave the payment as it is."""
+    nested = _doc()[:-1] + b', "extra": {"amount": 1, "payment_id": "x"}, "note": "caf\\u00e9"}'
+    assert isinstance(decode(nested, PaymentType.ONLINE), Payment)
+
+
+def test_an_offline_field_given_twice_counts_by_its_last_value() -> None:
+    """An offline record has one reader: a repeated field counts by its last value, as in most
+    JSON readers (an online one is refused: the gateway reads the record too)."""
+    twice = _doc(payment_type="offline", credit_card="")[:-1] + b', "amount": 2300}'
+    result = decode(twice, PaymentType.OFFLINE)
+    assert isinstance(result, Payment)
+    assert 2300 == result.amount
 
 
 def test_an_id_the_database_cannot_hold_travels_escaped() -> None:

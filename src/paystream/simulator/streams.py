@@ -168,9 +168,10 @@ def _hostile_one(rng: random.Random, decline_rate: float) -> Planned:
             huge = _encode(doc).replace(b'"2**70"', str(2**70).encode())
             return bad("amount-beyond-64-bits", huge)
         case 18:
-            # Duplicate keys: the last one counts (as in most JSON readers), here a bad amount.
-            twice = _encode(doc)[:-1] + b',"amount":-1}'
-            return bad("duplicate-keys", twice)
+            # An amount given twice: the gateway might read one and the processor store the other.
+            doc["payment_type"] = "online"
+            twice = _encode(doc)[:-1] + b',"amount":' + str(doc["amount"] * 100).encode() + b"}"
+            return bad("duplicate-keys", twice, on="online")
         case _:
             doc["payment_id"] = "'; DROP TABLE payments; --" + pid
             doc["credit_card"] = "<script>alert(1)</script>" if online else ""
