@@ -14,9 +14,7 @@ import psycopg
 from confluent_kafka import Producer
 
 from paystream.app import open_pool
-from paystream.consumer import OrderedCommits
 from paystream.migrations import migrate
-from paystream.model import Record, RecordId
 from tests.conftest import (
     Env,
     SimulatorClient,
@@ -184,23 +182,6 @@ async def test_concurrent_migrations_apply_once(env: Env) -> None:
     assert len(versions) == len({v for (v,) in versions})
     async with open_pool(env.settings()) as pool, pool.connection() as conn:
         assert await migrate(conn) == []
-
-
-def _records(*offsets: tuple[int, int]) -> list[Record]:
-    return [
-        Record(id=RecordId(topic="t", partition=p, offset=o, timestamp_ms=0), value=b"")
-        for p, o in offsets
-    ]
-
-
-def test_offsets_advance_only_over_finished_batches() -> None:
-    """A batch finishing before an older one commits nothing until the older one finishes."""
-    commits = OrderedCommits()
-    first, second = commits.begin(), commits.begin()
-    commits.finish(second, _records((0, 10), (1, 5)))
-    assert commits.committable == {}
-    commits.finish(first, _records((0, 3), (2, 7)))
-    assert commits.committable == {("t", 0): 11, ("t", 1): 6, ("t", 2): 8}
 
 
 def test_run_with_taken_web_port_fails_in_one_sentence(env: Env) -> None:

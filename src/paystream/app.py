@@ -216,6 +216,7 @@ async def run_processor(
             kafka,
             membership,
             pipeline,
+            pool,
             batch_size=settings.batch_size,
             batches_in_flight=settings.batches_in_flight,
             db_retry_max_s=settings.db_retry_max_s,

@@ -1,8 +1,11 @@
 """Poll batches, hand them to the pipeline, commit offsets after the database commit.
 
-Several batches run at once. They may finish in any order, but offsets are committed only up to
-the end of the oldest unfinished batch ("only greater offsets are committed"), so a crash leaves
-every uncommitted record either durable (redelivery is a no-op) or unprocessed.
+Several batches run at once. Each records in its own transaction the span of offsets it made
+durable, so the database knows where each partition's records are done (paystream.position);
+every partition is read from there, placed on assignment, and again whenever the database turns
+out to be behind what this instance made durable (restored, or failed over with commits missing).
+Offsets are still committed to Kafka, up to the end of the oldest unfinished batch, for lag
+tooling; only a database with no recorded position yet trusts them.
 """
 
 from __future__ import annotations
@@ -15,7 +18,10 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from uuid import UUID, uuid4
 
-from paystream import tracing
+import psycopg_pool
+from confluent_kafka import KafkaException
+
+from paystream import position, store, tracing
 from paystream.backoff import Backoff, pause
 from paystream.errors import DatabaseUnavailable
 from paystream.kafka import (
@@ -25,11 +31,18 @@ from paystream.kafka import (
     KafkaConsumer,
     KafkaEvent,
     Key,
+    OffsetLost,
     Offsets,
     Revoked,
-    merge_offsets,
 )
-from paystream.metrics import BATCH_SECONDS, BATCH_SIZE, DB_FAILURES, RECORDS
+from paystream.metrics import (
+    BATCH_SECONDS,
+    BATCH_SIZE,
+    DB_FAILURES,
+    RECORDS,
+    RECORDS_EXPIRED,
+    REWINDS,
+)
 from paystream.model import Record
 from paystream.pipeline import BatchResult, Pipeline
 
@@ -45,28 +58,6 @@ Reporter = Callable[[str], Awaitable[None]]
 """Sends a best-effort error report that does not depend on the database."""
 
 
-class OrderedCommits:
-    """Tracks batches by sequence number; offsets advance only over a finished prefix."""
-
-    def __init__(self) -> None:
-        self._next = 0
-        self._oldest_unfinished = 0
-        # A finished batch waiting for an older one keeps only its offsets, not its records.
-        self._finished: dict[int, Offsets] = {}
-        self.committable: Offsets = {}
-
-    def begin(self) -> int:
-        self._next += 1
-        return self._next - 1
-
-    def finish(self, seq: int, records: list[Record]) -> None:
-        merge_offsets(self._finished.setdefault(seq, {}), records)
-        while self._oldest_unfinished in self._finished:
-            for key, offset in self._finished.pop(self._oldest_unfinished).items():
-                self.committable[key] = max(self.committable.get(key, 0), offset)
-            self._oldest_unfinished += 1
-
-
 _DB_RETRY_FIRST_S = 0.2
 """The first pause of a batch the database failed, doubling up to Settings.db_retry_max_s: a
 failover or a restart takes seconds, and a batch held at once would retry into it in a loop."""
@@ -78,6 +69,11 @@ finished batches' commits and the stop event promptly; librdkafka prefetches mea
 _COMMIT_RETRY_S = 1.0
 """After a failed or refused commit, the next try waits this long (a rebalance or an outage is
 what fails one; the offsets stay committable meanwhile)."""
+
+_CHECK_POSITIONS_S = 5.0
+"""How often the database's positions of the partitions owned are read back (and their done
+spans folded): a database that went back while running (a failover behind a multi-host URL, a
+restore) is read again from its position within this long."""
 
 
 class Membership:
@@ -97,12 +93,21 @@ class Membership:
         self.retry_at = 0.0
         self._committed: Offsets = {}  # the group's, read on assignment, raised by each commit
         self._committing: Offsets = {}  # sent, not yet answered
+        # Partitions assigned (or whose position left the log) not yet placed: paused in Kafka
+        # until the loop chooses where they start; `lost` holds where the latter stood.
+        self.unplaced: set[Key] = set()
+        self.lost: dict[Key, int] = {}
+        self.placing = asyncio.Event()
 
     def apply(self, event: KafkaEvent) -> None:
         match event:
             case Assigned(generation=generation, partitions=partitions, committed=committed):
                 self.generation = generation
                 self.assignment |= partitions
+                self.unplaced |= partitions
+                for key in partitions:
+                    self.lost.pop(key, None)
+                self.placing.set()
                 self.writer = uuid4()
                 if committed is not None:
                     for key in partitions:
@@ -113,8 +118,10 @@ class Membership:
             case Revoked(generation=generation, partitions=partitions):
                 self.generation = generation
                 self.assignment -= partitions
+                self.unplaced -= partitions
                 for key in partitions:
                     self._committing.pop(key, None)
+                    self.lost.pop(key, None)
             case CommitAnswered(done=done, failed=failed, reason=reason):
                 for key, offset in {**done, **failed}.items():
                     if self._committing.get(key, -1) <= offset:
@@ -130,6 +137,15 @@ class Membership:
                     )
             case BrokerReachable(up=up):
                 self.broker_up = up
+            case OffsetLost(key=key, offset=offset):
+                if key in self.assignment:
+                    self.unplaced.add(key)
+                    self.lost[key] = offset
+                    self.placing.set()
+
+    def committed(self, key: Key) -> int | None:
+        """The group's committed offset of an owned partition, as read on assignment."""
+        return self._committed.get(key)
 
     def uncommitted(self, offsets: Offsets) -> Offsets:
         """Those of `offsets` for partitions owned now and beyond both the group's committed
@@ -161,10 +177,20 @@ class Membership:
 
 @dataclass(frozen=True, slots=True)
 class Batch:
-    """Records to process, and the writer of the assignment they were fetched in."""
+    """Records to process, the writer of the assignment they were fetched in, the span of
+    offsets they cover in each partition and the epoch of each (position.Progress)."""
 
     records: list[Record]
     writer: UUID
+    spans: dict[Key, store.Span]
+    epochs: dict[Key, int]
+
+    def extend(self, other: Batch) -> None:
+        """Take on a later fetch of the same assignment (while fetching is paused)."""
+        self.records.extend(other.records)
+        for key, (first, end) in other.spans.items():
+            self.spans[key] = (self.spans.get(key, (first, end))[0], end)
+        self.epochs.update(other.epochs)
 
 
 class BatchConsumer:
@@ -173,6 +199,7 @@ class BatchConsumer:
         kafka: KafkaConsumer,
         membership: Membership,
         pipeline: Pipeline,
+        pool: psycopg_pool.AsyncConnectionPool,
         *,
         batch_size: int,
         batches_in_flight: int,
@@ -188,7 +215,9 @@ class BatchConsumer:
         self._db_retry_max_s = db_retry_max_s
         self._report_database_error = report_database_error
         self._on_batch = on_batch
-        self._commits = OrderedCommits()
+        self._pool = pool
+        self._progress = position.Progress()
+        self._fetched_to: Offsets = {}  # where each partition's next fetch starts
         self._committer: asyncio.Task[None] | None = None
         self._commit_not_before = 0.0
 
@@ -196,6 +225,7 @@ class BatchConsumer:
         """Until `stop`: poll, process, commit. In-flight batches finish before it returns."""
         pending: list[Batch] = []  # fetched while every slot was busy, oldest first
         async with asyncio.TaskGroup() as group:
+            placing = group.create_task(self._place_partitions(stop))
             while not stop.is_set():
                 try:
                     await asyncio.wait_for(self._slots.acquire(), timeout=_STALLED_S)
@@ -205,8 +235,8 @@ class BatchConsumer:
                     await self._kafka.pause()
                     fetched = await self._fetch()
                     if pending and pending[-1].writer == fetched.writer:
-                        pending[-1].records.extend(fetched.records)
-                    elif fetched.records:
+                        pending[-1].extend(fetched)
+                    elif fetched.spans:
                         pending.append(fetched)
                     continue
                 await self._kafka.resume()
@@ -214,10 +244,11 @@ class BatchConsumer:
                 # Offsets of batches that finished while their partitions were being reassigned
                 # are committed once the partitions are back, even if no new record arrives.
                 self._commit_soon()
-                if not batch.records:
+                if not batch.spans:
                     self._slots.release()
                     continue
-                group.create_task(self._run_batch(self._commits.begin(), batch, stop))
+                group.create_task(self._run_batch(self._progress.begin(batch.epochs), batch, stop))
+            await placing
         if self._committer is not None:
             await self._committer
         await self._commit()  # a last try on the way out, whatever the back-off
@@ -226,7 +257,20 @@ class BatchConsumer:
         fetched = await self._kafka.consume(self._batch_size, _CONSUME_WAIT_S)
         # The snapshots of the rebalances this call ran reached the loop before its result.
         assert fetched.generation == self._membership.generation
-        return Batch(fetched.records, self._membership.writer)
+        spans: dict[Key, store.Span] = {}
+        for record in fetched.records:  # in offset order within a partition
+            key = (record.id.topic, record.id.partition)
+            first = spans[key][0] if key in spans else self._fetched_to.get(key, record.id.offset)
+            spans[key] = (min(first, record.id.offset), record.id.offset + 1)
+        # Past the last record: transaction markers and aborted records, no record to process,
+        # but offsets that must count as done (else the position would stop short of the end).
+        for key, reached in fetched.positions.items():
+            start = spans[key][0] if key in spans else self._fetched_to.get(key, reached)
+            if reached > spans.get(key, (start, start))[1]:
+                spans[key] = (start, reached)
+        self._fetched_to.update({key: end for key, (_, end) in spans.items()})
+        epochs = self._progress.epochs(spans)
+        return Batch(fetched.records, self._membership.writer, spans, epochs)
 
     async def _run_batch(self, seq: int, batch: Batch, stop: asyncio.Event) -> None:
         records = batch.records
@@ -249,7 +293,9 @@ class BatchConsumer:
             for topic, count in Counter(r.id.topic for r in records).items():
                 RECORDS.labels(topic=topic).inc(count)
             self._on_batch(result)
-            self._commits.finish(seq, records)
+            self._progress.finish(
+                seq, {key: end for key, (_, end) in batch.spans.items()}, batch.epochs
+            )
         finally:
             # Durable (or given up on): the slot is free for the next batch while offsets are
             # committed in the background.
@@ -262,7 +308,9 @@ class BatchConsumer:
         reported = False
         while True:
             try:
-                result = await self._pipeline.process(records, writer=batch.writer)
+                result = await self._pipeline.process(
+                    records, writer=batch.writer, spans=batch.spans
+                )
             except DatabaseUnavailable as exc:
                 DB_FAILURES.inc()
                 log.warning("%s; batch of %d waits and retries", exc, len(records))
@@ -279,16 +327,126 @@ class BatchConsumer:
                 continue
             return result
 
+    async def _place_partitions(self, stop: asyncio.Event) -> None:
+        """Place every partition assigned (or lost from the log) before it is read, and read
+        back the database's positions every few seconds; while the database or the brokers are
+        away, the partitions wait paused and this tries again with back-off."""
+        backoff = Backoff(initial_s=_DB_RETRY_FIRST_S, max_s=self._db_retry_max_s)
+        checked = time.monotonic()
+        while not stop.is_set():
+            membership = self._membership
+            membership.placing.clear()
+            try:
+                if membership.unplaced:
+                    await self._place(set(membership.unplaced), membership.generation)
+                elif time.monotonic() - checked >= _CHECK_POSITIONS_S:
+                    checked = time.monotonic()
+                    await self._check_positions(membership.generation)
+            except (*store.DATABASE_AWAY, KafkaException) as exc:
+                log.warning("placing partitions: %s; trying again", type(exc).__name__)
+                await pause(backoff.next_s(), stop)
+                continue
+            backoff.reset()
+            if not membership.unplaced:
+                await pause(_CHECK_POSITIONS_S, stop, membership.placing)
+
+    async def _place(self, keys: set[Key], generation: int) -> None:
+        """Choose where each of `keys` starts (position.resolve), make what that says durable
+        (a first position, a gap kept, a position moved back), then seek there."""
+        membership = self._membership
+        bounds = await self._kafka.bounds(keys)
+        async with self._pool.connection() as conn, conn.transaction():
+            recorded = await store.fold_positions(conn, keys)
+            starts: dict[Key, position.Start] = {}
+            for key in sorted(keys):
+                low, high = bounds[key]
+                wanted = membership.lost.get(key, recorded.get(key))
+                start = position.resolve(wanted, membership.committed(key), low, high)
+                starts[key] = start
+                await self._record_start(conn, key, start, recorded.get(key), low)
+        if not await self._kafka.place({k: s.offset for k, s in starts.items()}, generation):
+            return  # a rebalance ran meanwhile: the loop places what is still unplaced
+        for key, start in starts.items():
+            self._restart(key, start.offset)
+            membership.unplaced.discard(key)
+            membership.lost.pop(key, None)
+        log.info("placed %s", {f"{t}/{p}": s.offset for (t, p), s in sorted(starts.items())})
+
+    async def _record_start(
+        self, conn: store.Conn, key: Key, start: position.Start, recorded: int | None, low: int
+    ) -> None:
+        """What a start says, durable and told: a first position, records expired unread (kept as
+        a gap, reported), a position behind the group's or past the log's end."""
+        topic = key[0]
+        if recorded is None:
+            await store.start_positions(conn, {key: start.offset})
+        if start.expired is not None:
+            first, last = start.expired
+            await store.keep_gap(conn, key, first, last)
+            await store.record_done(conn, {key: (first, low)})
+            await store.fold_positions(conn, [key])
+            RECORDS_EXPIRED.labels(topic=topic).inc(last - first + 1)
+            log.error("%s/%s: records %d to %d left Kafka unread; kept as a gap", *key, first, last)
+        if start.beyond_end:
+            await store.move_positions(conn, {key: start.offset}, overwrite=True)
+            REWINDS.labels(topic=topic, cause="beyond_end").inc()
+            log.warning(
+                "%s/%s: its position is past the log's end (the topic was created again, "
+                "or truncated): reading it from its start, %d",
+                *key,
+                start.offset,
+            )
+        if start.behind_by:
+            REWINDS.labels(topic=topic, cause="database_behind").inc()
+            log.warning(
+                "%s/%s: the database's position is %d records behind the group's "
+                "committed offset: reading them again",
+                *key,
+                start.behind_by,
+            )
+
+    async def _check_positions(self, generation: int) -> None:
+        """Read back the positions of the partitions owned. One behind what this instance made
+        durable there means the database went back (a restore, a failover that lost commits):
+        read again from its position. One gone means it lost them all: place it anew."""
+        membership = self._membership
+        keys = membership.assignment - membership.unplaced
+        known = {
+            key: offset
+            for key, offset in self._progress.durable.items()
+            if key in keys and self._progress.settled(key)
+        }
+        async with self._pool.connection() as conn, conn.transaction():
+            recorded = await store.fold_positions(conn, keys)
+        behind = {key: offset for key, offset in recorded.items() if offset < known.get(key, 0)}
+        membership.unplaced |= keys - recorded.keys()
+        if not behind or not await self._kafka.place(behind, generation):
+            return
+        for key, offset in behind.items():
+            REWINDS.labels(topic=key[0], cause="database_behind").inc()
+            log.warning(
+                "%s/%s: the database's position, %d, is %d records behind what this "
+                "instance made durable: reading them again",
+                *key,
+                offset,
+                known[key] - offset,
+            )
+            self._restart(key, offset)
+
+    def _restart(self, key: Key, offset: int) -> None:
+        self._progress.restart(key, offset)
+        self._fetched_to[key] = offset
+
     def _commit_soon(self) -> None:
         idle = self._committer is None or self._committer.done()
         due = time.monotonic() >= self._commit_not_before
-        if idle and due and self._membership.uncommitted(self._commits.committable):
+        if idle and due and self._membership.uncommitted(self._progress.durable):
             self._committer = asyncio.create_task(self._commit())
 
     async def _commit(self) -> None:
         """One committer at a time; it goes on while batches finish during its broker call.
         After a failed commit (a rebalance, the broker away) the next try waits a second."""
-        while offsets := self._membership.uncommitted(self._commits.committable):
+        while offsets := self._membership.uncommitted(self._progress.durable):
             with tracing.span(
                 "paystream.commit", attributes={"paystream.partitions": len(offsets)}
             ):

@@ -18,7 +18,14 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
+from confluent_kafka import (
+    OFFSET_BEGINNING,
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Message,
+    TopicPartition,
+)
 
 from paystream import tracing
 from paystream.brokers import GroupProtocol, group_settings, group_timing, rejected
@@ -102,15 +109,28 @@ class BrokerReachable:
     up: bool
 
 
-KafkaEvent = Assigned | Revoked | CommitAnswered | BrokerReachable
+@dataclass(frozen=True, slots=True)
+class OffsetLost:
+    """Reading a partition at `offset` found it gone from the log (retention, deleted records, a
+    truncated topic): the partition is paused until the loop places it again (`place`)."""
+
+    generation: int
+    key: Key
+    offset: int
+
+
+KafkaEvent = Assigned | Revoked | CommitAnswered | BrokerReachable | OffsetLost
 
 
 @dataclass(frozen=True, slots=True)
 class Fetched:
-    """The records of one consume call (each of a partition assigned in `generation`)."""
+    """The records of one consume call (each of a partition assigned in `generation`), and the
+    position after it of each partition placed: past any transaction markers and aborted
+    records that follow its last record, which the records alone would not tell."""
 
     records: list[Record]
     generation: int
+    positions: Offsets
 
 
 class KafkaConsumer:
@@ -131,8 +151,9 @@ class KafkaConsumer:
             "group.id": group_id,
             "enable.auto.commit": False,
             "enable.auto.offset.store": False,
-            # A new group must not miss what was produced before it joined.
-            "auto.offset.reset": "earliest",
+            # Never reset a position silently (to the log start, skipping what expired unread,
+            # or to the end): every start is chosen by paystream (consumer placing, position).
+            "auto.offset.reset": "error",
             "isolation.level": "read_committed",
             **group_settings(group_protocol),
         }
@@ -154,6 +175,7 @@ class KafkaConsumer:
             **fixed,
         }
         self._topics = topics
+        self._incremental = group_protocol == "consumer"
         self._listener = listener
         self._loop: asyncio.AbstractEventLoop | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kafka")
@@ -162,6 +184,7 @@ class KafkaConsumer:
         self._consumer: Consumer | None = None
         self._generation = 0  # one more with every rebalance callback
         self._paused = False
+        self._unplaced: set[Key] = set()  # assigned, paused until `place` gives their start
         self._broker_ok = True
         self._next_probe = 0.0
 
@@ -193,13 +216,20 @@ class KafkaConsumer:
             committed = {(tp.topic, tp.partition): tp.offset for tp in read if tp.offset >= 0}
         except KafkaException as exc:
             log.warning("could not read committed offsets on assignment: %s", exc)
-        if self._paused and partitions:
+        # Assigned at the log start and paused: nothing is read until the loop has chosen where
+        # to start each (`place`), which needs the database.
+        for tp in partitions:
+            tp.offset = OFFSET_BEGINNING
+        (consumer.incremental_assign if self._incremental else consumer.assign)(partitions)
+        if partitions:
             consumer.pause(partitions)
+        self._unplaced |= _keys(partitions)
         self._tell(Assigned(self._generation, _keys(partitions), committed))
         log.info("assigned %s", sorted(_keys(partitions)))
 
     def _on_revoke(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
         self._generation += 1
+        self._unplaced -= _keys(partitions)
         self._tell(Revoked(self._generation, _keys(partitions)))
         log.info("revoked %s", sorted(_keys(partitions)))
 
@@ -234,23 +264,85 @@ class KafkaConsumer:
         for message in self._consumer.consume(max_records, timeout_s):
             error = message.error()
             if error is not None:
-                if error.code() != KafkaError._PARTITION_EOF:
+                if error.code() == KafkaError._AUTO_OFFSET_RESET:
+                    self._lost(message)
+                elif error.code() != KafkaError._PARTITION_EOF:
                     log.warning("kafka consume error: %s", error)
                 continue
             records.append(record_of(message, tracing_on=tracing_on))
         # Rebalance callbacks run inside consume, and librdkafka drops what the call fetched for
         # partitions revoked meanwhile: every record returned belongs to the current assignment.
-        return Fetched(records, self._generation)
+        placed = [
+            tp
+            for tp in self._consumer.assignment()
+            if (tp.topic, tp.partition) not in self._unplaced
+        ]
+        positions = {
+            (tp.topic, tp.partition): tp.offset
+            for tp in (self._consumer.position(placed) if placed else [])
+            if tp.offset >= 0
+        }
+        return Fetched(records, self._generation, positions)
 
     async def consume(self, max_records: int, timeout_s: float) -> Fetched:
         return await self._call(self._consume, max_records, timeout_s)
 
+    def _lost(self, message: Message) -> None:
+        """The partition's fetch position left the log: pause it, and tell the loop."""
+        assert self._consumer is not None
+        topic, partition, offset = message.topic(), message.partition(), message.offset()
+        assert topic is not None
+        assert partition is not None
+        key = (topic, partition)
+        if key in self._unplaced:
+            return  # said already
+        self._unplaced.add(key)
+        self._consumer.pause([TopicPartition(topic, partition)])
+        log.warning("%s/%s: offset %s is no longer in the log", topic, partition, offset)
+        self._tell(OffsetLost(self._generation, key, offset if offset is not None else -1))
+
     def _set_paused(self, paused: bool) -> None:
         assert self._consumer is not None
         self._paused = paused
-        partitions = self._consumer.assignment()
+        partitions = [
+            tp
+            for tp in self._consumer.assignment()
+            if paused or (tp.topic, tp.partition) not in self._unplaced
+        ]
         if partitions:
             (self._consumer.pause if paused else self._consumer.resume)(partitions)
+
+    def _place(self, starts: Offsets, generation: int) -> bool:
+        assert self._consumer is not None
+        if generation != self._generation:
+            return False  # chosen before a rebalance that ran since: the loop chooses again
+        for (topic, partition), offset in starts.items():
+            self._consumer.seek(TopicPartition(topic, partition, offset))
+        self._unplaced -= starts.keys()
+        if not self._paused and starts:
+            self._consumer.resume([TopicPartition(t, p) for t, p in starts])
+        return True
+
+    async def place(self, starts: Offsets, generation: int) -> bool:
+        """Read these partitions from these offsets from now on (an assignment's start, or a
+        rewind); False, and nothing done, if a rebalance has run since `generation`."""
+        return await self._call(self._place, starts, generation)
+
+    def _bounds(self, keys: Iterable[Key]) -> dict[Key, tuple[int, int]]:
+        assert self._consumer is not None
+        bounds = {}
+        for topic, partition in keys:
+            found = self._consumer.get_watermark_offsets(
+                TopicPartition(topic, partition), timeout=_COMMITTED_READ_S, cached=False
+            )
+            if found is None:  # no answer in time
+                raise KafkaException(KafkaError(KafkaError._TIMED_OUT))
+            bounds[(topic, partition)] = found
+        return bounds
+
+    async def bounds(self, keys: Iterable[Key]) -> dict[Key, tuple[int, int]]:
+        """The log start and end offsets of these partitions. Raises KafkaException."""
+        return await self._call(self._bounds, list(keys))
 
     async def pause(self) -> None:
         """Stop fetching but keep group membership alive (consume() must still be called)."""

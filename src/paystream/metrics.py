@@ -25,6 +25,17 @@ DATABASE_SECONDS = Histogram(
 )
 GATEWAY_CALLS = Counter("paystream_gateway_calls_total", "Gateway calls by outcome", ["outcome"])
 GATEWAY_SECONDS = Histogram("paystream_gateway_seconds", "Gateway call latency")
+RECORDS_EXPIRED = Counter(
+    "paystream_records_expired_total",
+    "Records that left Kafka unread (retention, deleted records), each run kept as a gap",
+    ["topic"],
+)
+REWINDS = Counter(
+    "paystream_position_rewinds_total",
+    "Partitions read again from an earlier position: the database behind what was made durable "
+    "(database_behind), or a position past the log's end (beyond_end)",
+    ["topic", "cause"],
+)
 DB_FAILURES = Counter("paystream_database_failures_total", "Batch transactions that failed")
 OUTBOX_DEPTH = Gauge("paystream_outbox_depth", "Kept records not yet reported to the log service")
 OUTBOX_OLDEST_AGE = Gauge(

@@ -30,6 +30,9 @@ class Reason(StrEnum):
     GATEWAY_UNAVAILABLE = "gateway_unavailable"
     UNKNOWN_ACCOUNT = "unknown_account"
     DATABASE_REJECTED = "database_rejected"
+    EXPIRED = "expired"
+    """Records that left Kafka unread (retention, deleted records): one kept row per run of them,
+    with no raw bytes; nothing can be replayed."""
 
     @property
     def error_type(self) -> ErrorType:
@@ -51,6 +54,7 @@ _ERROR_TYPES = {
     Reason.GATEWAY_UNAVAILABLE: ErrorType.NETWORK,
     Reason.UNKNOWN_ACCOUNT: ErrorType.DATABASE,
     Reason.DATABASE_REJECTED: ErrorType.DATABASE,
+    Reason.EXPIRED: ErrorType.OTHER,
 }
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 from uuid import UUID, uuid4
@@ -112,22 +112,31 @@ class Pipeline:
         self._first_sight = FirstSight(cipher)
 
     async def process(
-        self, records: Sequence[Record], *, writer: UUID | None = None
+        self,
+        records: Sequence[Record],
+        *,
+        writer: UUID | None = None,
+        spans: Mapping[store.Partition, store.Span] | None = None,
     ) -> BatchResult:
         """Make every record's outcome durable. Raises DatabaseUnavailable (retry the batch).
 
         `writer` names who decides these records: the consumer passes one per assignment of its
-        partitions; without it, this pipeline's own is used.
+        partitions; without it, this pipeline's own is used. `spans`: the offsets the records
+        cover in each partition, recorded done with their outcomes (store.record_done).
         """
-        return await self._run(records, writer or self._writer, self._first_sight)
+        return await self._run(records, writer or self._writer, self._first_sight, spans or {})
 
     async def replay(self, records: Sequence[Record]) -> BatchResult:
         """Re-drive kept records: their kept rows are updated, or resolved when the payment is
         stored now. Raises DatabaseUnavailable."""
-        return await self._run(records, self._writer, Replay())
+        return await self._run(records, self._writer, Replay(), {})
 
     async def _run(
-        self, records: Sequence[Record], writer: UUID, outcomes: Outcomes
+        self,
+        records: Sequence[Record],
+        writer: UUID,
+        outcomes: Outcomes,
+        spans: Mapping[store.Partition, store.Span],
     ) -> BatchResult:
         try:
             with tracing.span("paystream.decode"):
@@ -135,7 +144,7 @@ class Pipeline:
             triaged = await self._triage(decoded, outcomes)
             started = time.perf_counter()
             with tracing.span("paystream.transaction"):
-                result = await self._write(triaged, writer, outcomes)
+                result = await self._write(triaged, writer, outcomes, spans)
             _WRITE_SECONDS.observe(time.perf_counter() - started)
         except store.DATABASE_AWAY as exc:
             raise DatabaseUnavailable(f"database unavailable: {type(exc).__name__}") from exc
@@ -197,20 +206,31 @@ class Pipeline:
         )
         return dict(zip(distinct, answers, strict=True))
 
-    async def _write(self, triaged: rules.Triaged, writer: UUID, outcomes: Outcomes) -> BatchResult:
-        """One transaction; on a data error, split the batch until the bad record is isolated."""
+    async def _write(
+        self,
+        triaged: rules.Triaged,
+        writer: UUID,
+        outcomes: Outcomes,
+        spans: Mapping[store.Partition, store.Span],
+    ) -> BatchResult:
+        """One transaction, which records `spans` done too. On a data error, split the batch
+        until the bad record is isolated; the spans are recorded once every part is durable."""
         try:
-            return await self._transaction(triaged, writer, outcomes)
+            return await self._transaction(triaged, writer, outcomes, spans)
         except _DATA_ERRORS as exc:
             items = triaged.items()
             if len(items) == 1:
-                return await self._keep_rejected(items[0], exc, writer, outcomes)
-            log.warning("batch hit %s; isolating the record", type(exc).__name__)
-            middle = len(items) // 2
-            result = BatchResult()
-            for part in (items[:middle], items[middle:]):
-                result.add(await self._write(rules.Triaged.of(part), writer, outcomes))
-            return result
+                result = await self._keep_rejected(items[0], exc, writer, outcomes)
+            else:
+                log.warning("batch hit %s; isolating the record", type(exc).__name__)
+                middle = len(items) // 2
+                result = BatchResult()
+                for part in (items[:middle], items[middle:]):
+                    result.add(await self._write(rules.Triaged.of(part), writer, outcomes, {}))
+        if spans:
+            async with self._pool.connection() as conn, conn.transaction():
+                await store.record_done(conn, spans)
+        return result
 
     async def _keep_rejected(
         self, item: rules.Candidate | Kept, exc: psycopg.Error, writer: UUID, outcomes: Outcomes
@@ -220,7 +240,7 @@ class Pipeline:
         its raw bytes and a fixed description, which no value can make fail."""
         kept = rules.rejected(item, type(exc).__name__, exc.sqlstate or "unknown")
         try:
-            return await self._transaction(rules.Triaged(kept=[kept]), writer, outcomes)
+            return await self._transaction(rules.Triaged(kept=[kept]), writer, outcomes, {})
         except _DATA_ERRORS as again:
             log.error(
                 "the database refused keeping %s too (%s, SQLSTATE %s); keeping it bare",
@@ -229,10 +249,14 @@ class Pipeline:
                 again.sqlstate,
             )
             bare = rules.bare(kept)
-            return await self._transaction(rules.Triaged(kept=[bare]), writer, outcomes)
+            return await self._transaction(rules.Triaged(kept=[bare]), writer, outcomes, {})
 
     async def _transaction(
-        self, triaged: rules.Triaged, writer: UUID, outcomes: Outcomes
+        self,
+        triaged: rules.Triaged,
+        writer: UUID,
+        outcomes: Outcomes,
+        spans: Mapping[store.Partition, store.Span],
     ) -> BatchResult:
         """`_write_in` in one transaction that holds the batch's partitions for `writer`, after
         taking over those another writer had (a rebalance; replay and the consumer in turn)."""
@@ -242,13 +266,17 @@ class Pipeline:
                 async with conn.transaction():
                     others = await store.hold_partitions(conn, writer, partitions)
                     if not others:
-                        return await self._write_in(conn, triaged, outcomes)
+                        return await self._write_in(conn, triaged, outcomes, spans)
                 log.info("taking over the writing of %s", sorted(others))
                 async with conn.transaction():
                     await store.take_partitions(conn, writer, others)
 
     async def _write_in(
-        self, conn: store.Conn, triaged: rules.Triaged, outcomes: Outcomes
+        self,
+        conn: store.Conn,
+        triaged: rules.Triaged,
+        outcomes: Outcomes,
+        spans: Mapping[store.Partition, store.Span],
     ) -> BatchResult:
         # Authoritative re-check, the partitions held: another owner may have finished these. A
         # candidate that stored its payment before shows up below as a conflict from itself.
@@ -279,6 +307,7 @@ class Pipeline:
             else:
                 kept.append(settled)
         await outcomes.write(conn, [c.record.id for c in stored], kept)
+        await store.record_done(conn, spans)
         # Last, so that the account locks (the only ones batches contend for) are held briefly.
         await store.stamp_accounts(conn, inserted)
         return _counted(stored, kept, redelivered)

@@ -42,7 +42,12 @@ async def replay(
         if not rows:
             return total
         after = rows[-1].id
-        records = [r.record(pipeline.cipher) for r in rows if r.topic in topics]
+        # A gap (`expired`) has no record to replay: it stays kept, as it is.
+        records = [
+            r.record(pipeline.cipher)
+            for r in rows
+            if r.topic in topics and r.reason != Reason.EXPIRED
+        ]
         if records:
             total.add(await pipeline.replay(records))
         on_progress(len(rows))

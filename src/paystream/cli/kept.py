@@ -134,7 +134,8 @@ def _kept_table(listed: list[dict[str, object]], shown: int, total: int) -> Tabl
             i["error_type"],
             i["reason"],
             "—" if amount is None else f"{amount:,}",
-            f"{i['topic']}/{i['partition']}@{i['offset']}",
+            f"{i['topic']}/{i['partition']}@{i['offset']}"
+            + ("" if i["last_offset"] is None else f"..{i['last_offset']}"),
             reported,
             i["error_description"],
         )

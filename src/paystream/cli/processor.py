@@ -6,7 +6,7 @@ import asyncio
 import gc
 import signal
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -144,3 +144,43 @@ def simulator(
         ssl_certfile=tls_cert,
         ssl_keyfile=tls_key,
     )
+
+
+@app.command()
+def rebuild(
+    yes: Annotated[
+        bool, typer.Option("--yes", help="do it (without: say what it would do)")
+    ] = False,
+) -> None:
+    """Fill the database again from everything Kafka retains: every partition's recorded
+    position goes back to its log start. For a new or damaged database (or one restored from a
+    backup older than the retention). Running processors notice within seconds and read it all
+    again; stopped ones do when started. Nothing is stored twice; reports may go out again.
+
+    Example: paystream rebuild --yes
+    """
+    from paystream import store
+    from paystream.cli.common import console, out, with_pool
+    from paystream.lag import GroupLag
+
+    settings = read_settings()
+    topics = [settings.online_topic, settings.offline_topic]
+    try:
+        with GroupLag(settings.kafka_client(), settings.group_id, topics) as reader:
+            bounds = reader.watermarks()
+    except PaystreamError as exc:
+        raise fail(exc) from exc
+    starts = {key: low for key, (low, _) in bounds.items()}
+    records = sum(high - low for low, high in bounds.values())
+    if not yes:
+        console.print(
+            f"would read {records:,} records of {len(starts)} partitions again: pass --yes"
+        )
+        return
+
+    async def work(pool: Any) -> None:
+        async with pool.connection() as conn, conn.transaction():
+            await store.move_positions(conn, starts, overwrite=True)
+
+    with_pool(settings, work)
+    out.print(f"{len(starts)} partitions will be read again from their start ({records:,} records)")

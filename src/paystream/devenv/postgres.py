@@ -187,6 +187,43 @@ class EmbeddedPostgres:
             self._process.kill()
             self._process = None
 
+    def base_backup(self, target: Path) -> None:
+        """A base backup of the running server into `target` (pg_basebackup, WAL streamed along),
+        as an operator's nightly backup is taken."""
+        uid, gid = self._ids()
+        if uid is not None and gid is not None:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.chown(target.parent, uid, gid)
+        result = subprocess.run(
+            [
+                str(self._bin / "pg_basebackup"),
+                *("-D", str(target), "-X", "stream", "--no-sync", "--checkpoint=fast"),
+                *("-h", self.host, "-p", str(self.port), "-U", SUPERUSER),
+            ],
+            capture_output=True,
+            text=True,
+            user=uid,
+            group=gid,
+            check=False,
+        )
+        if result.returncode != 0:
+            raise DevenvError(f"pg_basebackup failed:\n{result.stdout}{result.stderr}")
+
+    def restore(self, backup: Path) -> None:
+        """Replace the (stopped) server's data with a base backup: what it held then, nothing
+        since. Start it again with `start`."""
+        assert self._process is None, "stop or kill the server first"
+        pgdata = self.data_dir / "pgdata"
+        shutil.rmtree(pgdata)
+        shutil.copytree(backup, pgdata, symlinks=True)
+        uid, gid = self._ids()
+        if uid is not None and gid is not None:
+            for folder, _, files in os.walk(pgdata):
+                os.chown(folder, uid, gid)
+                for name in files:
+                    os.chown(Path(folder) / name, uid, gid)
+        pgdata.chmod(0o700)
+
     def stop(self) -> None:
         if self._process is not None:
             self._process.stop()

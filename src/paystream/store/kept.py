@@ -24,6 +24,8 @@ class KeptRow:
     topic: str
     partition: int
     offset: int
+    last_offset: int | None
+    """For a gap (reason `expired`): its last missing offset; None for a record."""
     kafka_ts: int
     raw: bytes | None
     raw_key: str | None
@@ -65,6 +67,7 @@ class KeptRow:
             "topic": self.topic,
             "partition": self.partition,
             "offset": self.offset,
+            "last_offset": self.last_offset,
             "error_description": self.description,
             "amount": None if self.amount is None else int(self.amount),
             "kept_at": self.kept_at.isoformat(),

@@ -2,7 +2,7 @@
 -- dashboard). Never the card number: listings read kept rows' raw bytes only to replay them.
 
 -- list_kept --
-SELECT id, topic, "partition", "offset", kafka_ts, raw, raw_key, payment_id,
+SELECT id, topic, "partition", "offset", last_offset, kafka_ts, raw, raw_key, payment_id,
     error_type, reason, description, amount, kept_at, reported_at, report_attempts,
     last_report_error, undeliverable_at, resolved_at, replays
 FROM paystream.kept_matching(%(etype)s::text, %(reason)s::text, %(topic)s::text,
@@ -19,7 +19,7 @@ FROM paystream.kept_matching(%(etype)s::text, %(reason)s::text, %(topic)s::text,
     %(pid)s::text);
 
 -- latest_kept --
-SELECT id, topic, "partition", "offset", kafka_ts, raw, raw_key, payment_id,
+SELECT id, topic, "partition", "offset", last_offset, kafka_ts, raw, raw_key, payment_id,
     error_type, reason, description, amount, kept_at, reported_at, report_attempts,
     last_report_error, undeliverable_at, resolved_at, replays
 FROM paystream.kept_records

@@ -25,7 +25,7 @@ empty), as against a statement it refused: retry later, commit nothing."""
 Conn = AsyncConnection[TupleRow]
 Row = TypeVar("Row")
 
-_FILES = ("batch.sql", "kept.sql", "reports.sql", "session.sql", "tools.sql")
+_FILES = ("batch.sql", "kept.sql", "positions.sql", "reports.sql", "session.sql", "tools.sql")
 _HEADER = re.compile(r"^-- ([a-z_]+) --$", re.MULTILINE)
 
 

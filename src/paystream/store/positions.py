@@ -1,0 +1,85 @@
+"""Where each partition's records are done (positions.sql): the database owns the stream
+position. Every function takes a connection; the caller holds the transaction."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+from paystream.store.batch import Partition as Key
+from paystream.store.queries import Conn, json, query
+
+Span = tuple[int, int]
+"""[first offset, end offset): a batch's records of one partition, and the offsets between them
+that hold no record (transaction markers, compacted records)."""
+
+
+def _positions(positions: Mapping[Key, int]) -> str:
+    return json([{"t": t, "p": p, "o": o} for (t, p), o in sorted(positions.items())])
+
+
+async def record_done(conn: Conn, spans: Mapping[Key, Span]) -> None:
+    """These spans have their outcomes durable (in the same transaction as those outcomes)."""
+    if spans:
+        rows = [{"t": t, "p": p, "f": f, "e": e} for (t, p), (f, e) in sorted(spans.items())]
+        await conn.execute(query("record_done"), {"spans": json(rows)})
+
+
+async def fold_positions(conn: Conn, keys: Iterable[Key]) -> dict[Key, int]:
+    """The recorded position of each of these partitions that has one: its stored position,
+    carried over every done span that joins on, and stored so. Partitions with none are absent.
+    Locks their positions until the transaction ends."""
+    wanted = sorted(set(keys))
+    if not wanted:
+        return {}
+    cursor = await conn.execute(
+        query("lock_positions"), {"keys": json([{"t": t, "p": p} for t, p in wanted])}
+    )
+    stored: dict[Key, int] = {(t, p): o for t, p, o in await cursor.fetchall()}
+    if not stored:
+        return {}
+    cursor = await conn.execute(query("ranges_beyond"), {"positions": _positions(stored)})
+    folded = dict(stored)
+    for topic, partition, first, end in await cursor.fetchall():
+        key = (topic, partition)
+        if first <= folded[key] < end:  # spans come in order: the first one that leaves a hole
+            folded[key] = end  # stops the carrying, since the rest start later still
+    moved = {key: offset for key, offset in folded.items() if offset > stored[key]}
+    await move_positions(conn, moved)
+    return folded
+
+
+async def move_positions(
+    conn: Conn, positions: Mapping[Key, int], *, overwrite: bool = False
+) -> None:
+    """Set these positions, dropping the spans they cover: forward only, unless `overwrite`
+    (a partition to be read again from an earlier offset, all its spans dropped)."""
+    if positions:
+        await conn.execute(
+            query("move_positions"),
+            {"positions": _positions(positions), "overwrite": overwrite},
+        )
+
+
+async def start_positions(conn: Conn, positions: Mapping[Key, int]) -> None:
+    """Give a position to each of these partitions that has none yet."""
+    if positions:
+        await conn.execute(query("start_positions"), {"positions": _positions(positions)})
+
+
+async def keep_gap(conn: Conn, key: Key, first: int, last: int) -> None:
+    """Records `first`…`last` of a partition left Kafka unread: keep the gap (reported once)."""
+    count = last - first + 1
+    description = (
+        f"{count} record{'s' if count != 1 else ''} of {key[0]}/{key[1]} (offsets {first}"
+        f" to {last}) left Kafka unread (retention or deleted records) before they were processed"
+    )
+    await conn.execute(
+        query("keep_gap"),
+        {
+            "topic": key[0],
+            "partition": key[1],
+            "first": first,
+            "last": last,
+            "description": description,
+        },
+    )

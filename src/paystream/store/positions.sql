@@ -1,0 +1,59 @@
+-- Where each partition's records are done (paystream.consumer, paystream.position). Lists travel
+-- as one JSON document, as in batch.sql.
+
+-- record_done --
+-- A batch's spans of offsets, one per partition, made durable with its outcomes.
+INSERT INTO paystream.done_ranges (topic, "partition", first_offset, end_offset)
+SELECT t, p, f, e FROM json_to_recordset(%(spans)s::json) AS r(t text, p int, f bigint, e bigint)
+ON CONFLICT DO NOTHING;
+
+-- lock_positions --
+-- The positions of these partitions, locked in key order until the transaction ends (two folds
+-- of a partition take turns; no deadlock).
+SELECT w.topic, w."partition", w.next_offset
+FROM paystream.positions AS w
+JOIN json_to_recordset(%(keys)s::json) AS r(t text, p int) ON (w.topic, w."partition") = (r.t, r.p)
+ORDER BY 1, 2
+FOR UPDATE OF w;
+
+-- ranges_beyond --
+-- The spans of these partitions that reach past their positions, in order.
+SELECT d.topic, d."partition", d.first_offset, d.end_offset
+FROM paystream.done_ranges AS d
+JOIN json_to_recordset(%(positions)s::json) AS r(t text, p int, o bigint)
+    ON (d.topic, d."partition") = (r.t, r.p) AND d.end_offset > r.o
+ORDER BY 1, 2, 3, 4;
+
+-- move_positions --
+-- Set positions (inserting those missing) and drop the spans they cover. `overwrite`: move them
+-- back as well (a partition read again from its start); otherwise they only move forward.
+WITH moved AS (
+    INSERT INTO paystream.positions AS w (topic, "partition", next_offset)
+    SELECT t, p, o FROM json_to_recordset(%(positions)s::json) AS r(t text, p int, o bigint)
+    ORDER BY 1, 2
+    ON CONFLICT (topic, "partition") DO UPDATE SET
+        next_offset = CASE WHEN %(overwrite)s THEN EXCLUDED.next_offset
+                           ELSE greatest(w.next_offset, EXCLUDED.next_offset) END,
+        updated_at = now()
+    RETURNING topic, "partition", next_offset
+)
+DELETE FROM paystream.done_ranges AS d
+USING moved
+WHERE (d.topic, d."partition") = (moved.topic, moved."partition")
+    AND (%(overwrite)s OR d.end_offset <= moved.next_offset);
+
+-- start_positions --
+-- A position for each partition that has none yet (another instance may have made one).
+INSERT INTO paystream.positions (topic, "partition", next_offset)
+SELECT t, p, o FROM json_to_recordset(%(positions)s::json) AS r(t text, p int, o bigint)
+ORDER BY 1, 2
+ON CONFLICT (topic, "partition") DO NOTHING;
+
+-- keep_gap --
+-- Records that left Kafka unread, kept as one row per run of them; reported like any kept record.
+INSERT INTO paystream.kept_records
+    (topic, "partition", "offset", last_offset, kafka_ts, raw, payment_id, error_type, reason,
+     description)
+VALUES (%(topic)s, %(partition)s, %(first)s, %(last)s, -1, NULL, NULL, 'other', 'expired',
+        %(description)s)
+ON CONFLICT (topic, "partition", "offset", kafka_ts) DO NOTHING;

@@ -1,0 +1,74 @@
+"""Where a partition is read from and what an instance knows it made durable (paystream.position):
+pure, no broker, no database."""
+
+from __future__ import annotations
+
+import pytest
+
+from paystream.position import Progress, Source, Start, resolve
+
+
+def _ends(*offsets: tuple[int, int]) -> dict[tuple[str, int], int]:
+    return {("t", p): o for p, o in offsets}
+
+
+def test_offsets_advance_only_over_finished_batches() -> None:
+    """A batch finishing before an older one moves nothing until the older one finishes."""
+    progress = Progress()
+    first, second = progress.begin({}), progress.begin({})
+    progress.finish(second, _ends((0, 11), (1, 6)), {("t", 0): 0, ("t", 1): 0})
+    assert {} == progress.durable
+    progress.finish(first, _ends((0, 4), (2, 8)), {("t", 0): 0, ("t", 2): 0})
+    assert {("t", 0): 11, ("t", 1): 6, ("t", 2): 8} == progress.durable
+
+
+def test_a_batch_fetched_before_a_restart_no_longer_moves_the_partition() -> None:
+    """After reading a partition restarts (a rewind), a batch fetched before it is durable but
+    says nothing of where this instance reads now; until it ends the partition is unsettled."""
+    progress = Progress()
+    key = ("t", 0)
+    old = progress.begin(progress.epochs([key]))
+    progress.restart(key, 100)
+    assert not progress.settled(key)
+    new = progress.begin(progress.epochs([key]))
+    progress.finish(old, _ends((0, 501)), {key: 0})
+    assert progress.settled(key)
+    assert 100 == progress.durable[key]
+    progress.finish(new, _ends((0, 151)), progress.epochs([key]))
+    assert 151 == progress.durable[key]
+
+
+@pytest.mark.parametrize(
+    ("recorded", "committed", "low", "high", "start"),
+    [
+        (40, 40, 0, 100, Start(offset=40, source=Source.RECORDED)),
+        (None, 40, 0, 100, Start(offset=40, source=Source.COMMITTED)),
+        (None, None, 7, 100, Start(offset=7, source=Source.EARLIEST)),
+        (30, 40, 0, 100, Start(offset=30, source=Source.RECORDED, behind_by=10)),
+        (50, 40, 0, 100, Start(offset=50, source=Source.RECORDED)),
+        (10, 40, 25, 100, Start(offset=25, source=Source.RECORDED, expired=(10, 24), behind_by=30)),
+        (None, 10, 25, 100, Start(offset=25, source=Source.COMMITTED, expired=(10, 24))),
+        (100, 100, 0, 100, Start(offset=100, source=Source.RECORDED)),
+        (150, 150, 0, 20, Start(offset=0, source=Source.RECORDED, beyond_end=True)),
+        (None, 150, 3, 20, Start(offset=3, source=Source.COMMITTED, beyond_end=True)),
+    ],
+    ids=[
+        "recorded",
+        "upgrade-from-committed",
+        "new-group-from-earliest",
+        "database-behind-the-group",
+        "database-ahead-of-the-group",
+        "expired-and-behind",
+        "expired-while-stopped",
+        "at-the-end",
+        "topic-created-again",
+        "committed-past-the-end",
+    ],
+)
+def test_a_start_is_chosen_from_the_database_first(
+    recorded: int | None, committed: int | None, low: int, high: int, start: Start
+) -> None:
+    """The database's position first, the group's offset only when it has none, the log start
+    when neither; records wanted but gone from the log are a gap; a position past the end
+    reads the log from its start."""
+    assert start == resolve(recorded, committed, low, high)
