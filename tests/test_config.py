@@ -169,3 +169,21 @@ def test_the_commands_say_what_is_wrong_with_the_settings_in_one_sentence(
         assert 2 == result.returncode, result.stderr
         assert sentence in result.stderr
         assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("postgresql://tech:test@db:5432/payments", "postgresql://tech@db:5432/payments"),
+        (
+            "postgresql://tech:test@db1:5432,db2:5433/payments?target_session_attrs=read-write",
+            "postgresql://tech@db1:5432,db2:5433/payments",
+        ),
+        ("postgresql:///payments", "postgresql://@localhost/payments"),
+    ],
+)
+def test_a_database_url_is_shown_without_its_password(url: str, shown: str) -> None:
+    """Messages name the database's hosts (several, for a failover) but never the password."""
+    from paystream.app import redacted
+
+    assert shown == redacted(url)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from paystream.position import Progress, Source, Start, resolve
+from paystream.position import Commits, Progress, Source, Start, resolve
 
 
 def _ends(*offsets: tuple[int, int]) -> dict[tuple[str, int], int]:
@@ -72,3 +72,60 @@ def test_a_start_is_chosen_from_the_database_first(
     when neither; records wanted but gone from the log are a gap; a position past the end
     reads the log from its start."""
     assert start == resolve(recorded, committed, low, high)
+
+
+class Clock:
+    """A clock the test moves."""
+
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+K0, K1 = ("t", 0), ("t", 1)
+
+
+def test_only_owned_partitions_beyond_the_group_are_committed() -> None:
+    """A commit covers partitions owned now, and only offsets past the group's committed offset
+    and past a commit on its way: it never moves the group back."""
+    commits = Commits(clock=Clock())
+    commits.assigned([K0, K1], {K0: 50})
+    assert {K1: 10} == commits.due({K0: 40, K1: 10, ("t", 2): 99})
+    commits.sending({K0: 60})
+    assert {} == commits.due({K0: 60})
+    commits.answered({K0: 60}, {})
+    assert 60 == commits.committed(K0)
+    assert {K0: 61} == commits.due({K0: 61})
+
+
+def test_a_rebalance_between_a_batch_start_and_end_commits_nothing_of_the_old_share() -> None:
+    """A partition revoked while its batch ran: the batch ends durable, but its offset is not
+    committed (its new owner commits from its own start); an answer to a commit of it later
+    changes nothing."""
+    commits = Commits(clock=Clock())
+    commits.assigned([K0, K1], {})
+    commits.sending({K0: 5})
+    commits.revoked([K0])
+    assert {K1: 3} == commits.due({K0: 10, K1: 3})
+    commits.answered({}, {K0: 5})
+
+
+def test_a_commit_that_failed_or_was_not_sent_waits_its_pause_except_the_last() -> None:
+    """After a failed answer or a commit that could not be sent, nothing is sent for `retry_s`
+    on the clock; the last commit, on the way out, is sent regardless."""
+    clock = Clock()
+    commits = Commits(retry_s=1.0, clock=clock)
+    commits.assigned([K0], {})
+    commits.sending({K0: 5})
+    commits.answered({}, {K0: 5})
+    assert {} == commits.due({K0: 5})
+    assert {K0: 5} == commits.due({K0: 5}, last=True)
+    clock.now += 1.0
+    assert {K0: 5} == commits.due({K0: 5})
+    commits.sending({K0: 5})
+    commits.not_sent({K0: 5})
+    assert {} == commits.due({K0: 6})
+    clock.now += 1.0
+    assert {K0: 6} == commits.due({K0: 6})

@@ -23,7 +23,7 @@ from paystream.dashboard import DashboardState
 from paystream.errors import ConfigurationError, ReportFailed
 from paystream.gateway import CircuitBreaker, Gateway
 from paystream.kafka import KafkaConsumer
-from paystream.metrics import BROKER_UP
+from paystream.metrics import BROKER_UP, RECORDS_EXPIRED, REWINDS
 from paystream.migrations import migrate
 from paystream.model import PaymentType
 from paystream.outbox import REPORTS_IN_FLIGHT, LogClient, OutboxRelay
@@ -39,8 +39,8 @@ log = logging.getLogger(__name__)
 def redacted(url: str) -> str:
     """A database URL without its password, for messages."""
     parts = urlsplit(url)
-    host = parts.hostname or "localhost"
-    return f"{parts.scheme}://{parts.username or ''}@{host}:{parts.port or 5432}{parts.path}"
+    hosts = parts.netloc.rpartition("@")[2] or "localhost"  # several for a failover: h1,h2:5433
+    return f"{parts.scheme}://{parts.username or ''}@{hosts}{parts.path}"
 
 
 # libpq's side of every connection. A partition drops packets without a reset, and a query sent
@@ -225,6 +225,11 @@ async def run_processor(
         )
         await kafka.start()
         BROKER_UP.set_function(lambda: 1.0 if membership.broker_up else 0.0)
+        # Counted from 0, so that an alert on their increase fires on the first one.
+        for topic in (settings.online_topic, settings.offline_topic):
+            RECORDS_EXPIRED.labels(topic=topic)
+            for cause in ("database_behind", "beyond_end"):
+                REWINDS.labels(topic=topic, cause=cause)
         runner = None
         try:
             dashboard = dashboard_state(settings, kafka_client, pool, pipeline, gateway, membership)

@@ -78,21 +78,18 @@ restore) is read again from its position within this long."""
 
 class Membership:
     """This instance's share of the consumer group as the event loop knows it, built only from
-    the snapshots the Kafka thread hands over (kafka.KafkaEvent), and the commit policy read
-    from it: commit only partitions owned now, never at or below the group's committed offset
-    or a commit on its way (another owner may have got further meanwhile)."""
+    the snapshots the Kafka thread hands over (kafka.KafkaEvent): the partitions owned, those not
+    yet placed, and what to commit (position.Commits)."""
 
-    def __init__(self) -> None:
+    def __init__(self, commits: position.Commits | None = None) -> None:
         self.assignment: set[Key] = set()
         self.generation = 0
         # Who writes the outcomes of what is fetched: a new writer with every assignment, since
-        # after one a partition may be read again from its committed offset while batches of
-        # the previous assignment are still being written (store.hold_partitions).
+        # after one a partition may be read again from its start while batches of the previous
+        # assignment are still being written (store.hold_partitions).
         self.writer: UUID = uuid4()
         self.broker_up = True
-        self.retry_at = 0.0
-        self._committed: Offsets = {}  # the group's, read on assignment, raised by each commit
-        self._committing: Offsets = {}  # sent, not yet answered
+        self.commits = commits or position.Commits(retry_s=_COMMIT_RETRY_S)
         # Partitions assigned (or whose position left the log) not yet placed: paused in Kafka
         # until the loop chooses where they start; `lost` holds where the latter stood.
         self.unplaced: set[Key] = set()
@@ -104,34 +101,22 @@ class Membership:
             case Assigned(generation=generation, partitions=partitions, committed=committed):
                 self.generation = generation
                 self.assignment |= partitions
+                self.commits.assigned(partitions, committed)
                 self.unplaced |= partitions
                 for key in partitions:
                     self.lost.pop(key, None)
                 self.placing.set()
                 self.writer = uuid4()
-                if committed is not None:
-                    for key in partitions:
-                        if key in committed:
-                            self._committed[key] = committed[key]
-                        else:
-                            self._committed.pop(key, None)
             case Revoked(generation=generation, partitions=partitions):
                 self.generation = generation
                 self.assignment -= partitions
+                self.commits.revoked(partitions)
                 self.unplaced -= partitions
                 for key in partitions:
-                    self._committing.pop(key, None)
                     self.lost.pop(key, None)
             case CommitAnswered(done=done, failed=failed, reason=reason):
-                for key, offset in {**done, **failed}.items():
-                    if self._committing.get(key, -1) <= offset:
-                        self._committing.pop(key, None)
-                for key, offset in done.items():
-                    self._committed[key] = max(self._committed.get(key, -1), offset)
+                self.commits.answered(done, failed)
                 if failed:
-                    # Sent again (after a pause) while the partitions are ours; a new owner
-                    # re-reads from the group's offset instead, and writes are idempotent.
-                    self.retry_at = time.monotonic() + _COMMIT_RETRY_S
                     log.warning(
                         "offset commit failed (%s) for %s; sent again", reason, sorted(failed)
                     )
@@ -143,36 +128,17 @@ class Membership:
                     self.lost[key] = offset
                     self.placing.set()
 
-    def committed(self, key: Key) -> int | None:
-        """The group's committed offset of an owned partition, as read on assignment."""
-        return self._committed.get(key)
-
-    def uncommitted(self, offsets: Offsets) -> Offsets:
-        """Those of `offsets` for partitions owned now and beyond both the group's committed
-        offset and any commit on its way."""
-        return {
-            key: offset
-            for key, offset in offsets.items()
-            if key in self.assignment
-            and offset > max(self._committed.get(key, -1), self._committing.get(key, -1))
-        }
-
-    async def commit(self, kafka: KafkaConsumer, offsets: Offsets) -> Offsets:
-        """Commit what `uncommitted` leaves of `offsets`; return the owned offsets now covered
-        by a commit, sent or done, or nothing if it could not be sent (try again later)."""
-        owned = {key: offset for key, offset in offsets.items() if key in self.assignment}
-        ahead = self.uncommitted(offsets)
-        if not ahead:
-            return owned
-        if time.monotonic() < self.retry_at:
-            return {}
-        self._committing.update(ahead)  # before the call: its answer may come first
-        if await kafka.commit(ahead, self.generation):
-            return owned
-        for key, offset in ahead.items():
-            if self._committing.get(key) == offset:
-                del self._committing[key]
-        return {}
+    async def commit(self, kafka: KafkaConsumer, durable: Offsets, *, last: bool = False) -> bool:
+        """Send what is due of `durable` (position.Commits); False if something was due and
+        could not be sent (it will be, after the pause)."""
+        due = self.commits.due(durable, last=last)
+        if not due:
+            return True
+        self.commits.sending(due)  # before the call: its answer may come first
+        if await kafka.commit(due, self.generation):
+            return True
+        self.commits.not_sent(due)
+        return False
 
 
 @dataclass(frozen=True, slots=True)
@@ -219,7 +185,6 @@ class BatchConsumer:
         self._progress = position.Progress()
         self._fetched_to: Offsets = {}  # where each partition's next fetch starts
         self._committer: asyncio.Task[None] | None = None
-        self._commit_not_before = 0.0
 
     async def run(self, stop: asyncio.Event) -> None:
         """Until `stop`: poll, process, commit. In-flight batches finish before it returns."""
@@ -251,7 +216,7 @@ class BatchConsumer:
             await placing
         if self._committer is not None:
             await self._committer
-        await self._commit()  # a last try on the way out, whatever the back-off
+        await self._commit(last=True)  # a last try on the way out, whatever the back-off
 
     async def _fetch(self) -> Batch:
         fetched = await self._kafka.consume(self._batch_size, _CONSUME_WAIT_S)
@@ -361,7 +326,7 @@ class BatchConsumer:
             for key in sorted(keys):
                 low, high = bounds[key]
                 wanted = membership.lost.get(key, recorded.get(key))
-                start = position.resolve(wanted, membership.committed(key), low, high)
+                start = position.resolve(wanted, membership.commits.committed(key), low, high)
                 starts[key] = start
                 await self._record_start(conn, key, start, recorded.get(key), low)
         if not await self._kafka.place({k: s.offset for k, s in starts.items()}, generation):
@@ -439,18 +404,17 @@ class BatchConsumer:
 
     def _commit_soon(self) -> None:
         idle = self._committer is None or self._committer.done()
-        due = time.monotonic() >= self._commit_not_before
-        if idle and due and self._membership.uncommitted(self._progress.durable):
+        if idle and self._membership.commits.due(self._progress.durable):
             self._committer = asyncio.create_task(self._commit())
 
-    async def _commit(self) -> None:
-        """One committer at a time; it goes on while batches finish during its broker call.
-        After a failed commit (a rebalance, the broker away) the next try waits a second."""
-        while offsets := self._membership.uncommitted(self._progress.durable):
+    async def _commit(self, *, last: bool = False) -> None:
+        """One committer at a time; it goes on while batches finish during its broker call, and
+        stops when nothing is due (all sent, or a pause after a failure)."""
+        durable = self._progress.durable
+        while self._membership.commits.due(durable, last=last):
+            offsets = self._membership.commits.due(durable, last=last)
             with tracing.span(
                 "paystream.commit", attributes={"paystream.partitions": len(offsets)}
             ):
-                covered = await self._membership.commit(self._kafka, offsets)
-            if not covered:
-                self._commit_not_before = time.monotonic() + _COMMIT_RETRY_S
-                return
+                if not await self._membership.commit(self._kafka, durable, last=last):
+                    return

@@ -11,8 +11,9 @@ itself (auto.offset.reset=error): `resolve` chooses every start.
 
 from __future__ import annotations
 
+import time
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -113,3 +114,83 @@ class Progress:
                 if fetched_in.get(key) == self._epochs.get(key, 0):
                     self.durable[key] = max(self.durable.get(key, 0), offset)
             self._oldest_unfinished += 1
+
+
+class Commits:
+    """What to commit to Kafka, and when. The group's committed offsets are no longer what a
+    restart trusts (the database's positions are), but lag tooling reads them, so they follow
+    what this instance made durable (Progress.durable), under three rules:
+
+    1. only partitions owned now: a new owner re-reads from its own start;
+    2. only beyond the group's committed offset and any commit on its way: never backwards, even
+       when another owner got further meanwhile;
+    3. after a commit that failed or could not be sent (a rebalance, the broker away), the next
+       waits `retry_s` on `clock`, whatever asks for it — except the last one, on the way out.
+    """
+
+    def __init__(
+        self, *, retry_s: float = 1.0, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self._retry_s = retry_s
+        self._clock = clock
+        self._retry_at = 0.0
+        self.owned: set[Key] = set()
+        self._committed: dict[Key, int] = {}  # the group's, read on assignment, raised by commits
+        self._committing: dict[Key, int] = {}  # sent, not yet answered
+
+    def assigned(self, keys: Iterable[Key], committed: Mapping[Key, int] | None) -> None:
+        """Partitions given to this instance, with the group's committed offset of each (None:
+        it could not be read; absent: there is none)."""
+        keys = set(keys)
+        self.owned |= keys
+        if committed is not None:
+            for key in keys:
+                if key in committed:
+                    self._committed[key] = committed[key]
+                else:
+                    self._committed.pop(key, None)
+
+    def revoked(self, keys: Iterable[Key]) -> None:
+        for key in keys:
+            self.owned.discard(key)
+            self._committing.pop(key, None)
+
+    def committed(self, key: Key) -> int | None:
+        """The group's committed offset of a partition, as last known."""
+        return self._committed.get(key)
+
+    def answered(self, done: Mapping[Key, int], failed: Mapping[Key, int]) -> None:
+        """The brokers' answer to a commit sent."""
+        for key, offset in {**done, **failed}.items():
+            if self._committing.get(key, -1) <= offset:
+                self._committing.pop(key, None)
+        for key, offset in done.items():
+            self._committed[key] = max(self._committed.get(key, -1), offset)
+        if failed:  # sent again after the pause while the partitions are ours (rule 3)
+            self._retry_at = self._clock() + self._retry_s
+
+    def ahead(self, durable: Mapping[Key, int]) -> dict[Key, int]:
+        """Rules 1 and 2: what of `durable` a commit would move forward."""
+        return {
+            key: offset
+            for key, offset in durable.items()
+            if key in self.owned
+            and offset > max(self._committed.get(key, -1), self._committing.get(key, -1))
+        }
+
+    def due(self, durable: Mapping[Key, int], *, last: bool = False) -> dict[Key, int]:
+        """What to send now (rule 3 too, unless it is the `last`): nothing, or `ahead`."""
+        if not last and self._clock() < self._retry_at:
+            return {}
+        return self.ahead(durable)
+
+    def sending(self, offsets: Mapping[Key, int]) -> None:
+        """A commit of `offsets` is about to be sent (its answer may come before the call ends)."""
+        self._committing.update(offsets)
+
+    def not_sent(self, offsets: Mapping[Key, int]) -> None:
+        """The commit could not be sent (the assignment changed, the client refused)."""
+        for key, offset in offsets.items():
+            if self._committing.get(key) == offset:
+                del self._committing[key]
+        self._retry_at = self._clock() + self._retry_s

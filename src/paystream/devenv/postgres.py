@@ -187,9 +187,10 @@ class EmbeddedPostgres:
             self._process.kill()
             self._process = None
 
-    def base_backup(self, target: Path) -> None:
+    def base_backup(self, target: Path, *, standby: bool = False) -> None:
         """A base backup of the running server into `target` (pg_basebackup, WAL streamed along),
-        as an operator's nightly backup is taken."""
+        as an operator's nightly backup is taken; with `standby`, set up to start as this
+        server's streaming standby (an EmbeddedPostgres on `target`'s parent folder)."""
         uid, gid = self._ids()
         if uid is not None and gid is not None:
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -198,6 +199,7 @@ class EmbeddedPostgres:
             [
                 str(self._bin / "pg_basebackup"),
                 *("-D", str(target), "-X", "stream", "--no-sync", "--checkpoint=fast"),
+                *(["-R"] if standby else []),
                 *("-h", self.host, "-p", str(self.port), "-U", SUPERUSER),
             ],
             capture_output=True,
