@@ -112,25 +112,11 @@ class EmbeddedPostgres:
 
                 ensure_prefix_permissions(pgdata)
                 os.chown(pgdata, uid, gid)
-            result = subprocess.run(
-                [
-                    str(self._bin / "initdb"),
-                    "-D",
-                    str(pgdata),
-                    "-U",
-                    SUPERUSER,
-                    "--auth=trust",
-                    "--encoding=UTF8",
-                    "--no-sync",
-                ],
-                capture_output=True,
-                text=True,
-                user=uid,
-                group=gid,
-                check=False,
+            self._tool(
+                "initdb",
+                *("-D", str(pgdata), "-U", SUPERUSER, "--auth=trust", "--encoding=UTF8"),
+                "--no-sync",
             )
-            if result.returncode != 0:
-                raise DevenvError(f"initdb failed:\n{result.stdout}{result.stderr}")
         argv = [
             str(self._bin / "postgres"),
             "-D",
@@ -195,13 +181,18 @@ class EmbeddedPostgres:
         if uid is not None and gid is not None:
             target.parent.mkdir(parents=True, exist_ok=True)
             os.chown(target.parent, uid, gid)
+        self._tool(
+            "pg_basebackup",
+            *("-D", str(target), "-X", "stream", "--no-sync", "--checkpoint=fast"),
+            *(["-R"] if standby else []),
+            *("-h", self.host, "-p", str(self.port), "-U", SUPERUSER),
+        )
+
+    def _tool(self, name: str, *args: str) -> None:
+        """Run one of the server's programs as the server's user; DevenvError if it fails."""
+        uid, gid = self._ids()
         result = subprocess.run(
-            [
-                str(self._bin / "pg_basebackup"),
-                *("-D", str(target), "-X", "stream", "--no-sync", "--checkpoint=fast"),
-                *(["-R"] if standby else []),
-                *("-h", self.host, "-p", str(self.port), "-U", SUPERUSER),
-            ],
+            [str(self._bin / name), *args],
             capture_output=True,
             text=True,
             user=uid,
@@ -209,7 +200,7 @@ class EmbeddedPostgres:
             check=False,
         )
         if result.returncode != 0:
-            raise DevenvError(f"pg_basebackup failed:\n{result.stdout}{result.stderr}")
+            raise DevenvError(f"{name} failed:\n{result.stdout}{result.stderr}")
 
     def restore(self, backup: Path) -> None:
         """Replace the (stopped) server's data with a base backup: what it held then, nothing
