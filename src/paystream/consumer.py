@@ -184,11 +184,12 @@ class BatchConsumer:
         self._pool = pool
         self._progress = position.Progress()
         self._fetched_to: Offsets = {}  # where each partition's next fetch starts
+        self._pending: list[Batch] = []  # fetched while every slot was busy, oldest first
         self._committer: asyncio.Task[None] | None = None
 
     async def run(self, stop: asyncio.Event) -> None:
         """Until `stop`: poll, process, commit. In-flight batches finish before it returns."""
-        pending: list[Batch] = []  # fetched while every slot was busy, oldest first
+        pending = self._pending
         async with asyncio.TaskGroup() as group:
             placing = group.create_task(self._place_partitions(stop))
             while not stop.is_set():
@@ -376,10 +377,11 @@ class BatchConsumer:
         read again from its position. One gone means it lost them all: place it anew."""
         membership = self._membership
         keys = membership.assignment - membership.unplaced
+        waiting = {key for batch in self._pending for key in batch.spans}  # not begun yet
         known = {
             key: offset
             for key, offset in self._progress.durable.items()
-            if key in keys and self._progress.settled(key)
+            if key in keys and key not in waiting and self._progress.settled(key)
         }
         async with self._pool.connection() as conn, conn.transaction():
             recorded = await store.fold_positions(conn, keys)
