@@ -125,7 +125,8 @@ class Membership:
             case OffsetLost(key=key, offset=offset):
                 if key in self.assignment:
                     self.unplaced.add(key)
-                    self.lost[key] = offset
+                    if offset >= 0:  # else placed from the database's position
+                        self.lost[key] = offset
                     self.placing.set()
 
     async def commit(self, kafka: KafkaConsumer, durable: Offsets, *, last: bool = False) -> bool:
