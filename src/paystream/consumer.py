@@ -70,6 +70,9 @@ _COMMIT_RETRY_S = 1.0
 """After a failed or refused commit, the next try waits this long (a rebalance or an outage is
 what fails one; the offsets stay committable meanwhile)."""
 
+_IN_THE_LOG = 2**63 - 1
+"""The log end assumed for a partition whose bounds were not asked: any position is in it."""
+
 _CHECK_POSITIONS_S = 5.0
 """How often the database's positions of the partitions owned are read back (and their done
 spans folded): a database that went back while running (a failover behind a multi-host URL, a
@@ -310,7 +313,7 @@ class BatchConsumer:
                     checked = time.monotonic()
                     await self._check_positions(membership.generation)
             except (*store.DATABASE_AWAY, KafkaException) as exc:
-                log.warning("placing partitions: %s; trying again", type(exc).__name__)
+                log.warning("placing partitions: %s (%s); trying again", type(exc).__name__, exc)
                 await pause(backoff.next_s(), stop)
                 continue
             backoff.reset()
@@ -319,16 +322,31 @@ class BatchConsumer:
 
     async def _place(self, keys: set[Key], generation: int) -> None:
         """Choose where each of `keys` starts (position.resolve), make what that says durable
-        (a first position, a gap kept, a position moved back), then seek there."""
+        (a first position, a gap kept, a position moved back), then seek there.
+
+        The log's bounds are asked only where they decide: a partition with no position to
+        start from (its log start), or one whose position left the log. Elsewhere the position
+        is taken as in the log (a request less per partition on every join); if it is not, the
+        fetch says so and the partition is placed again, with its bounds."""
         membership = self._membership
-        bounds = await self._kafka.bounds(keys)
         async with self._pool.connection() as conn, conn.transaction():
             recorded = await store.fold_positions(conn, keys)
-            starts: dict[Key, position.Start] = {}
+        committed = membership.commits.committed
+        unknown = {
+            key
+            for key in keys
+            if key in membership.lost or (key not in recorded and committed(key) is None)
+        }
+        bounds = await self._kafka.bounds(unknown) if unknown else {}
+        starts: dict[Key, position.Start] = {}
+        async with self._pool.connection() as conn, conn.transaction():
             for key in sorted(keys):
-                low, high = bounds[key]
-                wanted = membership.lost.get(key, recorded.get(key))
-                start = position.resolve(wanted, membership.commits.committed(key), low, high)
+                low, high = bounds.get(key, (0, _IN_THE_LOG))
+                # Where reading stood when the position left the log; the database's position
+                # if further (the batches before it are durable by now).
+                furthest = max(membership.lost.get(key, -1), recorded.get(key, -1))
+                wanted = None if furthest < 0 else furthest
+                start = position.resolve(wanted, committed(key), low, high)
                 starts[key] = start
                 await self._record_start(conn, key, start, recorded.get(key), low)
         if not await self._kafka.place({k: s.offset for k, s in starts.items()}, generation):

@@ -317,11 +317,41 @@ class KafkaConsumer:
         if generation != self._generation:
             return False  # chosen before a rebalance that ran since: the loop chooses again
         for (topic, partition), offset in starts.items():
-            self._consumer.seek(TopicPartition(topic, partition, offset))
+            try:
+                self._consumer.seek(TopicPartition(topic, partition, offset))
+            except KafkaException as exc:
+                if exc.args[0].code() != KafkaError._STATE:
+                    raise
+                # A partition whose position left the log has stopped fetching, and librdkafka
+                # will not seek it: assign it again, at the offset.
+                self._reassign(TopicPartition(topic, partition, offset))
         self._unplaced -= starts.keys()
         if not self._paused and starts:
             self._consumer.resume([TopicPartition(t, p) for t, p in starts])
         return True
+
+    def _reassign(self, start: TopicPartition) -> None:
+        """Assign one partition again at `start`'s offset, paused; the rest keep their place."""
+        assert self._consumer is not None
+        key = (start.topic, start.partition)
+        if self._incremental:
+            self._consumer.incremental_unassign([TopicPartition(*key)])
+            self._consumer.incremental_assign([start])
+        else:  # an eager assignment is replaced whole: the others at their positions
+            others = [
+                TopicPartition(
+                    tp.topic, tp.partition, tp.offset if tp.offset >= 0 else OFFSET_BEGINNING
+                )
+                for tp in self._consumer.position(self._consumer.assignment())
+                if (tp.topic, tp.partition) != key
+            ]
+            self._consumer.assign([*others, start])
+            paused = [
+                tp for tp in others if self._paused or (tp.topic, tp.partition) in self._unplaced
+            ]
+            if paused:
+                self._consumer.pause(paused)
+        self._consumer.pause([TopicPartition(*key)])
 
     async def place(self, starts: Offsets, generation: int) -> bool:
         """Read these partitions from these offsets from now on (an assignment's start, or a
