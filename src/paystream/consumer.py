@@ -93,21 +93,31 @@ class Membership:
         self.writer: UUID = uuid4()
         self.broker_up = True
         self.commits = commits or position.Commits(retry_s=_COMMIT_RETRY_S)
-        # Partitions assigned (or whose position left the log) not yet placed: paused in Kafka
-        # until the loop chooses where they start; `lost` holds where the latter stood.
+        # Partitions assigned, or whose position left the log, not yet placed (the loop chooses
+        # where they are read from). The former are read meanwhile from where they were assigned
+        # (`assigned_at`: the group's committed offset, None for the log start); the latter are
+        # paused, `lost` holding where reading stood.
         self.unplaced: set[Key] = set()
+        self.assigned_at: dict[Key, int | None] = {}
         self.lost: dict[Key, int] = {}
+        # Starts of the latest assignments the fetching side has not taken yet (take_starts).
+        self._new_starts: Offsets = {}
         self.placing = asyncio.Event()
 
     def apply(self, event: KafkaEvent) -> None:
         match event:
-            case Assigned(generation=generation, partitions=partitions, committed=committed):
+            case Assigned(
+                generation=generation, partitions=partitions, committed=committed, starts=starts
+            ):
                 self.generation = generation
                 self.assignment |= partitions
                 self.commits.assigned(partitions, committed)
                 self.unplaced |= partitions
                 for key in partitions:
                     self.lost.pop(key, None)
+                    self.assigned_at[key] = (starts or {}).get(key)
+                    self._new_starts.pop(key, None)
+                self._new_starts.update(starts or {})
                 self.placing.set()
                 self.writer = uuid4()
             case Revoked(generation=generation, partitions=partitions):
@@ -131,6 +141,11 @@ class Membership:
                     if offset >= 0:  # else placed from the database's position
                         self.lost[key] = offset
                     self.placing.set()
+
+    def take_starts(self) -> Offsets:
+        """Where the partitions assigned since the last call are read from (once each)."""
+        starts, self._new_starts = self._new_starts, {}
+        return starts
 
     async def commit(self, kafka: KafkaConsumer, durable: Offsets, *, last: bool = False) -> bool:
         """Send what is due of `durable` (position.Commits); False if something was due and
@@ -227,6 +242,8 @@ class BatchConsumer:
         fetched = await self._kafka.consume(self._batch_size, _CONSUME_WAIT_S)
         # The snapshots of the rebalances this call ran reached the loop before its result.
         assert fetched.generation == self._membership.generation
+        for key, offset in self._membership.take_starts().items():
+            self._restart(key, offset)  # reading starts there, before any record of it
         spans: dict[Key, store.Span] = {}
         for record in fetched.records:  # in offset order within a partition
             key = (record.id.topic, record.id.partition)
@@ -329,33 +346,43 @@ class BatchConsumer:
         is taken as in the log (a request less per partition on every join); if it is not, the
         fetch says so and the partition is placed again, with its bounds."""
         membership = self._membership
+        # A position may leave the log while this runs: that is placed again, next time.
+        lost = {key: membership.lost[key] for key in keys if key in membership.lost}
         async with self._pool.connection() as conn, conn.transaction():
             recorded = await store.fold_positions(conn, keys)
         committed = membership.commits.committed
         unknown = {
-            key
-            for key in keys
-            if key in membership.lost or (key not in recorded and committed(key) is None)
+            key for key in keys if key in lost or (key not in recorded and committed(key) is None)
         }
         bounds = await self._kafka.bounds(unknown) if unknown else {}
         starts: dict[Key, position.Start] = {}
+        seeks: dict[Key, int] = {}
         async with self._pool.connection() as conn, conn.transaction():
             for key in sorted(keys):
                 low, high = bounds.get(key, (0, _IN_THE_LOG))
                 # Where reading stood when the position left the log; the database's position
                 # if further (the batches before it are durable by now).
-                furthest = max(membership.lost.get(key, -1), recorded.get(key, -1))
+                furthest = max(lost.get(key, -1), recorded.get(key, -1))
                 wanted = None if furthest < 0 else furthest
                 start = position.resolve(wanted, committed(key), low, high)
                 starts[key] = start
                 await self._record_start(conn, key, start, recorded.get(key), low)
-        if not await self._kafka.place({k: s.offset for k, s in starts.items()}, generation):
+                if key in lost or start.offset != membership.assigned_at.get(key):
+                    seeks[key] = start.offset
+        release = [key for key in starts if key not in lost and key not in membership.lost]
+        if not await self._kafka.place(seeks, generation, release):
             return  # a rebalance ran meanwhile: the loop places what is still unplaced
-        for key, start in starts.items():
-            self._restart(key, start.offset)
-            membership.unplaced.discard(key)
-            membership.lost.pop(key, None)
-        log.info("placed %s", {f"{t}/{p}": s.offset for (t, p), s in sorted(starts.items())})
+        for key, offset in seeks.items():
+            self._restart(key, offset)
+        for key in starts:
+            if membership.lost.get(key) == lost.get(key):
+                membership.unplaced.discard(key)
+                membership.lost.pop(key, None)
+        log.info(
+            "placed %s (moved: %s)",
+            {f"{t}/{p}": s.offset for (t, p), s in sorted(starts.items())},
+            sorted(f"{t}/{p}" for t, p in seeks) or "none",
+        )
 
     async def _record_start(
         self, conn: store.Conn, key: Key, start: position.Start, recorded: int | None, low: int

@@ -85,6 +85,9 @@ class Assigned:
     generation: int
     partitions: frozenset[Key]
     committed: Mapping[Key, int] | None
+    starts: Mapping[Key, int] | None = None
+    """Where each partition is read from until the loop places it: its committed offset, or
+    the log start (absent when neither could be read)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -184,7 +187,7 @@ class KafkaConsumer:
         self._consumer: Consumer | None = None
         self._generation = 0  # one more with every rebalance callback
         self._paused = False
-        self._unplaced: set[Key] = set()  # assigned, paused until `place` gives their start
+        self._unplaced: set[Key] = set()  # lost from the log: paused until `place` is called
         self._broker_ok = True
         self._next_probe = 0.0
 
@@ -216,16 +219,40 @@ class KafkaConsumer:
             committed = {(tp.topic, tp.partition): tp.offset for tp in read if tp.offset >= 0}
         except KafkaException as exc:
             log.warning("could not read committed offsets on assignment: %s", exc)
-        # Assigned at the log start and paused: nothing is read until the loop has chosen where
-        # to start each (`place`), which needs the database.
+        # Read at once from the group's committed offset (the log start if there is none): the
+        # database's position is nearly always the same, and the loop seeks where it is not
+        # (`place`). Paused until placed instead, a partition took a second longer to read.
+        starts: Offsets = {}
         for tp in partitions:
-            tp.offset = OFFSET_BEGINNING
+            key = (tp.topic, tp.partition)
+            known = None if committed is None else committed.get(key)
+            if known is None:
+                known = self._log_start(consumer, tp)
+            tp.offset = OFFSET_BEGINNING if known is None else known
+            if known is not None:
+                starts[key] = known
         (consumer.incremental_assign if self._incremental else consumer.assign)(partitions)
-        if partitions:
-            consumer.pause(partitions)
-        self._unplaced |= _keys(partitions)
-        self._tell(Assigned(self._generation, _keys(partitions), committed))
+        # One the group never committed (a new group, or the read failed) waits for the loop's
+        # placing instead: the database may hold a position far past the log start.
+        waiting = [tp for tp in partitions if committed is None or tp_key(tp) not in committed]
+        self._unplaced |= {tp_key(tp) for tp in waiting}
+        paused = partitions if self._paused else waiting
+        if paused:
+            consumer.pause(paused)
+        self._tell(Assigned(self._generation, _keys(partitions), committed, starts))
         log.info("assigned %s", sorted(_keys(partitions)))
+
+    @staticmethod
+    def _log_start(consumer: Consumer, tp: TopicPartition) -> int | None:
+        """The first offset of a partition's log, or None if the broker does not say in time."""
+        try:
+            found = consumer.get_watermark_offsets(
+                TopicPartition(tp.topic, tp.partition), timeout=_COMMITTED_READ_S, cached=False
+            )
+        except KafkaException as exc:
+            log.warning("could not read the log start of %s/%s: %s", tp.topic, tp.partition, exc)
+            return None
+        return None if found is None else int(found[0])
 
     def _on_revoke(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
         self._generation += 1
@@ -312,7 +339,7 @@ class KafkaConsumer:
         if partitions:
             (self._consumer.pause if paused else self._consumer.resume)(partitions)
 
-    def _place(self, starts: Offsets, generation: int) -> bool:
+    def _place(self, starts: Offsets, generation: int, release: Iterable[Key] = ()) -> bool:
         assert self._consumer is not None
         if generation != self._generation:
             return False  # chosen before a rebalance that ran since: the loop chooses again
@@ -325,9 +352,10 @@ class KafkaConsumer:
                 # A partition whose position left the log has stopped fetching, and librdkafka
                 # will not seek it: assign it again, at the offset.
                 self._reassign(TopicPartition(topic, partition, offset))
-        self._unplaced -= starts.keys()
-        if not self._paused and starts:
-            self._consumer.resume([TopicPartition(t, p) for t, p in starts])
+        placed = (starts.keys() | set(release)) & self._unplaced | starts.keys()
+        self._unplaced -= placed
+        if not self._paused and placed:
+            self._consumer.resume([TopicPartition(t, p) for t, p in placed])
         return True
 
     def _reassign(self, start: TopicPartition) -> None:
@@ -353,10 +381,11 @@ class KafkaConsumer:
                 self._consumer.pause(paused)
         self._consumer.pause([TopicPartition(*key)])
 
-    async def place(self, starts: Offsets, generation: int) -> bool:
+    async def place(self, starts: Offsets, generation: int, release: Iterable[Key] = ()) -> bool:
         """Read these partitions from these offsets from now on (an assignment's start, or a
-        rewind); False, and nothing done, if a rebalance has run since `generation`."""
-        return await self._call(self._place, starts, generation)
+        rewind), and those of `release` waiting to be placed from where they are; False, and
+        nothing done, if a rebalance has run since `generation`."""
+        return await self._call(self._place, starts, generation, list(release))
 
     def _bounds(self, keys: Iterable[Key]) -> dict[Key, tuple[int, int]]:
         assert self._consumer is not None
@@ -430,8 +459,12 @@ class KafkaConsumer:
             self._executor.shutdown(wait=True)
 
 
+def tp_key(tp: TopicPartition) -> Key:
+    return (tp.topic, tp.partition)
+
+
 def _keys(partitions: list[TopicPartition]) -> frozenset[Key]:
-    return frozenset((p.topic, p.partition) for p in partitions)
+    return frozenset(tp_key(tp) for tp in partitions)
 
 
 def record_of(message: Message, *, tracing_on: bool) -> Record:
