@@ -187,7 +187,7 @@ class KafkaConsumer:
         self._consumer: Consumer | None = None
         self._generation = 0  # one more with every rebalance callback
         self._paused = False
-        self._unplaced: set[Key] = set()  # lost from the log: paused until `place` is called
+        self._unplaced: set[Key] = set()  # paused until `place`: never committed, or lost
         self._broker_ok = True
         self._next_probe = 0.0
 

@@ -3,10 +3,11 @@ I/O (the consumer reads the facts and acts on the answers).
 
 The database owns the position: each batch's transaction records the span of offsets it made
 durable (store.record_done), and a partition's recorded position is the end of the contiguous
-done prefix (store.fold_positions). On every assignment the consumer reads from there, not from
-the group's committed offset, which is still committed for lag tooling but trusted only by a
-database that has recorded no position yet (an upgrade). The client never resets a position by
-itself (auto.offset.reset=error): `resolve` chooses every start.
+done prefix (store.fold_positions). On every assignment that position decides where the consumer
+reads (it seeks where the group's committed offset, read from at once, disagrees); the group's
+offsets are still committed for lag tooling but trusted only by a database that has recorded no
+position yet (an upgrade). The client never resets a position by itself
+(auto.offset.reset=error): `resolve` chooses every start.
 """
 
 from __future__ import annotations
