@@ -219,3 +219,26 @@ async def test_a_log_api_refusing_everyone_for_our_sake_marks_nothing_undelivera
         async with pool.connection() as conn:
             assert 0 == await store.undeliverable_reports(conn)
             assert 3 == await store.outbox_depth(conn)
+
+
+async def test_an_answer_whose_body_never_ends_is_unanswered_within_the_timeout() -> None:
+    """A peer that sends its status, then a body it never finishes (a byte a second), is an
+    attempt that timed out after the call's timeout: its 200 is not an approval."""
+
+    async def trickle(request: web.Request, body: bytes) -> web.StreamResponse:
+        response = web.StreamResponse(status=200)
+        response.content_length = 1_000
+        await response.prepare(request)
+        try:
+            for _ in range(1_000):
+                await response.write(b"x")
+                await asyncio.sleep(1)  # the hostile peer's pace, not a wait of the test's
+        except (ConnectionResetError, ConnectionError):
+            pass
+        return response
+
+    async with peer(trickle) as gateway_peer, third_party_client(2) as client:
+        started = time.monotonic()
+        with pytest.raises(GatewayUnavailable, match="gateway timed out"):
+            await _gateway(client, gateway_peer.url).validate("p", b"{}")
+        assert time.monotonic() - started < 10  # attempts of 2 s within a 3 s budget

@@ -151,8 +151,10 @@ class Membership:
         """Send what is due of `durable` (position.Commits); False if something was due and
         could not be sent (it will be, after the pause)."""
         due = self.commits.due(durable, last=last)
-        if not due:
-            return True
+        return await self.send(kafka, due) if due else True
+
+    async def send(self, kafka: KafkaConsumer, due: Offsets) -> bool:
+        """Send a commit of `due`; False if it could not be sent."""
         self.commits.sending(due)  # before the call: its answer may come first
         if await kafka.commit(due, self.generation):
             return True
@@ -244,18 +246,22 @@ class BatchConsumer:
         assert fetched.generation == self._membership.generation
         for key, offset in self._membership.take_starts().items():
             self._restart(key, offset)  # reading starts there, before any record of it
-        spans: dict[Key, store.Span] = {}
+        firsts: Offsets = {}
+        ends: Offsets = {}
         for record in fetched.records:  # in offset order within a partition
             key = (record.id.topic, record.id.partition)
-            first = spans[key][0] if key in spans else self._fetched_to.get(key, record.id.offset)
-            spans[key] = (min(first, record.id.offset), record.id.offset + 1)
+            firsts.setdefault(key, record.id.offset)
+            ends[key] = record.id.offset + 1
         # Past the last record: transaction markers and aborted records, no record to process,
         # but offsets that must count as done (else the position would stop short of the end).
         for key, reached in fetched.positions.items():
-            start = spans[key][0] if key in spans else self._fetched_to.get(key, reached)
-            if reached > spans.get(key, (start, start))[1]:
-                spans[key] = (start, reached)
-        self._fetched_to.update({key: end for key, (_, end) in spans.items()})
+            if reached > ends.get(key, self._fetched_to.get(key, reached)):
+                ends[key] = reached
+        spans: dict[Key, store.Span] = {}
+        for key, end in ends.items():
+            first = firsts.get(key, end)
+            spans[key] = (min(self._fetched_to.get(key, first), first), end)
+        self._fetched_to.update(ends)
         epochs = self._progress.epochs(spans)
         return Batch(fetched.records, self._membership.writer, spans, epochs)
 
@@ -459,10 +465,7 @@ class BatchConsumer:
         """One committer at a time; it goes on while batches finish during its broker call, and
         stops when nothing is due (all sent, or a pause after a failure)."""
         durable = self._progress.durable
-        while self._membership.commits.due(durable, last=last):
-            offsets = self._membership.commits.due(durable, last=last)
-            with tracing.span(
-                "paystream.commit", attributes={"paystream.partitions": len(offsets)}
-            ):
-                if not await self._membership.commit(self._kafka, durable, last=last):
+        while due := self._membership.commits.due(durable, last=last):
+            with tracing.span("paystream.commit", attributes={"paystream.partitions": len(due)}):
+                if not await self._membership.send(self._kafka, due):
                     return
