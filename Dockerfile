@@ -1,13 +1,27 @@
-# paystream: the processor (`run`, the default) and the simulator (`simulator`) in one small image.
+# paystream in two images from one file:
+#   the default target, the processor (`run`): the runtime wheel alone;
+#   `--target simulator`: the retailer's third party for a local stack (runtime + tooling wheels).
 FROM python:3.11-slim AS build
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY src ./src
-RUN pip wheel --no-cache-dir --wheel-dir /wheels .
+COPY tooling ./tooling
+RUN pip wheel --no-cache-dir --no-deps --wheel-dir /wheels/runtime . \
+ && pip wheel --no-cache-dir --no-deps --wheel-dir /wheels/tooling ./tooling
 
-FROM python:3.11-slim
+FROM python:3.11-slim AS simulator
 RUN useradd --create-home --uid 10001 paystream
 COPY --from=build /wheels /wheels
+RUN pip install --no-cache-dir /wheels/runtime/*.whl /wheels/tooling/*.whl && rm -rf /wheels
+USER paystream
+ENV PYTHONUNBUFFERED=1
+EXPOSE 8080
+ENTRYPOINT ["paystream"]
+CMD ["simulator", "--host", "0.0.0.0", "--port", "8080"]
+
+FROM python:3.11-slim AS processor
+RUN useradd --create-home --uid 10001 paystream
+COPY --from=build /wheels/runtime /wheels
 RUN pip install --no-cache-dir /wheels/*.whl && rm -rf /wheels
 USER paystream
 # Inside a container the dashboard must listen beyond loopback; set PAYSTREAM_OPERATOR_TOKEN to

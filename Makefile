@@ -9,22 +9,24 @@ CACHE := $(or $(PAYSTREAM_CACHE),$(HOME)/.cache/paystream)
 
 .PHONY: demo test lint tools chaos bench simulator clean
 
-$(STAMP): pyproject.toml
+# The runtime (src/paystream) and its tooling (tooling/: the local infrastructure, simulator, demo
+# and bench), both editable.
+$(STAMP): pyproject.toml tooling/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet -e '.[dev]' -e ./tooling
 	touch $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/paystream demo
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests
-	$(BIN)/ruff format --check src tests
+	$(BIN)/ruff check src tooling tests
+	$(BIN)/ruff format --check src tooling tests
 	$(BIN)/mypy
 
 # The Go tools the tests use (Toxiproxy, promtool), built once from their modules into the cache.
 tools: $(STAMP)
-	$(BIN)/python -m paystream.devenv.gotools $(CACHE)
+	$(BIN)/python -m paystream_tooling.devenv.gotools $(CACHE)
 
 # Every test, the fault-injection scenarios included at one seeded round each.
 test: lint tools

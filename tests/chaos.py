@@ -13,9 +13,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from paystream.devenv.processes import ChildProcess, run_processor
-from paystream.devenv.stack import Stack
-from paystream.tools.reconcile import Reconciliation
+from paystream_tooling.devenv.processes import ChildProcess, run_processor
+from paystream_tooling.devenv.stack import Stack
+from paystream_tooling.reconcile import Reconciliation
 from tests import chaos_report
 from tests.conftest import (
     Env,

@@ -24,9 +24,9 @@ import pytest
 
 from paystream.app import Totals, run_processor
 from paystream.config import Settings
-from paystream.devenv.certs import ServerCertificate
-from paystream.devenv.postgres import EmbeddedPostgres
-from paystream.devenv.stack import (
+from paystream_tooling.devenv.certs import ServerCertificate
+from paystream_tooling.devenv.postgres import EmbeddedPostgres
+from paystream_tooling.devenv.stack import (
     DB_NAME,
     DB_PASSWORD,
     DB_USER,
@@ -119,7 +119,7 @@ def new_env(stack: Stack, database_url: str | None = None, bootstrap: str | None
     if bootstrap is None:
         stack.create_topics([online, offline])
     else:
-        from paystream.devenv.kafka import create_topics
+        from paystream_tooling.devenv.kafka import create_topics
 
         create_topics(bootstrap, [online, offline], stack.partitions)
     return Env(
@@ -279,7 +279,7 @@ async def drain(env: Env, settings: Settings) -> None:
 
 def reconcile_now(env: Env, simulator: SimulatorClient, settings: Settings) -> Any:
     from paystream.lag import committed_lag
-    from paystream.tools.reconcile import reconcile
+    from paystream_tooling.reconcile import reconcile
 
     topics = [settings.online_topic, settings.offline_topic]
     lag = committed_lag(settings.kafka_bootstrap_servers, settings.group_id, topics)

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 
-from paystream.devenv.processes import free_port
+from paystream_tooling.devenv.processes import free_port
 
 Answer = Callable[[web.Request, bytes], Awaitable[web.StreamResponse]]
 

@@ -13,8 +13,8 @@ from typing import Any
 import orjson
 from confluent_kafka import Producer
 
-from paystream.devenv.processes import free_port
 from paystream.sealing import key_id
+from paystream_tooling.devenv.processes import free_port
 from tests.conftest import (
     Env,
     SimulatorClient,

@@ -20,8 +20,8 @@ import psycopg
 import pytest
 from confluent_kafka import Producer
 
-from paystream.devenv.kafka import KafkaBroker
-from paystream.devenv.stack import (
+from paystream_tooling.devenv.kafka import KafkaBroker
+from paystream_tooling.devenv.stack import (
     Stack,
 )
 from tests import chaos_report

@@ -12,8 +12,8 @@ from confluent_kafka import Consumer, TopicPartition
 
 from paystream.brokers import GroupProtocol, choose_group_protocol
 from paystream.consumer import Membership
-from paystream.devenv.kafka import KafkaBroker
 from paystream.kafka import Assigned, CommitAnswered, KafkaConsumer, Key, Offsets, Revoked
+from paystream_tooling.devenv.kafka import KafkaBroker
 from tests.conftest import Env
 
 

@@ -11,7 +11,7 @@ import pytest
 from confluent_kafka import Producer
 from prometheus_client import REGISTRY
 
-from paystream.devenv.processes import free_port
+from paystream_tooling.devenv.processes import free_port
 from tests.conftest import (
     Env,
     SimulatorClient,

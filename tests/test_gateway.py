@@ -10,7 +10,6 @@ import orjson
 import pytest
 from prometheus_client import REGISTRY
 
-from paystream.devenv.processes import free_port
 from paystream.errors import GatewayUnavailable
 from paystream.gateway import (
     CircuitBreaker,
@@ -20,8 +19,9 @@ from paystream.gateway import (
     idempotency_key,
 )
 from paystream.model import Approved, Declined
-from paystream.simulator.streams import is_declined
 from paystream.thirdparty import third_party_client
+from paystream_tooling.devenv.processes import free_port
+from paystream_tooling.simulator.streams import is_declined
 from tests.conftest import SimulatorClient, async_wait_for, wait_for
 
 

@@ -12,9 +12,9 @@ from pathlib import Path
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from paystream.devenv.gotools import PROMTOOL, go_tool
-from paystream.devenv.processes import free_port
-from paystream.devenv.stack import Stack
+from paystream_tooling.devenv.gotools import PROMTOOL, go_tool
+from paystream_tooling.devenv.processes import free_port
+from paystream_tooling.devenv.stack import Stack
 from tests.conftest import Env, SimulatorClient, async_wait_for, processor
 
 DEPLOY = Path(__file__).parent.parent / "deploy"

@@ -2,10 +2,11 @@
 every packet silently, links that add seconds of latency, a partition that heals mid-rebalance.
 
 The processor runs in a network namespace of its own and reaches the broker, the database, the
-gateway and the log API each over a link of its own (paystream.devenv.network), which a scenario
-cuts (100 % loss, no reset) and heals; the database, gateway and log API go through Toxiproxy,
-which slows them down. Each scenario ends with the full oracle (tests.chaos.check) and records how
-long the processor took to notice the fault, read from its own metrics over a link never cut.
+gateway and the log API each over a link of its own (paystream_tooling.devenv.network), which a
+scenario cuts (100 % loss, no reset) and heals; the database, gateway and log API go through
+Toxiproxy, which slows them down. Each scenario ends with the full oracle (tests.chaos.check) and
+records how long the processor took to notice the fault, read from its own metrics over a link
+never cut.
 """
 
 from __future__ import annotations
@@ -25,12 +26,12 @@ from confluent_kafka.admin import AdminClient
 from prometheus_client.parser import text_string_to_metric_families
 
 from paystream.config import Settings
-from paystream.devenv import network
-from paystream.devenv.gotools import TOXIPROXY, go_tool
-from paystream.devenv.kafka import KafkaBroker
-from paystream.devenv.processes import ChildProcess, answers_ok, free_port, run_processor
-from paystream.devenv.stack import Stack
-from paystream.devenv.toxiproxy import Toxiproxy
+from paystream_tooling.devenv import network
+from paystream_tooling.devenv.gotools import TOXIPROXY, go_tool
+from paystream_tooling.devenv.kafka import KafkaBroker
+from paystream_tooling.devenv.processes import ChildProcess, answers_ok, free_port, run_processor
+from paystream_tooling.devenv.stack import Stack
+from paystream_tooling.devenv.toxiproxy import Toxiproxy
 from tests.chaos import RATE, RECORDS, check, produced_at_least, seeds
 from tests.conftest import (
     Env,

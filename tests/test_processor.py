@@ -20,8 +20,8 @@ from paystream.gateway import CircuitBreaker, Gateway
 from paystream.kafka import KafkaConsumer
 from paystream.model import Record
 from paystream.pipeline import Pipeline
-from paystream.simulator.streams import is_declined
 from paystream.thirdparty import third_party_client
+from paystream_tooling.simulator.streams import is_declined
 from tests.conftest import (
     Env,
     SimulatorClient,

@@ -17,8 +17,8 @@ from confluent_kafka.admin import AdminClient
 from prometheus_client import REGISTRY
 
 from paystream import store
-from paystream.devenv.postgres import EmbeddedPostgres
-from paystream.devenv.stack import Stack
+from paystream_tooling.devenv.postgres import EmbeddedPostgres
+from paystream_tooling.devenv.stack import Stack
 from tests.conftest import (
     Env,
     async_wait_for,

@@ -17,9 +17,9 @@ import orjson
 import pytest
 from confluent_kafka import Producer
 
-from paystream.devenv.certs import make_server_certificate
-from paystream.devenv.kafka import KafkaBroker, SecureListener
-from paystream.devenv.stack import DB_PASSWORD, Stack
+from paystream_tooling.devenv.certs import make_server_certificate
+from paystream_tooling.devenv.kafka import KafkaBroker, SecureListener
+from paystream_tooling.devenv.stack import DB_PASSWORD, Stack
 from tests.conftest import (
     Env,
     SimulatorClient,

@@ -13,7 +13,7 @@ import aiohttp
 import pytest
 from confluent_kafka import Consumer
 
-from paystream.simulator.streams import is_declined
+from paystream_tooling.simulator.streams import is_declined
 from tests.conftest import Env, SimulatorClient
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections import Counter
 
-from paystream.simulator.streams import Expect, Profile, is_declined, plan
+from paystream_tooling.simulator.streams import Expect, Profile, is_declined, plan
 
 
 def test_original_profile_has_the_original_shape() -> None:

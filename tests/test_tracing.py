@@ -21,8 +21,8 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind
 
 from paystream import tracing
-from paystream.devenv.processes import ChildProcess
-from paystream.simulator.streams import is_declined
+from paystream_tooling.devenv.processes import ChildProcess
+from paystream_tooling.simulator.streams import is_declined
 from tests.conftest import (
     Env,
     SimulatorClient,

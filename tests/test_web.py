@@ -6,8 +6,8 @@ from pathlib import Path
 
 import aiohttp
 
-from paystream.devenv.processes import free_port
-from paystream.devenv.stack import Stack
+from paystream_tooling.devenv.processes import free_port
+from paystream_tooling.devenv.stack import Stack
 from tests.conftest import new_env, private_postgres, processor, wait_http_status
 
 

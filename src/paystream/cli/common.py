@@ -18,6 +18,9 @@ app = typer.Typer(
     help="paystream: payments from Kafka, validated, stored exactly once; nothing lost.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    # Markdown reflows each paragraph of a docstring to the terminal, where "rich" kept the
+    # source's line breaks and printed ragged half-lines.
+    rich_markup_mode="markdown",
 )
 console = Console(stderr=True)
 # Piped output keeps whole table rows rather than wrapping them at 80 columns.

@@ -42,7 +42,7 @@ TypeOption = Annotated[str | None, typer.Option("--type", help="database, networ
 SinceOption = Annotated[datetime | None, typer.Option(help="kept at or after (ISO time)")]
 
 
-@app.command()
+@app.command(rich_help_panel="Kept records")
 def errors(
     error_type: TypeOption = None,
     reason: Annotated[str | None, typer.Option(help="e.g. declined, duplicate, malformed")] = None,
@@ -56,8 +56,10 @@ def errors(
         bool, typer.Option("--jsonl", help="stream one JSON object a line (for scripts)")
     ] = False,
 ) -> None:
-    """List kept records (never card data), oldest first. When --limit cuts the list, the table
-    says "N of M shown" and --json/--jsonl say so on stderr; --all lists every row.
+    """List kept records, oldest first (never card data).
+
+    When --limit cuts the list, the table says "N of M shown" and --json/--jsonl say so on
+    stderr; --all lists every row.
 
     Example: paystream errors --type network --unresolved --jsonl --all
     """
@@ -145,7 +147,7 @@ def _kept_table(listed: list[dict[str, object]], shown: int, total: int) -> Tabl
     return table
 
 
-@app.command()
+@app.command(rich_help_panel="Kept records")
 def replay(
     ids: Annotated[
         list[int] | None, typer.Option("--id", help="kept record id (repeatable)")
@@ -157,9 +159,10 @@ def replay(
     since: SinceOption = None,
     batch: Annotated[int, typer.Option(help="records per transaction", min=1)] = 200,
 ) -> None:
-    """Re-drive unresolved kept records through the pipeline (idempotent). Sealed records need
-    their key in PAYSTREAM_KEPT_KEY_FILE; one that does not open stops the replay, changing
-    nothing of its batch.
+    """Re-drive unresolved kept records through the pipeline (idempotent).
+
+    Sealed records need their key in PAYSTREAM_KEPT_KEY_FILE; one that does not open stops the
+    replay, changing nothing of its batch.
 
     Example: paystream replay --reason unknown_account
     """
@@ -201,14 +204,15 @@ def replay(
     )
 
 
-@app.command()
+@app.command(rich_help_panel="Kept records")
 def show(
     payment_id: str,
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
 ) -> None:
-    """Everything that happened to one payment_id: each record that carried it, what became of
-    each (stored, kept and why), its reports to the log service and its replays. Exit 1 if no
-    record carried it.
+    """Everything that happened to one payment_id.
+
+    Each record that carried it, what became of each (stored, kept and why), its reports to the
+    log service and its replays. Exit 1 if no record carried it.
 
     Example: paystream show 382b8005-da4e-4004-b064-5d920d47e14b
     """

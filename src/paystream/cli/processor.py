@@ -1,11 +1,10 @@
-"""`paystream run` (the processor) and `paystream simulator` (the third party it talks to)."""
+"""`paystream run` (the processor) and `paystream rebuild` (read all Kafka retains again)."""
 
 from __future__ import annotations
 
 import asyncio
 import gc
 import signal
-from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -33,9 +32,11 @@ def _collect_garbage_rarely() -> None:
     gc.set_threshold(50_000, 20, 100)
 
 
-@app.command()
+@app.command(rich_help_panel="Processor")
 def run() -> None:
-    """Run the processor until SIGTERM / Ctrl-C, configured by PAYSTREAM_* variables or .env.
+    """Run the processor until SIGTERM or Ctrl-C.
+
+    Configured by PAYSTREAM_* environment variables or a .env file.
 
     Example: PAYSTREAM_KAFKA_BOOTSTRAP_SERVERS=broker:9092 paystream run
     """
@@ -68,94 +69,18 @@ def run() -> None:
             provider.shutdown()  # the spans still batched go out before we exit
 
 
-@app.command()
-def simulator(
-    host: str = "127.0.0.1",
-    port: int = 9000,
-    profile: Annotated[str, typer.Option(help="original or hostile")] = "original",
-    records: Annotated[int, typer.Option(help="records per /start")] = 1038,
-    rate: Annotated[float, typer.Option(help="records per second; 0 = as fast as possible")] = 11.5,
-    seed: int = 0,
-    decline_rate: float = 0.1,
-    latency_ms: Annotated[
-        float | None, typer.Option(help="fixed gateway latency (default: the `delay` field)")
-    ] = None,
-    max_delay_ms: float = 1000,
-    error_rate: float = 0.0,
-    hang_rate: float = 0.0,
-    drop_rate: float = 0.0,
-    token_file: Annotated[
-        Path | None,
-        typer.Option(help="demand the token in this file on POST /payment and POST /log"),
-    ] = None,
-    auth_header: Annotated[
-        str, typer.Option(help="header carrying the token (Authorization: as a Bearer token)")
-    ] = "Authorization",
-    tls_cert: Annotated[
-        Path | None, typer.Option(help="serve HTTPS with this PEM certificate")
-    ] = None,
-    tls_key: Annotated[Path | None, typer.Option(help="the certificate's PEM key")] = None,
-) -> None:
-    """Run the third-party service (gateway, log API, producer) on http://HOST:PORT (https with
-    --tls-cert and --tls-key).
-
-    Example: paystream simulator --port 9000 --profile hostile --rate 100
-    """
-    import uvicorn
-
-    from paystream.devenv.processes import ensure_port_free
-    from paystream.simulator.service import create_asgi_app
-    from paystream.simulator.state import Faults, Simulator, SimulatorConfig
-    from paystream.simulator.streams import Profile
-
-    settings = read_settings()
-    try:
-        ensure_port_free(host, port, "the simulator", "pass --port with a free one")
-    except PaystreamError as exc:
-        raise fail(exc) from exc
-    config = SimulatorConfig(
-        kafka_bootstrap_servers=settings.kafka_bootstrap_servers,
-        database_url=settings.database_dsn,
-        online_topic=settings.online_topic,
-        offline_topic=settings.offline_topic,
-        records=records,
-        rate=rate,
-        seed=seed,
-        profile=Profile(profile),
-        token=None if token_file is None else token_file.read_text().strip(),
-        auth_header=auth_header,
-    )
-    faults = Faults.model_validate(
-        {
-            "decline_rate": decline_rate,
-            "latency_ms": latency_ms,
-            "max_delay_ms": max_delay_ms,
-            "error_rate": error_rate,
-            "hang_rate": hang_rate,
-            "drop_rate": drop_rate,
-        }
-    )
-    service = create_asgi_app(Simulator(config, faults))
-    uvicorn.run(
-        service,
-        host=host,
-        port=port,
-        log_level="warning",
-        ssl_certfile=tls_cert,
-        ssl_keyfile=tls_key,
-    )
-
-
-@app.command()
+@app.command(rich_help_panel="Processor")
 def rebuild(
     yes: Annotated[
         bool, typer.Option("--yes", help="do it (without: say what it would do)")
     ] = False,
 ) -> None:
-    """Fill the database again from everything Kafka retains: every partition's recorded
-    position goes back to its log start. For a new or damaged database (or one restored from a
-    backup older than the retention). Running processors notice within seconds and read it all
-    again; stopped ones do when started. Nothing is stored twice; reports may go out again.
+    """Fill the database again from everything Kafka retains.
+
+    Every partition's recorded position goes back to its log start. For a new or damaged
+    database (or one restored from a backup older than the retention). Running processors
+    notice within seconds and read it all again; stopped ones do when started. Nothing is stored
+    twice; reports may go out again.
 
     Example: paystream rebuild --yes
     """

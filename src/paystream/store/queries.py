@@ -25,15 +25,16 @@ empty), as against a statement it refused: retry later, commit nothing."""
 Conn = AsyncConnection[TupleRow]
 Row = TypeVar("Row")
 
-_FILES = ("batch.sql", "kept.sql", "positions.sql", "reports.sql", "session.sql", "tools.sql")
+_FILES = ("batch.sql", "kept.sql", "positions.sql", "reports.sql", "session.sql")
 _HEADER = re.compile(r"^-- ([a-z_]+) --$", re.MULTILINE)
 
 
-@cache
-def _all() -> dict[str, LiteralString]:
+def named_queries(package: str, *files: str) -> dict[str, LiteralString]:
+    """Every query of the package's .sql files, by name. Raises ValueError for a name given
+    twice."""
     found: dict[str, LiteralString] = {}
-    for name in _FILES:
-        text = (resources.files("paystream.store") / name).read_text()
+    for name in files:
+        text = (resources.files(package) / name).read_text()
         parts = _HEADER.split(text)  # [preamble, name, body, name, body, ...]
         for query, body in zip(parts[1::2], parts[2::2], strict=True):
             if query in found:
@@ -42,6 +43,11 @@ def _all() -> dict[str, LiteralString]:
             # the source would be.
             found[query] = cast(LiteralString, body.strip())
     return found
+
+
+@cache
+def _all() -> dict[str, LiteralString]:
+    return named_queries("paystream.store", *_FILES)
 
 
 def query(name: str) -> LiteralString:

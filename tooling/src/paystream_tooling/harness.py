@@ -18,11 +18,11 @@ import orjson
 import uvloop
 
 from paystream.config import Settings
-from paystream.devenv.processes import ChildProcess, answers_ok, free_port, run_processor
-from paystream.devenv.stack import Simulator, Stack
-from paystream.tools.ceilings import third_party_capacity
-from paystream.tools.load import document, produce
-from paystream.tools.meter import Drained, Meter, members_assigned, wait
+from paystream_tooling.ceilings import third_party_capacity
+from paystream_tooling.devenv.processes import ChildProcess, answers_ok, free_port, run_processor
+from paystream_tooling.devenv.stack import Simulator, Stack
+from paystream_tooling.load import document, produce
+from paystream_tooling.meter import Drained, Meter, members_assigned, wait
 
 Progress = Callable[[str], None]
 

@@ -8,7 +8,7 @@ from typing import Any
 
 from rich.table import Table
 
-from paystream.tools.meter import Drained
+from paystream_tooling.meter import Drained
 
 
 @dataclass(slots=True, kw_only=True)

@@ -9,7 +9,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from paystream.devenv.processes import ChildProcess, free_port
+from paystream_tooling.devenv.processes import ChildProcess, free_port
 
 
 class Toxiproxy:

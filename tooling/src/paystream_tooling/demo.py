@@ -16,14 +16,15 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from paystream import logs, store
+from paystream import logs
 from paystream.app import Totals, open_pool, run_processor
 from paystream.config import Settings
-from paystream.devenv.processes import ensure_port_free, free_port
-from paystream.devenv.stack import Simulator, Stack
 from paystream.errors import Interrupted
 from paystream.lag import committed_lag
-from paystream.tools.reconcile import Reconciliation, reconcile
+from paystream_tooling import queries
+from paystream_tooling.devenv.processes import ensure_port_free, free_port
+from paystream_tooling.devenv.stack import Simulator, Stack
+from paystream_tooling.reconcile import Reconciliation, reconcile
 
 
 async def _get_json(session: aiohttp.ClientSession, url: str) -> Any:
@@ -34,7 +35,7 @@ async def _get_json(session: aiohttp.ClientSession, url: str) -> Any:
 
 async def _counts(database_url: str) -> dict[str, int]:
     async with await psycopg.AsyncConnection.connect(database_url) as conn:
-        cursor = await conn.execute(store.query("outcome_counts"))
+        cursor = await conn.execute(queries.query("outcome_counts"))
         row = await cursor.fetchone()
     assert row is not None
     return {"stored": row[0], "kept": row[1], "reported": row[2]}

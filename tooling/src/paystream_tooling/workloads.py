@@ -13,17 +13,17 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from paystream.config import Settings
-from paystream.simulator.streams import Profile, plan
-from paystream.tools.ceilings import (
+from paystream_tooling.ceilings import (
     Ceilings,
     consumer_ceiling,
     database_ceiling,
     third_party_ceiling,
 )
-from paystream.tools.harness import Bench
-from paystream.tools.load import REPORT, PacedLoad, document, produce
-from paystream.tools.meter import Drained, Meter
-from paystream.tools.report import Workload, workload
+from paystream_tooling.harness import Bench
+from paystream_tooling.load import REPORT, PacedLoad, document, produce
+from paystream_tooling.meter import Drained, Meter
+from paystream_tooling.report import Workload, workload
+from paystream_tooling.simulator.streams import Profile, plan
 
 SCALE_IN_FLIGHT = 64
 """Gateway calls in flight per instance in the scale-out workload."""

@@ -15,10 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from paystream.config import Settings
-from paystream.devenv.stack import Simulator, Stack
-from paystream.tools.ceilings import Ceilings
-from paystream.tools.harness import Bench, Progress
-from paystream.tools.workloads import WORKLOADS, Run, Sizes
+from paystream_tooling.ceilings import Ceilings
+from paystream_tooling.devenv.stack import Simulator, Stack
+from paystream_tooling.harness import Bench, Progress
+from paystream_tooling.workloads import WORKLOADS, Run, Sizes
 
 
 def run(

@@ -1,4 +1,4 @@
--- What the tools read (paystream.tools: the demo, the benchmark, the reconcile oracle) and what
+-- What the tools read (paystream_tooling: the demo, the benchmark, the reconcile oracle) and what
 -- the simulator resets. Never run by the processor.
 
 -- all_payments --

@@ -1,6 +1,6 @@
 """Go tools the tests use, built from their modules with `go install` into our cache, once.
 
-`python -m paystream.devenv.gotools CACHE_DIR` builds them all (CI does, before the tests).
+`python -m paystream_tooling.devenv.gotools CACHE_DIR` builds them all (CI does, before the tests).
 """
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from paystream.devenv.kafka import require_tool
 from paystream.errors import DevenvError
+from paystream_tooling.devenv.kafka import require_tool
 
 
 @dataclass(frozen=True, slots=True)

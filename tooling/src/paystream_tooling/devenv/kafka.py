@@ -13,9 +13,9 @@ from pathlib import Path
 from confluent_kafka import Consumer, KafkaException, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 
-from paystream.devenv.certs import ServerCertificate
-from paystream.devenv.processes import ChildProcess, ensure_port_free, free_port
 from paystream.errors import DevenvError
+from paystream_tooling.devenv.certs import ServerCertificate
+from paystream_tooling.devenv.processes import ChildProcess, ensure_port_free, free_port
 
 KAFKA_VERSION = "4.1.1"
 _POM = Path(__file__).with_name("kafka-pom.xml")

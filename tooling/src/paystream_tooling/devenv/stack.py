@@ -13,17 +13,17 @@ import psycopg
 from psycopg import sql
 
 from paystream.config import Settings
-from paystream.devenv.certs import ServerCertificate
-from paystream.devenv.kafka import KafkaBroker, create_topics
-from paystream.devenv.postgres import EmbeddedPostgres
-from paystream.devenv.processes import ChildProcess, answers_ok, ensure_port_free, free_port
+from paystream_tooling.devenv.certs import ServerCertificate
+from paystream_tooling.devenv.kafka import KafkaBroker, create_topics
+from paystream_tooling.devenv.postgres import EmbeddedPostgres
+from paystream_tooling.devenv.processes import ChildProcess, answers_ok, ensure_port_free, free_port
 
 DB_USER, DB_PASSWORD, DB_NAME = "tech", "test", "payments"
 TEMPLATE_DB = "payments_template"
 
 
 def original_schema_sql() -> list[str]:
-    folder = resources.files("paystream.devenv") / "sql"
+    folder = resources.files("paystream_tooling.devenv") / "sql"
     return [
         f.read_text()
         for f in sorted(folder.iterdir(), key=lambda f: f.name)

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import psycopg
 
-from paystream.devenv.certs import ServerCertificate
-from paystream.devenv.processes import ChildProcess, ensure_port_free, free_port
 from paystream.errors import DevenvError
+from paystream_tooling.devenv.certs import ServerCertificate
+from paystream_tooling.devenv.processes import ChildProcess, ensure_port_free, free_port
 
 _SYSTEM_USER = "paystream_pg"
 SUPERUSER = "postgres"

@@ -12,10 +12,10 @@ from typing import NamedTuple
 import psycopg
 from confluent_kafka.admin import AdminClient
 
-from paystream import store
 from paystream.config import Settings
-from paystream.devenv.processes import ChildProcess
 from paystream.lag import GroupLag
+from paystream_tooling import queries
+from paystream_tooling.devenv.processes import ChildProcess
 
 
 class Drained(NamedTuple):
@@ -112,7 +112,7 @@ def _latency(
     from `produced_from_ms` on: the median, the 99th percentile and the worst."""
     with psycopg.connect(database_url) as conn:
         row = conn.execute(
-            store.query("store_latency_ms"),
+            queries.query("store_latency_ms"),
             {"since_ms": since_ms, "produced_from_ms": produced_from_ms},
         ).fetchone()
     if row is None:

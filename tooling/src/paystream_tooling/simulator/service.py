@@ -14,8 +14,8 @@ from fastapi import FastAPI, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from paystream.simulator.state import Faults, FaultUpdate, Simulator
-from paystream.simulator.streams import Profile
+from paystream_tooling.simulator.state import Faults, FaultUpdate, Simulator
+from paystream_tooling.simulator.streams import Profile
 
 
 class _Gateway:

@@ -20,7 +20,8 @@ from paystream.config import Settings
 from paystream.migrations import migrate
 from paystream.model import Payment, PaymentType, RecordId
 from paystream.thirdparty import post, third_party_client
-from paystream.tools.meter import Drained
+from paystream_tooling import queries
+from paystream_tooling.meter import Drained
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -173,6 +174,6 @@ def third_party_ceiling(
     validations and to the error reports of kept records (declined, duplicate, ...) delivered
     before the run was drained, each kind of call at the capacity measured for it."""
     with psycopg.connect(settings.database_url) as conn:
-        row = conn.execute(store.query("reported_by"), {"until": run.finished_at}).fetchone()
+        row = conn.execute(queries.query("reported_by"), {"until": run.finished_at}).fetchone()
     reports = int(row[0]) if row else 0
     return records / (validations / gateway_per_s + reports / log_per_s)

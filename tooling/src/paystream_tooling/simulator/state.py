@@ -19,8 +19,8 @@ import psycopg
 from confluent_kafka import KafkaException, Producer
 from pydantic import BaseModel, Field
 
-from paystream import store
-from paystream.simulator.streams import Planned, Profile, is_declined, plan
+from paystream_tooling import queries
+from paystream_tooling.simulator.streams import Planned, Profile, is_declined, plan
 
 log = logging.getLogger(__name__)
 
@@ -184,7 +184,7 @@ class Simulator:
         if not self.config.database_url:
             return
         async with await psycopg.AsyncConnection.connect(self.config.database_url) as conn:
-            await conn.execute(store.query("reset_payments"))
+            await conn.execute(queries.query("reset_payments"))
 
     async def start(self, *, profile: Profile, records: int, rate: float, seed: int) -> Production:
         await self.stop_production()

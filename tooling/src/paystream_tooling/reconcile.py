@@ -15,7 +15,7 @@ from typing import Any
 import orjson
 import psycopg
 
-from paystream import store
+from paystream_tooling import queries
 
 
 @dataclass(slots=True, kw_only=True)
@@ -70,10 +70,10 @@ def reconcile(
     result = Reconciliation(records=len(ledger), uncommitted=uncommitted)
     payments = {
         pid: (account, ptype, card, int(amount))
-        for pid, account, ptype, card, amount in conn.execute(store.query("all_payments"))
+        for pid, account, ptype, card, amount in conn.execute(queries.query("all_payments"))
     }
-    origins = {(t, p, o): pid for pid, t, p, o in conn.execute(store.query("all_origins"))}
-    every_kept = conn.execute(store.query("all_kept")).fetchall()
+    origins = {(t, p, o): pid for pid, t, p, o in conn.execute(queries.query("all_origins"))}
+    every_kept = conn.execute(queries.query("all_kept")).fetchall()
     # A kept row that a replay resolved became a stored payment; its report still went out.
     kept_rows = {
         (t, p, o): (etype, pid) for t, p, o, etype, pid, resolved in every_kept if not resolved
@@ -86,7 +86,7 @@ def reconcile(
     _check_reports(result, every_kept, logs)
 
     # 3. account dates equal the newest stored payment
-    row = conn.execute(store.query("bad_account_dates")).fetchone()
+    row = conn.execute(queries.query("bad_account_dates")).fetchone()
     result.bad_account_dates = int(row[0]) if row else 0
     if result.bad_account_dates:
         result.problems.append(
