@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from paystream_tooling.devenv.processes import ChildProcess, run_processor
+from paystream_tooling.devenv.processes import ChildProcess, spawn_processor
 from paystream_tooling.devenv.stack import Stack
 from paystream_tooling.reconcile import Reconciliation
 from tests import chaos_report
@@ -98,7 +98,7 @@ def processes(settings: Any, folder: Path) -> Iterator[Callable[[], ChildProcess
     started: list[ChildProcess] = []
 
     def start() -> ChildProcess:
-        proc = run_processor(settings, folder / f"processor-{len(started)}.log")
+        proc = spawn_processor(settings, folder / f"processor-{len(started)}.log")
         started.append(proc)
         return proc
 

@@ -30,7 +30,7 @@ from paystream_tooling.devenv.stack import (
     DB_NAME,
     DB_PASSWORD,
     DB_USER,
-    Simulator,
+    SimulatorProcess,
     Stack,
     create_database,
     load_original_schema,
@@ -138,7 +138,7 @@ def env(stack: Stack) -> Env:
 
 
 class SimulatorClient:
-    def __init__(self, simulator: Simulator) -> None:
+    def __init__(self, simulator: SimulatorProcess) -> None:
         self.simulator = simulator
         self.url = simulator.url
 
@@ -197,7 +197,7 @@ def running_simulator(
 ) -> Iterator[SimulatorClient]:
     """The third-party service for this env, producing to its topics and database (over HTTPS
     with `tls`). Gateway latency is at most 20 ms so tests run quickly."""
-    sim = Simulator(env.stack.home / env.name, env.settings(), tls=tls)
+    sim = SimulatorProcess(env.stack.home / env.name, env.settings(), tls=tls)
     sim.start("--max-delay-ms", "20", "--rate", "0", *args)
     env.service_url = sim.url
     try:

@@ -12,7 +12,8 @@ from confluent_kafka import Consumer, TopicPartition
 
 from paystream.brokers import GroupProtocol, choose_group_protocol
 from paystream.consumer import Membership
-from paystream.kafka import Assigned, CommitAnswered, KafkaConsumer, Key, Offsets, Revoked
+from paystream.kafka import Assigned, CommitAnswered, KafkaConsumer, Offsets, Revoked
+from paystream.model import PartitionId
 from paystream_tooling.devenv.kafka import KafkaBroker
 from tests.conftest import Env
 
@@ -32,7 +33,7 @@ class Member:
         )
 
     @property
-    def assignment(self) -> set[Key]:
+    def assignment(self) -> set[PartitionId]:
         return self.membership.assignment
 
     async def writer_after_consume(self) -> UUID:

@@ -8,21 +8,22 @@ import uuid
 
 import orjson
 import pytest
-from prometheus_client import REGISTRY
+from prometheus_client import REGISTRY, CollectorRegistry, Gauge
 
 from paystream.errors import GatewayUnavailable
 from paystream.gateway import (
+    BreakerState,
     CircuitBreaker,
+    Decision,
     Gateway,
     OldestFirst,
-    Verdict,
     idempotency_key,
 )
 from paystream.model import Approved, Declined
 from paystream.thirdparty import third_party_client
 from paystream_tooling.devenv.processes import free_port
 from paystream_tooling.simulator.streams import is_declined
-from tests.conftest import SimulatorClient, async_wait_for, wait_for
+from tests.conftest import SimulatorClient, async_wait_for
 
 
 def _body(payment_id: str) -> bytes:
@@ -95,32 +96,71 @@ async def test_a_released_slot_goes_to_an_older_caller_asking_again() -> None:
     assert [0.0, 1.0] == served
 
 
+def state(breaker: CircuitBreaker) -> BreakerState:
+    """The breaker's state now (a call: mypy would take a property read twice as unchanged)."""
+    return breaker.state
+
+
 def test_the_breaker_opens_probes_once_and_closes_on_success() -> None:
     """Closed until `threshold` failures in a row; open for the cool-down (the gauge says so
     until it has passed, call or no call); then exactly one probe; a successful one closes it."""
-    breaker = CircuitBreaker(threshold=3, cooldown_s=1.0)  # long next to the asserts around it
+    now = [100.0]
+    registry = CollectorRegistry()
+    gauge = Gauge("circuit_open", "", registry=registry)
+    breaker = CircuitBreaker(threshold=3, cooldown_s=1.0, open_gauge=gauge, clock=lambda: now[0])
     for _ in range(3):
         assert breaker.allow()
         breaker.failed()
-    assert "open" == breaker.state
+    assert BreakerState.OPEN == state(breaker)
     assert not breaker.allow()
-    assert 1 == REGISTRY.get_sample_value("paystream_gateway_circuit_open")
-    wait_for(lambda: breaker.state == "half-open", 5, "the cool-down to pass")
-    assert 0 == REGISTRY.get_sample_value("paystream_gateway_circuit_open")  # no call needed
+    assert 1 == registry.get_sample_value("circuit_open")
+    now[0] += 0.999
+    assert BreakerState.OPEN == state(breaker)
+    now[0] += 0.001
+    assert BreakerState.HALF_OPEN == state(breaker)
+    assert 0 == registry.get_sample_value("circuit_open")  # no call needed
     assert breaker.allow()
     assert not breaker.allow()  # one probe at a time
     breaker.succeeded()
-    assert "closed" == breaker.state
+    assert BreakerState.CLOSED == state(breaker)
     assert breaker.allow()
-    assert 0 == REGISTRY.get_sample_value("paystream_gateway_circuit_open")
+    assert 0 == registry.get_sample_value("circuit_open")
+
+
+def test_a_failed_probe_doubles_the_cooldown_up_to_its_cap() -> None:
+    """Each failed probe opens the breaker for twice as long, never beyond `max_cooldown_s`; a
+    successful one brings the cool-down back to its start."""
+    now = [0.0]
+    breaker = CircuitBreaker(threshold=1, cooldown_s=1.0, max_cooldown_s=3.0, clock=lambda: now[0])
+    breaker.failed()
+    opened_for = []
+    for _ in range(4):
+        start = now[0]
+        while state(breaker) is BreakerState.OPEN:
+            now[0] += 0.25
+        opened_for.append(now[0] - start)
+        assert breaker.allow()
+        breaker.failed()
+    assert [1.0, 2.0, 3.0, 3.0] == opened_for
+    while state(breaker) is BreakerState.OPEN:
+        now[0] += 0.25
+    assert breaker.allow()
+    breaker.succeeded()
+    breaker.failed()
+    start = now[0]
+    while state(breaker) is BreakerState.OPEN:
+        now[0] += 0.25
+    assert 1.0 == now[0] - start
 
 
 def test_a_cancelled_probe_lets_the_next_call_probe() -> None:
     """A half-open breaker whose probe was cancelled (no outcome) lets the next call probe,
     instead of refusing every call for good."""
-    breaker = CircuitBreaker(threshold=1, cooldown_s=0.2)
+    now = [0.0]
+    breaker = CircuitBreaker(threshold=1, cooldown_s=0.2, clock=lambda: now[0])
     breaker.failed()
-    wait_for(lambda: breaker.state == "half-open", 5, "the cool-down to pass")
+    now[0] += 0.2
+    assert BreakerState.HALF_OPEN == state(breaker)
     assert breaker.allow()
     assert not breaker.allow()
     breaker.abandoned()
@@ -164,7 +204,7 @@ async def test_validate_all_answers_each_payment_in_order(simulator: SimulatorCl
         gateway = Gateway(
             client, simulator.url, max_in_flight=16, timeout_s=2, attempts=2, budget_s=3
         )
-        verdicts: list[Verdict | GatewayUnavailable] = await gateway.validate_all(payments)
+        verdicts: list[Decision | GatewayUnavailable] = await gateway.validate_all(payments)
     expected = [Declined if is_declined(pid, 0.1) else Approved for pid in ids]
     assert expected == [type(v) for v in verdicts]
     assert Declined in expected

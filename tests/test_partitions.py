@@ -29,7 +29,7 @@ from paystream.config import Settings
 from paystream_tooling.devenv import network
 from paystream_tooling.devenv.gotools import TOXIPROXY, go_tool
 from paystream_tooling.devenv.kafka import KafkaBroker
-from paystream_tooling.devenv.processes import ChildProcess, answers_ok, free_port, run_processor
+from paystream_tooling.devenv.processes import ChildProcess, answers_ok, free_port, spawn_processor
 from paystream_tooling.devenv.stack import Stack
 from paystream_tooling.devenv.toxiproxy import Toxiproxy
 from tests.chaos import RATE, RECORDS, check, produced_at_least, seeds
@@ -151,7 +151,7 @@ def wired(net: Net, **overrides: Any) -> Iterator[Wiring]:
 def processor_in(host: network.TestHost, wiring: Wiring, folder: Path) -> Iterator[ChildProcess]:
     """`paystream run` inside `host`'s namespace, serving its metrics over the control link."""
     settings = wiring.processor.model_copy(update={"web_host": host.control_address})
-    proc = run_processor(settings, folder / f"processor-{host.index}.log", wrap=host.command)
+    proc = spawn_processor(settings, folder / f"processor-{host.index}.log", wrap=host.command)
     url = f"http://{host.control_address}:{WEB_PORT}"
     try:
         proc.wait_until(lambda: answers_ok(url + "/health/live"), 60, "serving its metrics")

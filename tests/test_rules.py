@@ -50,7 +50,7 @@ def _existing(payment: Payment, origin: RecordId | None) -> Existing:
     return Existing(
         payment_id=payment.payment_id,
         account_id=payment.account_id,
-        payment_type=payment.payment_type.value,
+        payment_type=payment.payment_type,
         credit_card=payment.credit_card,
         amount=payment.amount,
         origin=origin,

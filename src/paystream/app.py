@@ -23,7 +23,7 @@ from paystream.dashboard import DashboardState
 from paystream.errors import ConfigurationError, ReportFailed
 from paystream.gateway import CircuitBreaker, Gateway
 from paystream.kafka import KafkaConsumer
-from paystream.metrics import BROKER_UP, RECORDS_EXPIRED, REWINDS
+from paystream.metrics import BROKER_UP, CIRCUIT_OPEN, RECORDS_EXPIRED, REWINDS
 from paystream.migrations import migrate
 from paystream.model import PaymentType
 from paystream.outbox import REPORTS_IN_FLIGHT, LogClient, OutboxRelay
@@ -154,6 +154,7 @@ def make_gateway(settings: Settings, client: Client) -> Gateway:
             threshold=settings.gateway_breaker_threshold,
             cooldown_s=settings.gateway_breaker_cooldown_s,
             max_cooldown_s=settings.gateway_breaker_max_cooldown_s,
+            open_gauge=CIRCUIT_OPEN,
         ),
     )
 

@@ -30,7 +30,6 @@ from paystream.kafka import (
     CommitAnswered,
     KafkaConsumer,
     KafkaEvent,
-    Key,
     OffsetLost,
     Offsets,
     Revoked,
@@ -43,7 +42,7 @@ from paystream.metrics import (
     RECORDS_EXPIRED,
     REWINDS,
 )
-from paystream.model import Record
+from paystream.model import PartitionId, Record
 from paystream.pipeline import BatchResult, Pipeline
 
 log = logging.getLogger(__name__)
@@ -85,7 +84,7 @@ class Membership:
     yet placed, and what to commit (position.Commits)."""
 
     def __init__(self, commits: position.Commits | None = None) -> None:
-        self.assignment: set[Key] = set()
+        self.assignment: set[PartitionId] = set()
         self.generation = 0
         # Who writes the outcomes of what is fetched: a new writer with every assignment, since
         # after one a partition may be read again from its start while batches of the previous
@@ -97,9 +96,9 @@ class Membership:
         # where they are read from). The former are read meanwhile from where they were assigned
         # (`assigned_at`: the group's committed offset, None for the log start); the latter are
         # paused, `lost` holding where reading stood.
-        self.unplaced: set[Key] = set()
-        self.assigned_at: dict[Key, int | None] = {}
-        self.lost: dict[Key, int] = {}
+        self.unplaced: set[PartitionId] = set()
+        self.assigned_at: dict[PartitionId, int | None] = {}
+        self.lost: dict[PartitionId, int] = {}
         # Starts of the latest assignments the fetching side has not taken yet (take_starts).
         self._new_starts: Offsets = {}
         self.placing = asyncio.Event()
@@ -169,8 +168,8 @@ class Batch:
 
     records: list[Record]
     writer: UUID
-    spans: dict[Key, store.Span]
-    epochs: dict[Key, int]
+    spans: dict[PartitionId, store.Span]
+    epochs: dict[PartitionId, int]
 
     def extend(self, other: Batch) -> None:
         """Take on a later fetch of the same assignment (while fetching is paused)."""
@@ -257,7 +256,7 @@ class BatchConsumer:
         for key, reached in fetched.positions.items():
             if reached > ends.get(key, self._fetched_to.get(key, reached)):
                 ends[key] = reached
-        spans: dict[Key, store.Span] = {}
+        spans: dict[PartitionId, store.Span] = {}
         for key, end in ends.items():
             first = firsts.get(key, end)
             spans[key] = (min(self._fetched_to.get(key, first), first), end)
@@ -343,7 +342,7 @@ class BatchConsumer:
             if not membership.unplaced:
                 await pause(_CHECK_POSITIONS_S, stop, membership.placing)
 
-    async def _place(self, keys: set[Key], generation: int) -> None:
+    async def _place(self, keys: set[PartitionId], generation: int) -> None:
         """Choose where each of `keys` starts (position.resolve), make what that says durable
         (a first position, a gap kept, a position moved back), then seek there.
 
@@ -361,8 +360,8 @@ class BatchConsumer:
             key for key in keys if key in lost or (key not in recorded and committed(key) is None)
         }
         bounds = await self._kafka.bounds(unknown) if unknown else {}
-        starts: dict[Key, position.Start] = {}
-        seeks: dict[Key, int] = {}
+        starts: dict[PartitionId, position.Start] = {}
+        seeks: dict[PartitionId, int] = {}
         async with self._pool.connection() as conn, conn.transaction():
             for key in sorted(keys):
                 low, high = bounds.get(key, (0, _IN_THE_LOG))
@@ -391,7 +390,12 @@ class BatchConsumer:
         )
 
     async def _record_start(
-        self, conn: store.Conn, key: Key, start: position.Start, recorded: int | None, low: int
+        self,
+        conn: store.Conn,
+        key: PartitionId,
+        start: position.Start,
+        recorded: int | None,
+        low: int,
     ) -> None:
         """What a start says, durable and told: a first position, records expired unread (kept as
         a gap, reported), a position behind the group's or past the log's end."""
@@ -452,7 +456,7 @@ class BatchConsumer:
             )
             self._restart(key, offset)
 
-    def _restart(self, key: Key, offset: int) -> None:
+    def _restart(self, key: PartitionId, offset: int) -> None:
         self._progress.restart(key, offset)
         self._fetched_to[key] = offset
 

@@ -134,7 +134,7 @@ class DashboardState:
                     REPORTS_UNDELIVERABLE.set(await store.undeliverable_reports(conn))
                 answered = True
                 now = time.time()
-                for reason in {r.value for r in Reason} | summaries.keys():
+                for reason in Reason:
                     found = summaries.get(reason)
                     age_s = None if found is None else found.oldest_age_s(now)
                     KEPT_UNRESOLVED.labels(reason=reason).set(found.unresolved if found else 0)

@@ -21,12 +21,13 @@ import itertools
 import logging
 import random
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import timedelta
+from enum import StrEnum
 
 import stamina
 from opentelemetry.trace import SpanKind
-from prometheus_client import Counter
+from prometheus_client import Counter, Gauge
 from pyreqwest.client import Client
 
 from paystream import tracing
@@ -40,7 +41,7 @@ from paystream.errors import (
     Redirected,
     Unanswered,
 )
-from paystream.metrics import CIRCUIT_OPEN, GATEWAY_CALLS, GATEWAY_SECONDS
+from paystream.metrics import GATEWAY_CALLS, GATEWAY_SECONDS
 from paystream.model import Approved, Declined
 from paystream.thirdparty import Answer, post
 
@@ -66,7 +67,14 @@ def idempotency_key(payment_id: str) -> str:
     return hashlib.sha256(b"paystream idempotency\0" + payment_id.encode()).hexdigest()[:32]
 
 
-Verdict = Approved | Declined
+Decision = Approved | Declined
+"""The gateway's answer to one payment (rules.Verdict adds the answer that never came)."""
+
+
+class BreakerState(StrEnum):
+    CLOSED = "closed"
+    OPEN = "open"
+    HALF_OPEN = "half-open"
 
 
 class CircuitBreaker:
@@ -77,9 +85,16 @@ class CircuitBreaker:
     """
 
     def __init__(
-        self, *, threshold: int = 20, cooldown_s: float = 2.0, max_cooldown_s: float = 30.0
+        self,
+        *,
+        threshold: int = 20,
+        cooldown_s: float = 2.0,
+        max_cooldown_s: float = 30.0,
+        open_gauge: Gauge | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        """The defaults are Settings' gateway_breaker_* defaults."""
+        """The defaults are Settings' gateway_breaker_* defaults. `open_gauge` reads 1 while the
+        breaker is open; `clock` tells the time in seconds."""
         self._threshold = threshold
         self._base_cooldown_s = cooldown_s
         self._max_cooldown_s = max_cooldown_s
@@ -87,21 +102,29 @@ class CircuitBreaker:
         self._failures = 0
         self._open_until = 0.0
         self._probing = False
-        # Read from the state when scraped: a gauge set on calls would stay at 1 after the
-        # cool-down for as long as no call comes (an alert firing on an idle, healthy gateway).
-        CIRCUIT_OPEN.set_function(lambda: 1.0 if self.state == "open" else 0.0)
+        self._clock = clock
+        if open_gauge is not None:
+            # Read from the state when scraped: a gauge set on calls would stay at 1 after the
+            # cool-down for as long as no call comes (an alert firing on an idle gateway).
+            open_gauge.set_function(lambda: float(self.state is BreakerState.OPEN))
 
     @property
-    def state(self) -> str:
+    def state(self) -> BreakerState:
         if self._failures < self._threshold:
-            return "closed"
-        return "half-open" if time.monotonic() >= self._open_until else "open"
+            return BreakerState.CLOSED
+        if self._clock() >= self._open_until:
+            return BreakerState.HALF_OPEN
+        return BreakerState.OPEN
+
+    @property
+    def closed(self) -> bool:
+        return self.state is BreakerState.CLOSED
 
     def allow(self) -> bool:
         if self._failures < self._threshold:
             return True
         match self.state:
-            case "half-open" if not self._probing:
+            case BreakerState.HALF_OPEN if not self._probing:
                 self._probing = True
                 return True
             case _:
@@ -123,7 +146,7 @@ class CircuitBreaker:
             self._cooldown_s = min(self._cooldown_s * 2, self._max_cooldown_s)
         self._probing = False
         if self._failures >= self._threshold:
-            self._open_until = time.monotonic() + self._cooldown_s
+            self._open_until = self._clock() + self._cooldown_s
 
 
 class OldestFirst:
@@ -207,7 +230,7 @@ class Gateway:
         self,
         payments: Sequence[tuple[str, bytes]],
         traceparents: Sequence[str | None] | None = None,
-    ) -> list[Verdict | GatewayUnavailable]:
+    ) -> list[Decision | GatewayUnavailable]:
         """Validate each (payment_id, body); the verdicts (or why there is none) in that order.
         `traceparents`: each payment's producer's trace context, its calls' parent (tracing).
 
@@ -217,7 +240,7 @@ class Gateway:
         """
         priority = time.monotonic()
         pending = iter(enumerate(payments))
-        answers: dict[int, Verdict | GatewayUnavailable] = {}
+        answers: dict[int, Decision | GatewayUnavailable] = {}
         parents = traceparents if traceparents is not None and tracing.enabled() else None
 
         async def lane() -> None:
@@ -238,7 +261,7 @@ class Gateway:
 
     async def validate(
         self, payment_id: str, body: bytes, priority: float | None = None
-    ) -> Verdict:
+    ) -> Decision:
         """POST the payment as it arrived. Raises GatewayUnavailable once the budget is spent
         (CircuitOpen when the breaker refused the first attempt, so nothing was sent).
 
@@ -272,7 +295,7 @@ class Gateway:
             raise GatewayUnavailable(str(exc)) from exc
         raise AssertionError("unreachable: retry_context either returns or raises")
 
-    async def _attempt(self, body: bytes, headers: Mapping[str, str], priority: float) -> Verdict:
+    async def _attempt(self, body: bytes, headers: Mapping[str, str], priority: float) -> Decision:
         if not self.breaker.allow():
             raise CircuitOpen("circuit open after repeated gateway failures")
         try:
@@ -286,7 +309,7 @@ class Gateway:
         self.breaker.succeeded()
         return verdict
 
-    async def _call(self, body: bytes, headers: Mapping[str, str], priority: float) -> Verdict:
+    async def _call(self, body: bytes, headers: Mapping[str, str], priority: float) -> Decision:
         if not tracing.enabled():
             return await self._call_once(body, headers, priority)
         with tracing.span(
@@ -294,7 +317,9 @@ class Gateway:
         ):
             return await self._call_once(body, {**headers, **tracing.headers()}, priority)
 
-    async def _call_once(self, body: bytes, headers: Mapping[str, str], priority: float) -> Verdict:
+    async def _call_once(
+        self, body: bytes, headers: Mapping[str, str], priority: float
+    ) -> Decision:
         await self._slots.acquire(priority)
         started = time.perf_counter()
         try:

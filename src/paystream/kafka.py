@@ -29,15 +29,14 @@ from confluent_kafka import (
 
 from paystream import tracing
 from paystream.brokers import GroupProtocol, group_settings, group_timing, rejected
-from paystream.model import Record, RecordId
+from paystream.model import PartitionId, Record, RecordId
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-Key = tuple[str, int]
 """(topic, partition)."""
 
-Offsets = dict[Key, int]
+Offsets = dict[PartitionId, int]
 """(topic, partition) → the next offset to read, i.e. the offset to commit."""
 
 
@@ -83,9 +82,9 @@ class Assigned:
     yet); `committed` is None when it could not be read."""
 
     generation: int
-    partitions: frozenset[Key]
-    committed: Mapping[Key, int] | None
-    starts: Mapping[Key, int] | None = None
+    partitions: frozenset[PartitionId]
+    committed: Mapping[PartitionId, int] | None
+    starts: Mapping[PartitionId, int] | None = None
     """Where each partition is read from until the loop places it: its committed offset, or
     the log start (absent when neither could be read)."""
 
@@ -95,15 +94,15 @@ class Revoked:
     """Partitions taken away (revoked, or lost when the group evicted this member)."""
 
     generation: int
-    partitions: frozenset[Key]
+    partitions: frozenset[PartitionId]
 
 
 @dataclass(frozen=True, slots=True)
 class CommitAnswered:
     """The brokers' answer to an asynchronous commit: the offsets done, and the keys that failed."""
 
-    done: Mapping[Key, int]
-    failed: Mapping[Key, int]
+    done: Mapping[PartitionId, int]
+    failed: Mapping[PartitionId, int]
     reason: str | None
 
 
@@ -118,7 +117,7 @@ class OffsetLost:
     truncated topic): the partition is paused until the loop places it again (`place`)."""
 
     generation: int
-    key: Key
+    key: PartitionId
     offset: int
 
 
@@ -187,7 +186,7 @@ class KafkaConsumer:
         self._consumer: Consumer | None = None
         self._generation = 0  # one more with every rebalance callback
         self._paused = False
-        self._unplaced: set[Key] = set()  # paused until `place`: never committed, or lost
+        self._unplaced: set[PartitionId] = set()  # paused until `place`: never committed, or lost
         self._broker_ok = True
         self._next_probe = 0.0
 
@@ -213,7 +212,7 @@ class KafkaConsumer:
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         self._generation += 1
-        committed: dict[Key, int] | None = None
+        committed: dict[PartitionId, int] | None = None
         try:
             read = consumer.committed(partitions, timeout=_COMMITTED_READ_S) if partitions else []
             committed = {(tp.topic, tp.partition): tp.offset for tp in read if tp.offset >= 0}
@@ -339,7 +338,7 @@ class KafkaConsumer:
         if partitions:
             (self._consumer.pause if paused else self._consumer.resume)(partitions)
 
-    def _place(self, starts: Offsets, generation: int, release: Iterable[Key] = ()) -> bool:
+    def _place(self, starts: Offsets, generation: int, release: Iterable[PartitionId] = ()) -> bool:
         assert self._consumer is not None
         if generation != self._generation:
             return False  # chosen before a rebalance that ran since: the loop chooses again
@@ -381,13 +380,15 @@ class KafkaConsumer:
                 self._consumer.pause(paused)
         self._consumer.pause([TopicPartition(*key)])
 
-    async def place(self, starts: Offsets, generation: int, release: Iterable[Key] = ()) -> bool:
+    async def place(
+        self, starts: Offsets, generation: int, release: Iterable[PartitionId] = ()
+    ) -> bool:
         """Read these partitions from these offsets from now on (an assignment's start, or a
         rewind), and those of `release` waiting to be placed from where they are; False, and
         nothing done, if a rebalance has run since `generation`."""
         return await self._call(self._place, starts, generation, list(release))
 
-    def _bounds(self, keys: Iterable[Key]) -> dict[Key, tuple[int, int]]:
+    def _bounds(self, keys: Iterable[PartitionId]) -> dict[PartitionId, tuple[int, int]]:
         assert self._consumer is not None
         bounds = {}
         for topic, partition in keys:
@@ -399,7 +400,7 @@ class KafkaConsumer:
             bounds[(topic, partition)] = found
         return bounds
 
-    async def bounds(self, keys: Iterable[Key]) -> dict[Key, tuple[int, int]]:
+    async def bounds(self, keys: Iterable[PartitionId]) -> dict[PartitionId, tuple[int, int]]:
         """The log start and end offsets of these partitions. Raises KafkaException."""
         return await self._call(self._bounds, list(keys))
 
@@ -459,11 +460,11 @@ class KafkaConsumer:
             self._executor.shutdown(wait=True)
 
 
-def tp_key(tp: TopicPartition) -> Key:
+def tp_key(tp: TopicPartition) -> PartitionId:
     return (tp.topic, tp.partition)
 
 
-def _keys(partitions: list[TopicPartition]) -> frozenset[Key]:
+def _keys(partitions: list[TopicPartition]) -> frozenset[PartitionId]:
     return frozenset(tp_key(tp) for tp in partitions)
 
 

@@ -8,9 +8,9 @@ from collections.abc import Mapping
 import stamina
 from confluent_kafka import Consumer, KafkaException, TopicPartition
 
-from paystream.kafka import Key
+from paystream.model import PartitionId
 
-Watermarks = dict[Key, tuple[int, int]]
+Watermarks = dict[PartitionId, tuple[int, int]]
 """(topic, partition) → (low, high): the first offset still on the broker and the next one."""
 
 
@@ -37,7 +37,7 @@ class GroupLag:
         return ends
 
     @stamina.retry(on=KafkaException, attempts=5, timeout=30)
-    def behind(self, watermarks: Watermarks | None = None) -> dict[Key, int]:
+    def behind(self, watermarks: Watermarks | None = None) -> dict[PartitionId, int]:
         """Per partition, records past the committed offset (from the start for a partition the
         group never committed), against `watermarks` or the ends as they are now.
 

@@ -5,6 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import StrEnum
 
+PartitionId = tuple[str, int]
+"""A partition of a topic: (topic, partition), as Kafka, the database's positions and the
+writers' table all name it."""
+
 
 class PaymentType(StrEnum):
     ONLINE = "online"
@@ -97,7 +101,7 @@ class Existing:
 
     payment_id: str
     account_id: int
-    payment_type: str
+    payment_type: PaymentType
     credit_card: str | None
     amount: int
     origin: RecordId | None

@@ -30,7 +30,7 @@ from paystream.codec import decode
 from paystream.errors import DatabaseUnavailable
 from paystream.gateway import Gateway
 from paystream.metrics import DATABASE_SECONDS, KEPT, REDELIVERED, STORED
-from paystream.model import Kept, Payment, PaymentType, Reason, Record, RecordId
+from paystream.model import Kept, PartitionId, Payment, PaymentType, Reason, Record, RecordId
 from paystream.sealing import KeptCipher
 
 log = logging.getLogger(__name__)
@@ -116,7 +116,7 @@ class Pipeline:
         records: Sequence[Record],
         *,
         writer: UUID | None = None,
-        spans: Mapping[store.Partition, store.Span] | None = None,
+        spans: Mapping[PartitionId, store.Span] | None = None,
     ) -> BatchResult:
         """Make every record's outcome durable. Raises DatabaseUnavailable (retry the batch).
 
@@ -136,7 +136,7 @@ class Pipeline:
         records: Sequence[Record],
         writer: UUID,
         outcomes: Outcomes,
-        spans: Mapping[store.Partition, store.Span],
+        spans: Mapping[PartitionId, store.Span],
     ) -> BatchResult:
         try:
             with tracing.span("paystream.decode"):
@@ -186,8 +186,9 @@ class Pipeline:
         with tracing.span("paystream.load"):
             async with self._pool.connection() as conn:
                 await conn.set_autocommit(True)
-                ids = [(r.id, None) for r, _ in online]
-                done = await store.processed_records(conn, ids, kept=outcomes.kept_is_done)
+                done = await store.processed_records(
+                    conn, [r.id for r, _ in online], kept=outcomes.kept_is_done
+                )
                 stored = await store.stored_payment_ids(
                     conn, [p.payment_id for r, p in online if r.id not in done]
                 )
@@ -211,7 +212,7 @@ class Pipeline:
         triaged: rules.Triaged,
         writer: UUID,
         outcomes: Outcomes,
-        spans: Mapping[store.Partition, store.Span],
+        spans: Mapping[PartitionId, store.Span],
     ) -> BatchResult:
         """One transaction, which records `spans` done too. On a data error, split the batch
         until the bad record is isolated; the spans are recorded once every part is durable."""
@@ -256,7 +257,7 @@ class Pipeline:
         triaged: rules.Triaged,
         writer: UUID,
         outcomes: Outcomes,
-        spans: Mapping[store.Partition, store.Span],
+        spans: Mapping[PartitionId, store.Span],
     ) -> BatchResult:
         """`_write_in` in one transaction that holds the batch's partitions for `writer`, after
         taking over those another writer had (a rebalance; replay and the consumer in turn)."""
@@ -276,14 +277,14 @@ class Pipeline:
         conn: store.Conn,
         triaged: rules.Triaged,
         outcomes: Outcomes,
-        spans: Mapping[store.Partition, store.Span],
+        spans: Mapping[PartitionId, store.Span],
     ) -> BatchResult:
         # Authoritative re-check, the partitions held: another owner may have finished these. A
         # candidate that stored its payment before shows up below as a conflict from itself.
         done = await store.processed_records(
             conn,
-            [(c.record.id, None) for c in triaged.candidates]
-            + [(k.record.id, k.payment_id) for k in triaged.kept],
+            [c.record.id for c in triaged.candidates] + [k.record.id for k in triaged.kept],
+            stored_as={k.record.id: k.payment_id for k in triaged.kept if k.payment_id is not None},
             kept=outcomes.kept_is_done,
         )
         accounts = await store.existing_accounts(

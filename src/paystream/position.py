@@ -18,8 +18,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 
-Key = tuple[str, int]
-"""(topic, partition)."""
+from paystream.model import PartitionId
 
 
 class Source(StrEnum):
@@ -77,20 +76,20 @@ class Progress:
         self._next = 0
         self._oldest_unfinished = 0
         # A finished batch waiting for an older one keeps only its offsets, not its records.
-        self._finished: dict[int, tuple[Mapping[Key, int], Mapping[Key, int]]] = {}
-        self._epochs: dict[Key, int] = {}
-        self._running: Counter[tuple[Key, int]] = Counter()  # batches begun, not finished
-        self.durable: dict[Key, int] = {}
+        self._finished: dict[int, tuple[Mapping[PartitionId, int], Mapping[PartitionId, int]]] = {}
+        self._epochs: dict[PartitionId, int] = {}
+        self._running: Counter[tuple[PartitionId, int]] = Counter()  # batches begun, not finished
+        self.durable: dict[PartitionId, int] = {}
 
-    def restart(self, key: Key, offset: int) -> None:
+    def restart(self, key: PartitionId, offset: int) -> None:
         """Reading `key` starts again at `offset`."""
         self._epochs[key] = self._epochs.get(key, 0) + 1
         self.durable[key] = offset
 
-    def epochs(self, keys: Iterable[Key]) -> dict[Key, int]:
+    def epochs(self, keys: Iterable[PartitionId]) -> dict[PartitionId, int]:
         return {key: self._epochs.get(key, 0) for key in keys}
 
-    def settled(self, key: Key) -> bool:
+    def settled(self, key: PartitionId) -> bool:
         """Whether no batch fetched before reading `key` last restarted is still running: until
         then the database may lag behind `durable` there without having gone back."""
         current = self._epochs.get(key, 0)
@@ -98,13 +97,15 @@ class Progress:
             n for (k, epoch), n in self._running.items() if k == key and epoch != current
         )
 
-    def begin(self, epochs: Mapping[Key, int]) -> int:
+    def begin(self, epochs: Mapping[PartitionId, int]) -> int:
         """A batch fetched in `epochs` starts; its sequence number."""
         self._running.update(epochs.items())
         self._next += 1
         return self._next - 1
 
-    def finish(self, seq: int, ends: Mapping[Key, int], epochs: Mapping[Key, int]) -> None:
+    def finish(
+        self, seq: int, ends: Mapping[PartitionId, int], epochs: Mapping[PartitionId, int]
+    ) -> None:
         """Batch `seq`, fetched in `epochs`, made durable each partition up to its end."""
         self._running.subtract(epochs.items())
         self._running = +self._running  # drop the zeros
@@ -135,11 +136,15 @@ class Commits:
         self._retry_s = retry_s
         self._clock = clock
         self._retry_at = 0.0
-        self.owned: set[Key] = set()
-        self._committed: dict[Key, int] = {}  # the group's, read on assignment, raised by commits
-        self._committing: dict[Key, int] = {}  # sent, not yet answered
+        self.owned: set[PartitionId] = set()
+        self._committed: dict[
+            PartitionId, int
+        ] = {}  # the group's, read on assignment, raised by commits
+        self._committing: dict[PartitionId, int] = {}  # sent, not yet answered
 
-    def assigned(self, keys: Iterable[Key], committed: Mapping[Key, int] | None) -> None:
+    def assigned(
+        self, keys: Iterable[PartitionId], committed: Mapping[PartitionId, int] | None
+    ) -> None:
         """Partitions given to this instance, with the group's committed offset of each (None:
         it could not be read; absent: there is none)."""
         keys = set(keys)
@@ -151,16 +156,16 @@ class Commits:
                 else:
                     self._committed.pop(key, None)
 
-    def revoked(self, keys: Iterable[Key]) -> None:
+    def revoked(self, keys: Iterable[PartitionId]) -> None:
         for key in keys:
             self.owned.discard(key)
             self._committing.pop(key, None)
 
-    def committed(self, key: Key) -> int | None:
+    def committed(self, key: PartitionId) -> int | None:
         """The group's committed offset of a partition, as last known."""
         return self._committed.get(key)
 
-    def answered(self, done: Mapping[Key, int], failed: Mapping[Key, int]) -> None:
+    def answered(self, done: Mapping[PartitionId, int], failed: Mapping[PartitionId, int]) -> None:
         """The brokers' answer to a commit sent."""
         for key, offset in {**done, **failed}.items():
             if self._committing.get(key, -1) <= offset:
@@ -170,7 +175,7 @@ class Commits:
         if failed:  # sent again after the pause while the partitions are ours (rule 3)
             self._retry_at = self._clock() + self._retry_s
 
-    def ahead(self, durable: Mapping[Key, int]) -> dict[Key, int]:
+    def ahead(self, durable: Mapping[PartitionId, int]) -> dict[PartitionId, int]:
         """Rules 1 and 2: what of `durable` a commit would move forward."""
         return {
             key: offset
@@ -179,17 +184,19 @@ class Commits:
             and offset > max(self._committed.get(key, -1), self._committing.get(key, -1))
         }
 
-    def due(self, durable: Mapping[Key, int], *, last: bool = False) -> dict[Key, int]:
+    def due(
+        self, durable: Mapping[PartitionId, int], *, last: bool = False
+    ) -> dict[PartitionId, int]:
         """What to send now (rule 3 too, unless it is the `last`): nothing, or `ahead`."""
         if not last and self._clock() < self._retry_at:
             return {}
         return self.ahead(durable)
 
-    def sending(self, offsets: Mapping[Key, int]) -> None:
+    def sending(self, offsets: Mapping[PartitionId, int]) -> None:
         """A commit of `offsets` is about to be sent (its answer may come before the call ends)."""
         self._committing.update(offsets)
 
-    def not_sent(self, offsets: Mapping[Key, int]) -> None:
+    def not_sent(self, offsets: Mapping[PartitionId, int]) -> None:
         """The commit could not be sent (the assignment changed, the client refused)."""
         for key, offset in offsets.items():
             if self._committing.get(key) == offset:

@@ -14,7 +14,7 @@ import psycopg_pool
 from paystream import store
 from paystream.backoff import pause
 from paystream.errors import DatabaseUnavailable, GatewayUnavailable, SealedRecordUnreadable
-from paystream.gateway import Gateway
+from paystream.gateway import BreakerState, Gateway
 from paystream.model import Reason
 from paystream.pipeline import BatchResult, Pipeline
 
@@ -85,11 +85,11 @@ async def revalidate(
     """
 
     waiting = store.KeptFilter(
-        reason=Reason.GATEWAY_UNAVAILABLE.value, unresolved_only=True, max_replays=max_attempts
+        reason=Reason.GATEWAY_UNAVAILABLE, unresolved_only=True, max_replays=max_attempts
     )
 
     def closed() -> bool:
-        return gateway.breaker.state == "closed"
+        return gateway.breaker.closed
 
     while not stop.is_set():
         await pause(every_s, stop)
@@ -118,7 +118,7 @@ async def _probe(
     """Whether a half-open breaker closed on one call for the oldest payment waiting on the
     gateway. Its verdict is not kept: the replay that follows asks again, with the same
     idempotency key, so the provider sees one request."""
-    if gateway.breaker.state != "half-open":
+    if gateway.breaker.state is not BreakerState.HALF_OPEN:
         return False
     rows = await _kept(pool, waiting, 0, 1)
     if not rows or rows[0].payment_id is None:
@@ -128,4 +128,4 @@ async def _probe(
     except GatewayUnavailable as exc:
         log.info("gateway probe failed, circuit stays open: %s", exc)
         return False
-    return gateway.breaker.state == "closed"
+    return gateway.breaker.closed

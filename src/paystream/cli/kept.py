@@ -13,14 +13,15 @@ from rich.table import Table
 from rich.text import Text
 
 from paystream.cli.common import app, console, out, read_settings, with_pool
+from paystream.model import ErrorType, Reason
 
 if TYPE_CHECKING:
     from paystream.store import KeptFilter
 
 
 def _kept_filter(
-    error_type: str | None = None,
-    reason: str | None = None,
+    error_type: ErrorType | None = None,
+    reason: Reason | None = None,
     topic: str | None = None,
     since: datetime | None = None,
     unresolved: bool = False,
@@ -38,14 +39,15 @@ def _kept_filter(
     )
 
 
-TypeOption = Annotated[str | None, typer.Option("--type", help="database, network or other")]
+TypeOption = Annotated[ErrorType | None, typer.Option("--type", help="the log's error type")]
+ReasonOption = Annotated[Reason | None, typer.Option(help="why records were kept")]
 SinceOption = Annotated[datetime | None, typer.Option(help="kept at or after (ISO time)")]
 
 
 @app.command(rich_help_panel="Kept records")
 def errors(
     error_type: TypeOption = None,
-    reason: Annotated[str | None, typer.Option(help="e.g. declined, duplicate, malformed")] = None,
+    reason: ReasonOption = None,
     topic: str | None = None,
     since: SinceOption = None,
     unresolved: Annotated[bool, typer.Option(help="only records not resolved by a replay")] = False,
@@ -153,9 +155,7 @@ def replay(
         list[int] | None, typer.Option("--id", help="kept record id (repeatable)")
     ] = None,
     error_type: TypeOption = None,
-    reason: Annotated[
-        str | None, typer.Option(help="e.g. unknown_account, gateway_unavailable")
-    ] = None,
+    reason: ReasonOption = None,
     since: SinceOption = None,
     batch: Annotated[int, typer.Option(help="records per transaction", min=1)] = 200,
 ) -> None:

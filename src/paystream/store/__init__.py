@@ -4,7 +4,6 @@ functions of its modules (`batch` for a batch's transaction, `kept` for listings
 
 from paystream.store.batch import (
     Inserted,
-    Partition,
     existing_accounts,
     existing_payments,
     hold_partitions,
@@ -57,7 +56,6 @@ __all__ = [
     "KeptFilter",
     "KeptRow",
     "KeptSummary",
-    "Partition",
     "Replayed",
     "Report",
     "Span",

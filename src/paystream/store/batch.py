@@ -3,8 +3,7 @@ transaction: the pipeline runs them in its one transaction per batch."""
 
 from __future__ import annotations
 
-import base64
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
@@ -13,24 +12,15 @@ from uuid import UUID
 from psycopg.rows import class_row, kwargs_row, scalar_row
 
 from paystream import tracing
-from paystream.model import Existing, Kept, Payment, RecordId
+from paystream.model import Existing, Kept, PartitionId, Payment, PaymentType, RecordId
 from paystream.sealing import KeptCipher
+from paystream.store import documents
 from paystream.store.queries import Conn, json, query
-
-Partition = tuple[str, int]
-
-
-def _partitions(partitions: Iterable[Partition]) -> str:
-    return json([{"t": t, "p": p} for t, p in sorted(set(partitions))])
-
-
-def _record_ids(ids: Iterable[RecordId]) -> str:
-    return json([{"t": i.topic, "p": i.partition, "o": i.offset, "s": i.timestamp_ms} for i in ids])
 
 
 async def hold_partitions(
-    conn: Conn, writer: UUID, partitions: Iterable[Partition]
-) -> set[Partition]:
+    conn: Conn, writer: UUID, partitions: Iterable[PartitionId]
+) -> set[PartitionId]:
     """Hold, until the transaction ends, those of the partitions `writer` writes; return the
     others, which it must take over (`take_partitions`) before writing their records.
 
@@ -39,38 +29,40 @@ async def hold_partitions(
     """
     wanted = set(partitions)
     cursor = await conn.execute(
-        query("hold_partitions"), {"partitions": _partitions(wanted), "writer": writer}
+        query("hold_partitions"), {"partitions": documents.partitions(wanted), "writer": writer}
     )
     return wanted - {(t, p) for t, p in await cursor.fetchall()}
 
 
-async def take_partitions(conn: Conn, writer: UUID, partitions: Iterable[Partition]) -> None:
+async def take_partitions(conn: Conn, writer: UUID, partitions: Iterable[PartitionId]) -> None:
     """Make `writer` the writer of these partitions (commit it at once). Waits until every
     transaction holding them for their previous writer has ended, so a record is never decided
     by two writers at the same time (two owners of a partition overlap during a rebalance)."""
     await conn.execute(
-        query("take_partitions"), {"partitions": _partitions(partitions), "writer": writer}
+        query("take_partitions"),
+        {"partitions": documents.partitions(partitions), "writer": writer},
     )
 
 
 async def processed_records(
-    conn: Conn, checks: Sequence[tuple[RecordId, str | None]], *, kept: bool = True
+    conn: Conn,
+    records: Sequence[RecordId],
+    *,
+    stored_as: Mapping[RecordId, str] | None = None,
+    kept: bool = True,
 ) -> set[RecordId]:
     """Which of these records already have a durable outcome.
 
-    A record is done when (with `kept`) it is kept, or when its payment_id is given and the
-    stored payment of that id came from this very record. Pass no payment_id for a record about
-    to be inserted: the insert's conflict tells a redelivery apart more cheaply. Kept records are
-    looked up by offset range per partition, one index range scan each, not one probe a record.
+    A record is done when (with `kept`) it is kept, or when it is in `stored_as` and the stored
+    payment of the payment_id given there came from this very record. Leave out of `stored_as`
+    a record about to be inserted: the insert's conflict tells a redelivery apart more cheaply.
+    Kept records are looked up by offset range per partition, one index range scan each, not
+    one probe a record.
     """
-    stored = [
-        {"i": pid, "t": i.topic, "p": i.partition, "o": i.offset, "s": i.timestamp_ms}
-        for i, pid in checks
-        if pid is not None
-    ]
-    ranges: dict[Partition, tuple[int, int]] = {}
+    stored = list((stored_as or {}).items())
+    ranges: dict[PartitionId, tuple[int, int]] = {}
     if kept:
-        for i, _ in checks:
+        for i in records:
             lo, hi = ranges.get((i.topic, i.partition), (i.offset, i.offset))
             ranges[(i.topic, i.partition)] = (min(lo, i.offset), max(hi, i.offset))
     if not stored and not ranges:
@@ -78,14 +70,9 @@ async def processed_records(
     cursor = conn.cursor(row_factory=class_row(RecordId))
     await cursor.execute(
         query("processed_records"),
-        {
-            "stored": json(stored),
-            "kept": json(
-                [{"t": t, "p": p, "lo": lo, "hi": hi} for (t, p), (lo, hi) in ranges.items()]
-            ),
-        },
+        {"stored": documents.stored_checks(stored), "kept": documents.offset_ranges(ranges)},
     )
-    asked = {i for i, _ in checks}
+    asked = set(records) | set(stored_as or ())
     return {i for i in await cursor.fetchall() if i in asked}
 
 
@@ -121,22 +108,8 @@ async def insert_payments(
     already present is skipped. Returns those inserted."""
     if not payments:
         return []
-    rows = [
-        {
-            "i": p.payment_id,
-            "a": p.account_id,
-            "t": p.payment_type.value,
-            "c": p.credit_card,
-            "m": p.amount,
-            "rt": origin.topic,
-            "rp": origin.partition,
-            "ro": origin.offset,
-            "rs": origin.timestamp_ms,
-        }
-        for p, origin in zip(payments, origins, strict=True)
-    ]
     cursor = conn.cursor(row_factory=class_row(Inserted))
-    await cursor.execute(query("insert_payments"), {"rows": json(rows)})
+    await cursor.execute(query("insert_payments"), {"rows": documents.payments(payments, origins)})
     return await cursor.fetchall()
 
 
@@ -153,7 +126,7 @@ async def stamp_accounts(conn: Conn, inserted: Sequence[Inserted]) -> None:
     )
     await conn.execute(
         query("stamp_accounts"),
-        {"rows": json([{"a": i.account_id, "c": i.created_on.isoformat()} for i in inserted])},
+        {"rows": documents.stamps(inserted)},
     )
 
 
@@ -175,7 +148,7 @@ def _existing(
     return Existing(
         payment_id=payment_id,
         account_id=account_id,
-        payment_type=payment_type,
+        payment_type=PaymentType(payment_type),
         credit_card=credit_card,
         amount=int(amount),
         origin=origin,
@@ -204,29 +177,14 @@ async def insert_kept(conn: Conn, kept: Sequence[Kept], cipher: KeptCipher | Non
         if raw is not None and cipher is not None:
             sealed = cipher.seal(k.record.id, raw)
             raw, key = sealed.value, sealed.key
-        rows.append(
-            {
-                "t": k.record.id.topic,
-                "p": k.record.id.partition,
-                "o": k.record.id.offset,
-                "s": k.record.id.timestamp_ms,
-                "b": None if raw is None else base64.b64encode(raw).decode(),
-                "k": key,
-                "i": k.payment_id,
-                "e": k.error_type.value,
-                "r": k.reason.value,
-                "d": k.description,
-                "m": k.amount,
-                "tp": k.record.traceparent or here,
-            }
-        )
+        rows.append(documents.kept(k, raw, key, k.record.traceparent or here))
     await conn.execute(query("insert_kept"), {"rows": json(rows)})
 
 
 async def resolve_kept(conn: Conn, ids: Sequence[RecordId]) -> None:
     """A replay stored these kept records' payments."""
     if ids:
-        await conn.execute(query("resolve_kept"), {"ids": _record_ids(ids)})
+        await conn.execute(query("resolve_kept"), {"ids": documents.records(ids)})
 
 
 async def update_kept(conn: Conn, kept: Sequence[Kept]) -> None:
@@ -237,12 +195,12 @@ async def update_kept(conn: Conn, kept: Sequence[Kept]) -> None:
             query("update_kept"),
             {
                 "reason": k.reason.value,
-                "etype": k.error_type.value,
-                "desc": k.description,
+                "error_type": k.error_type.value,
+                "description": k.description,
                 "attempted": k.attempted,
-                "t": k.record.id.topic,
-                "p": k.record.id.partition,
-                "o": k.record.id.offset,
-                "ts": k.record.id.timestamp_ms,
+                "topic": k.record.id.topic,
+                "partition": k.record.id.partition,
+                "offset": k.record.id.offset,
+                "kafka_ts": k.record.id.timestamp_ms,
             },
         )

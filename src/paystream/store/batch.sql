@@ -1,36 +1,42 @@
 -- The statements of a batch's transaction (paystream.pipeline). Lists travel as one JSON
--- document unpacked with json_to_recordset or json_array_elements_text (see store.queries.json).
+-- document unpacked with json_to_recordset (its rows typed in store.documents, their keys named
+-- as the columns below declare them) or json_array_elements_text (see store.queries.json).
 
 -- hold_partitions --
--- Those of the partitions (t, p) whose writer is %(writer)s, locked FOR SHARE until the
--- transaction ends, in key order (the order take_partitions locks them in: no deadlock).
+-- Those of the partitions whose writer is %(writer)s, locked FOR SHARE until the transaction
+-- ends, in key order (the order take_partitions locks them in: no deadlock).
 SELECT w.topic, w."partition"
 FROM paystream.partition_writers AS w
-JOIN json_to_recordset(%(partitions)s::json) AS r(t text, p int)
-    ON (w.topic, w."partition") = (r.t, r.p)
+JOIN json_to_recordset(%(partitions)s::json) AS r(topic text, "partition" int)
+    ON (w.topic, w."partition") = (r.topic, r."partition")
 WHERE w.writer = %(writer)s
 ORDER BY 1, 2
 FOR SHARE OF w;
 
 -- take_partitions --
--- Make %(writer)s the writer of the partitions (t, p); waits for every transaction holding them.
+-- Make %(writer)s the writer of the partitions; waits for every transaction holding them.
 INSERT INTO paystream.partition_writers (topic, "partition", writer)
-SELECT t, p, %(writer)s FROM json_to_recordset(%(partitions)s::json) AS r(t text, p int)
+SELECT topic, "partition", %(writer)s
+FROM json_to_recordset(%(partitions)s::json) AS r(topic text, "partition" int)
 ORDER BY 1, 2
 ON CONFLICT (topic, "partition") DO UPDATE SET writer = EXCLUDED.writer, since = now();
 
 -- processed_records --
--- The records with an outcome: stored from this very record (checked by payment id, i), or kept
+-- The records with an outcome: stored from this very record (checked by payment id), or kept
 -- (looked up by offset range per partition, one index range scan each).
 SELECT o.topic, o."partition", o."offset", o.kafka_ts AS timestamp_ms
-FROM json_to_recordset(%(stored)s::json) AS b(i text, t text, p int, o bigint, s bigint)
-JOIN paystream.payment_origins AS o ON o.payment_id = b.i
-    AND (o.topic, o."partition", o."offset", o.kafka_ts) = (b.t, b.p, b.o, b.s)
+FROM json_to_recordset(%(stored)s::json) AS b(
+    payment_id text, topic text, "partition" int, "offset" bigint, kafka_ts bigint)
+JOIN paystream.payment_origins AS o ON o.payment_id = b.payment_id
+    AND (o.topic, o."partition", o."offset", o.kafka_ts)
+        = (b.topic, b."partition", b."offset", b.kafka_ts)
 UNION ALL
 SELECT k.topic, k."partition", k."offset", k.kafka_ts AS timestamp_ms
-FROM json_to_recordset(%(kept)s::json) AS r(t text, p int, lo bigint, hi bigint)
+FROM json_to_recordset(%(kept)s::json) AS r(
+    topic text, "partition" int, first_offset bigint, last_offset bigint)
 JOIN paystream.kept_records AS k
-    ON k.topic = r.t AND k."partition" = r.p AND k."offset" BETWEEN r.lo AND r.hi;
+    ON k.topic = r.topic AND k."partition" = r."partition"
+    AND k."offset" BETWEEN r.first_offset AND r.last_offset;
 
 -- stored_payment_ids --
 SELECT payment_id FROM payments
@@ -48,16 +54,17 @@ WHERE account_id IN (SELECT value::int FROM json_array_elements_text(%(ids)s::js
 -- purge of payments left behind.
 WITH batch AS (
     SELECT * FROM json_to_recordset(%(rows)s::json) AS r(
-        i varchar, a int, t varchar, c varchar, m numeric,
-        rt text, rp int, ro bigint, rs bigint)
+        payment_id varchar, account_id int, payment_type varchar, credit_card varchar,
+        amount numeric, topic text, "partition" int, "offset" bigint, kafka_ts bigint)
 ), inserted AS (
     INSERT INTO payments (payment_id, account_id, payment_type, credit_card, amount)
-    SELECT i, a, t, c, m FROM batch ORDER BY 1
+    SELECT payment_id, account_id, payment_type, credit_card, amount FROM batch ORDER BY 1
     ON CONFLICT (payment_id) DO NOTHING
     RETURNING payment_id, account_id, created_on
 ), origins AS (
     INSERT INTO paystream.payment_origins (payment_id, topic, "partition", "offset", kafka_ts)
-    SELECT i, rt, rp, ro, rs FROM batch JOIN inserted ON inserted.payment_id = batch.i
+    SELECT payment_id, b.topic, b."partition", b."offset", b.kafka_ts
+    FROM batch AS b JOIN inserted USING (payment_id)
     ORDER BY 1
     ON CONFLICT (payment_id) DO UPDATE SET
         topic = EXCLUDED.topic, "partition" = EXCLUDED."partition",
@@ -76,9 +83,9 @@ FOR NO KEY UPDATE;
 -- last_payment_date only moves forward, to the newest stored payment's created_on.
 UPDATE accounts AS a SET last_payment_date = GREATEST(a.last_payment_date, s.latest)
 FROM (
-    SELECT a AS account_id, max(c) AS latest
-    FROM json_to_recordset(%(rows)s::json) AS r(a int, c timestamp)
-    GROUP BY a
+    SELECT account_id, max(created_on) AS latest
+    FROM json_to_recordset(%(rows)s::json) AS r(account_id int, created_on timestamp)
+    GROUP BY account_id
 ) AS s
 WHERE a.account_id = s.account_id;
 
@@ -94,10 +101,12 @@ WHERE p.payment_id = ANY(ARRAY(SELECT value::varchar FROM json_array_elements_te
 INSERT INTO paystream.kept_records
     (topic, "partition", "offset", kafka_ts, raw, raw_key,
      payment_id, error_type, reason, description, amount, traceparent)
-SELECT t, p, o, s, decode(b, 'base64'), k, i, e, r, d, m, tp
+SELECT topic, "partition", "offset", kafka_ts, decode(raw, 'base64'), raw_key,
+       payment_id, error_type, reason, description, amount, traceparent
 FROM json_to_recordset(%(rows)s::json) AS j(
-    t text, p int, o bigint, s bigint, b text, k text,
-    i text, e text, r text, d text, m numeric, tp text)
+    topic text, "partition" int, "offset" bigint, kafka_ts bigint, raw text, raw_key text,
+    payment_id text, error_type text, reason text, description text, amount numeric,
+    traceparent text)
 ON CONFLICT (topic, "partition", "offset", kafka_ts) DO NOTHING;
 
 -- resolve_kept --
@@ -105,8 +114,10 @@ ON CONFLICT (topic, "partition", "offset", kafka_ts) DO NOTHING;
 WITH resolved AS (
     UPDATE paystream.kept_records AS k
     SET resolved_at = now(), replays = replays + 1
-    FROM json_to_recordset(%(ids)s::json) AS r(t text, p int, o bigint, s bigint)
-    WHERE (k.topic, k."partition", k."offset", k.kafka_ts) = (r.t, r.p, r.o, r.s)
+    FROM json_to_recordset(%(ids)s::json) AS r(
+        topic text, "partition" int, "offset" bigint, kafka_ts bigint)
+    WHERE (k.topic, k."partition", k."offset", k.kafka_ts)
+        = (r.topic, r."partition", r."offset", r.kafka_ts)
     RETURNING k.id
 )
 INSERT INTO paystream.replays (kept_id, outcome, attempted)
@@ -122,9 +133,10 @@ WITH again AS (
         next_report_at = CASE WHEN reason = %(reason)s THEN next_report_at ELSE now() END,
         report_refusals = CASE WHEN reason = %(reason)s THEN report_refusals ELSE 0 END,
         undeliverable_at = CASE WHEN reason = %(reason)s THEN undeliverable_at END,
-        reason = %(reason)s, error_type = %(etype)s, description = %(desc)s
-    WHERE (topic, "partition", "offset", kafka_ts) = (%(t)s, %(p)s, %(o)s, %(ts)s)
+        reason = %(reason)s, error_type = %(error_type)s, description = %(description)s
+    WHERE (topic, "partition", "offset", kafka_ts)
+        = (%(topic)s, %(partition)s, %(offset)s, %(kafka_ts)s)
     RETURNING id
 )
 INSERT INTO paystream.replays (kept_id, outcome, reason, description, attempted)
-SELECT id, 'kept', %(reason)s, %(desc)s, %(attempted)s FROM again;
+SELECT id, 'kept', %(reason)s, %(description)s, %(attempted)s FROM again;

@@ -8,12 +8,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
+from enum import StrEnum
 
-from psycopg.rows import class_row, scalar_row
+from psycopg.rows import scalar_row
 
-from paystream.model import Record, RecordId
+from paystream.model import ErrorType, PaymentType, Reason, Record, RecordId
 from paystream.sealing import KeptCipher, open_raw
-from paystream.store.queries import Conn, fetch_all, fetch_one
+from paystream.store.queries import Conn, fetch_all, fetch_one, typed_row
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -30,8 +31,8 @@ class KeptRow:
     raw: bytes | None
     raw_key: str | None
     payment_id: str | None
-    error_type: str
-    reason: str
+    error_type: ErrorType
+    reason: Reason
     description: str
     amount: Decimal | None
     kept_at: datetime
@@ -79,15 +80,15 @@ class KeptRow:
         }
 
 
-_KEPT_ROW = class_row(KeptRow)
+_KEPT_ROW = typed_row(KeptRow)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class KeptFilter:
     """Which kept records a listing or a replay is about; every field left None matches all."""
 
-    error_type: str | None = None
-    reason: str | None = None
+    error_type: ErrorType | None = None
+    reason: Reason | None = None
     topic: str | None = None
     since: datetime | None = None
     unresolved_only: bool = False
@@ -98,8 +99,8 @@ class KeptFilter:
     def params(self) -> dict[str, object]:
         return {
             "pid": self.payment_id,
-            "etype": self.error_type,
-            "reason": self.reason,
+            "etype": None if self.error_type is None else self.error_type.value,
+            "reason": None if self.reason is None else self.reason.value,
             "topic": self.topic,
             "since": self.since,
             "unresolved": self.unresolved_only,
@@ -132,8 +133,8 @@ class KeptSummary:
     unresolved: how many, their total amount (where it could be read) and the oldest's business
     time (its Kafka timestamp, or when it was kept if the record had none)."""
 
-    reason: str
-    error_type: str
+    reason: Reason
+    error_type: ErrorType
     kept: int
     resolved: int
     unresolved: int
@@ -148,7 +149,7 @@ class KeptSummary:
 
 
 async def kept_by_reason(conn: Conn) -> list[KeptSummary]:
-    return await fetch_all(conn, class_row(KeptSummary), "kept_by_reason")
+    return await fetch_all(conn, typed_row(KeptSummary), "kept_by_reason")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -157,7 +158,7 @@ class StoredPayment:
 
     payment_id: str
     account_id: int
-    payment_type: str
+    payment_type: PaymentType
     amount: Decimal
     created_on: datetime
     topic: str | None
@@ -168,18 +169,23 @@ class StoredPayment:
 
 
 async def stored_payment(conn: Conn, payment_id: str) -> StoredPayment | None:
-    return await fetch_one(conn, class_row(StoredPayment), "stored_payment", {"pid": payment_id})
+    return await fetch_one(conn, typed_row(StoredPayment), "stored_payment", {"pid": payment_id})
+
+
+class ReplayOutcome(StrEnum):
+    STORED = "stored"
+    KEPT = "kept"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Replayed:
     kept_id: int
     replayed_at: datetime
-    outcome: str
-    reason: str | None
+    outcome: ReplayOutcome
+    reason: Reason | None
     description: str | None
     attempted: bool
 
 
 async def replays_of(conn: Conn, kept_ids: Sequence[int]) -> list[Replayed]:
-    return await fetch_all(conn, class_row(Replayed), "replays_of", {"ids": list(kept_ids)})
+    return await fetch_all(conn, typed_row(Replayed), "replays_of", {"ids": list(kept_ids)})

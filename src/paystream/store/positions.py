@@ -5,26 +5,22 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 
-from paystream.store.batch import Partition as Key
-from paystream.store.queries import Conn, json, query
+from paystream.model import PartitionId
+from paystream.store import documents
+from paystream.store.queries import Conn, query
 
 Span = tuple[int, int]
 """[first offset, end offset): a batch's records of one partition, and the offsets between them
 that hold no record (transaction markers, compacted records)."""
 
 
-def _positions(positions: Mapping[Key, int]) -> str:
-    return json([{"t": t, "p": p, "o": o} for (t, p), o in sorted(positions.items())])
-
-
-async def record_done(conn: Conn, spans: Mapping[Key, Span]) -> None:
+async def record_done(conn: Conn, spans: Mapping[PartitionId, Span]) -> None:
     """These spans have their outcomes durable (in the same transaction as those outcomes)."""
     if spans:
-        rows = [{"t": t, "p": p, "f": f, "e": e} for (t, p), (f, e) in sorted(spans.items())]
-        await conn.execute(query("record_done"), {"spans": json(rows)})
+        await conn.execute(query("record_done"), {"spans": documents.spans(spans)})
 
 
-async def fold_positions(conn: Conn, keys: Iterable[Key]) -> dict[Key, int]:
+async def fold_positions(conn: Conn, keys: Iterable[PartitionId]) -> dict[PartitionId, int]:
     """The recorded position of each of these partitions that has one: its stored position,
     carried over every done span that joins on, and stored so. Partitions with none are absent.
     Locks their positions until the transaction ends."""
@@ -32,12 +28,12 @@ async def fold_positions(conn: Conn, keys: Iterable[Key]) -> dict[Key, int]:
     if not wanted:
         return {}
     cursor = await conn.execute(
-        query("lock_positions"), {"keys": json([{"t": t, "p": p} for t, p in wanted])}
+        query("lock_positions"), {"partitions": documents.partitions(wanted)}
     )
-    stored: dict[Key, int] = {(t, p): o for t, p, o in await cursor.fetchall()}
+    stored: dict[PartitionId, int] = {(t, p): o for t, p, o in await cursor.fetchall()}
     if not stored:
         return {}
-    cursor = await conn.execute(query("ranges_beyond"), {"positions": _positions(stored)})
+    cursor = await conn.execute(query("ranges_beyond"), {"positions": documents.positions(stored)})
     folded = dict(stored)
     for topic, partition, first, end in await cursor.fetchall():
         key = (topic, partition)
@@ -49,24 +45,24 @@ async def fold_positions(conn: Conn, keys: Iterable[Key]) -> dict[Key, int]:
 
 
 async def move_positions(
-    conn: Conn, positions: Mapping[Key, int], *, overwrite: bool = False
+    conn: Conn, positions: Mapping[PartitionId, int], *, overwrite: bool = False
 ) -> None:
     """Set these positions, dropping the spans they cover: forward only, unless `overwrite`
     (a partition to be read again from an earlier offset, all its spans dropped)."""
     if positions:
         await conn.execute(
             query("move_positions"),
-            {"positions": _positions(positions), "overwrite": overwrite},
+            {"positions": documents.positions(positions), "overwrite": overwrite},
         )
 
 
-async def start_positions(conn: Conn, positions: Mapping[Key, int]) -> None:
+async def start_positions(conn: Conn, positions: Mapping[PartitionId, int]) -> None:
     """Give a position to each of these partitions that has none yet."""
     if positions:
-        await conn.execute(query("start_positions"), {"positions": _positions(positions)})
+        await conn.execute(query("start_positions"), {"positions": documents.positions(positions)})
 
 
-async def keep_gap(conn: Conn, key: Key, first: int, last: int) -> None:
+async def keep_gap(conn: Conn, key: PartitionId, first: int, last: int) -> None:
     """Records `first`…`last` of a partition left Kafka unread: keep the gap (reported once)."""
     count = last - first + 1
     description = (

@@ -1,10 +1,12 @@
 -- Where each partition's records are done (paystream.consumer, paystream.position). Lists travel
--- as one JSON document, as in batch.sql.
+-- as one JSON document, as in batch.sql (rows typed in store.documents).
 
 -- record_done --
 -- A batch's spans of offsets, one per partition, made durable with its outcomes.
 INSERT INTO paystream.done_ranges (topic, "partition", first_offset, end_offset)
-SELECT t, p, f, e FROM json_to_recordset(%(spans)s::json) AS r(t text, p int, f bigint, e bigint)
+SELECT topic, "partition", first_offset, end_offset
+FROM json_to_recordset(%(spans)s::json) AS r(
+    topic text, "partition" int, first_offset bigint, end_offset bigint)
 ON CONFLICT DO NOTHING;
 
 -- lock_positions --
@@ -12,7 +14,8 @@ ON CONFLICT DO NOTHING;
 -- of a partition take turns; no deadlock).
 SELECT w.topic, w."partition", w.next_offset
 FROM paystream.positions AS w
-JOIN json_to_recordset(%(keys)s::json) AS r(t text, p int) ON (w.topic, w."partition") = (r.t, r.p)
+JOIN json_to_recordset(%(partitions)s::json) AS r(topic text, "partition" int)
+    ON (w.topic, w."partition") = (r.topic, r."partition")
 ORDER BY 1, 2
 FOR UPDATE OF w;
 
@@ -20,8 +23,8 @@ FOR UPDATE OF w;
 -- The spans of these partitions that reach past their positions, in order.
 SELECT d.topic, d."partition", d.first_offset, d.end_offset
 FROM paystream.done_ranges AS d
-JOIN json_to_recordset(%(positions)s::json) AS r(t text, p int, o bigint)
-    ON (d.topic, d."partition") = (r.t, r.p) AND d.end_offset > r.o
+JOIN json_to_recordset(%(positions)s::json) AS r(topic text, "partition" int, next_offset bigint)
+    ON (d.topic, d."partition") = (r.topic, r."partition") AND d.end_offset > r.next_offset
 ORDER BY 1, 2, 3, 4;
 
 -- move_positions --
@@ -29,7 +32,8 @@ ORDER BY 1, 2, 3, 4;
 -- back as well (a partition read again from its start); otherwise they only move forward.
 WITH moved AS (
     INSERT INTO paystream.positions AS w (topic, "partition", next_offset)
-    SELECT t, p, o FROM json_to_recordset(%(positions)s::json) AS r(t text, p int, o bigint)
+    SELECT topic, "partition", next_offset
+    FROM json_to_recordset(%(positions)s::json) AS r(topic text, "partition" int, next_offset bigint)
     ORDER BY 1, 2
     ON CONFLICT (topic, "partition") DO UPDATE SET
         next_offset = CASE WHEN %(overwrite)s THEN EXCLUDED.next_offset
@@ -45,7 +49,8 @@ WHERE (d.topic, d."partition") = (moved.topic, moved."partition")
 -- start_positions --
 -- A position for each partition that has none yet (another instance may have made one).
 INSERT INTO paystream.positions (topic, "partition", next_offset)
-SELECT t, p, o FROM json_to_recordset(%(positions)s::json) AS r(t text, p int, o bigint)
+SELECT topic, "partition", next_offset
+FROM json_to_recordset(%(positions)s::json) AS r(topic text, "partition" int, next_offset bigint)
 ORDER BY 1, 2
 ON CONFLICT (topic, "partition") DO NOTHING;
 

@@ -5,16 +5,17 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from psycopg.rows import class_row, scalar_row
+from psycopg.rows import scalar_row
 
-from paystream.store.queries import Conn, fetch_all, fetch_one, query
+from paystream.model import ErrorType
+from paystream.store.queries import Conn, fetch_all, fetch_one, query, typed_row
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Report:
     id: int
     payment_id: str | None
-    error_type: str
+    error_type: ErrorType
     description: str
     traceparent: str | None = None
 
@@ -24,7 +25,7 @@ async def claim_reports(conn: Conn, limit: int, lease_s: float) -> list[Report]:
     another relay is claiming are skipped, not waited for. Oldest first."""
     return sorted(
         await fetch_all(
-            conn, class_row(Report), "claim_reports", {"limit": limit, "lease_s": lease_s}
+            conn, typed_row(Report), "claim_reports", {"limit": limit, "lease_s": lease_s}
         ),
         key=lambda r: r.id,
     )

@@ -16,7 +16,7 @@ from typing import Any
 
 from paystream.config import Settings
 from paystream_tooling.ceilings import Ceilings
-from paystream_tooling.devenv.stack import Simulator, Stack
+from paystream_tooling.devenv.stack import SimulatorProcess, Stack
 from paystream_tooling.harness import Bench, Progress
 from paystream_tooling.workloads import WORKLOADS, Run, Sizes
 
@@ -27,7 +27,7 @@ def run(
     """Every workload on a local stack of its own under `home`: the report as one JSON object."""
     stack = Stack(home)
     with stack:
-        gateway = Simulator(home, stack.settings())
+        gateway = SimulatorProcess(home, stack.settings())
         gateway.start("--latency-ms", "20", "--rate", "0", "--decline-rate", "0.1")
         try:
             state = Run(

@@ -23,7 +23,7 @@ from paystream.errors import Interrupted
 from paystream.lag import committed_lag
 from paystream_tooling import queries
 from paystream_tooling.devenv.processes import ensure_port_free, free_port
-from paystream_tooling.devenv.stack import Simulator, Stack
+from paystream_tooling.devenv.stack import SimulatorProcess, Stack
 from paystream_tooling.reconcile import Reconciliation, reconcile
 
 
@@ -102,10 +102,10 @@ def run_demo(
     ensure_port_free("127.0.0.1", dashboard_port, "the dashboard", "pass --dashboard-port")
     stack = Stack(home, kafka_port=kafka_port, postgres_port=postgres_port)
     console.print("starting Kafka (jars from Maven on first run) and PostgreSQL …")
-    simulator: Simulator | None = None
+    simulator: SimulatorProcess | None = None
     with stack:
         settings = stack.settings(group_id="paystream", web_port=0)
-        simulator = Simulator(home, settings, port=simulator_port)
+        simulator = SimulatorProcess(home, settings, port=simulator_port)
         simulator.start("--records", str(records), "--rate", str(rate), "--seed", str(seed))
         try:
             console.print(f"  Kafka       {stack.kafka.bootstrap}   (log {stack.kafka.log_path})")

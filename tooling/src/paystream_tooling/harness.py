@@ -19,8 +19,8 @@ import uvloop
 
 from paystream.config import Settings
 from paystream_tooling.ceilings import third_party_capacity
-from paystream_tooling.devenv.processes import ChildProcess, answers_ok, free_port, run_processor
-from paystream_tooling.devenv.stack import Simulator, Stack
+from paystream_tooling.devenv.processes import ChildProcess, answers_ok, free_port, spawn_processor
+from paystream_tooling.devenv.stack import SimulatorProcess, Stack
 from paystream_tooling.load import document, produce
 from paystream_tooling.meter import Drained, Meter, members_assigned, wait
 
@@ -29,7 +29,11 @@ Progress = Callable[[str], None]
 
 class Bench:
     def __init__(
-        self, stack: Stack, gateway: Simulator, progress: Progress, profile_dir: Path | None = None
+        self,
+        stack: Stack,
+        gateway: SimulatorProcess,
+        progress: Progress,
+        profile_dir: Path | None = None,
     ) -> None:
         self.stack = stack
         self.gateway = gateway
@@ -95,7 +99,7 @@ class Bench:
             for i in range(instances):
                 port = free_port()
                 own = settings.model_copy(update={"web_port": port, "log_level": "warning"})
-                proc = run_processor(own, self.stack.home / f"processor-{label}-{i}.log")
+                proc = spawn_processor(own, self.stack.home / f"processor-{label}-{i}.log")
                 procs.append(proc)
                 ready = functools.partial(answers_ok, f"http://127.0.0.1:{port}/health/ready")
                 proc.wait_until(ready, 60, "ready")

@@ -137,7 +137,7 @@ class ChildProcess:
         return self.process.returncode
 
 
-def run_processor(
+def spawn_processor(
     settings: Settings,
     log_path: Path,
     wrap: Callable[[list[str]], list[str]] = lambda argv: argv,

@@ -58,7 +58,7 @@ def load_original_schema(url: str) -> None:
             conn.execute(script.encode())
 
 
-class Simulator:
+class SimulatorProcess:
     """`paystream simulator` as a child process."""
 
     def __init__(
