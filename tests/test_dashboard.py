@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import shutil
+import urllib.request
 from pathlib import Path
 
 import aiohttp
 import orjson
 import pytest
 from confluent_kafka import Producer
-from prometheus_client import REGISTRY
 
 from paystream_tooling.devenv.processes import free_port
 from tests.conftest import (
@@ -64,18 +64,18 @@ async def test_dashboard_shows_live_numbers_and_replays(
 
     port = free_port()
     settings = env.settings(web_port=port, operator_token="s3cret-token")
-    # The page shows this process's counters, which earlier in-process tests moved already.
-    before = sum(
-        REGISTRY.get_sample_value("paystream_payments_stored_total", {"payment_type": t}) or 0
-        for t in ("online", "offline")
-    )
 
-    def stored(count: int) -> str:
-        return f"document.getElementById('t-stored').textContent === '{before + count:,.0f}'"
+    def stored(count: int) -> str:  # the processor's own count, from 0 when it started
+        return f"document.getElementById('t-stored').textContent === '{count:,.0f}'"
 
     _produce(env, [_offline(f"p{i}", i + 1) for i in range(30)] + [_offline("orphan", 9999)])
     async with processor(settings, serve_web=True):
         await async_wait_for(lambda: caught_up(env, settings), 60, "the first records")
+        # The throughput of before the page opened is served with it: the chart is not empty.
+        state_url = f"http://127.0.0.1:{port}/api/state"
+        await async_wait_for(
+            lambda: _history_reaches(state_url, 31), 20, "the snapshot to count the records"
+        )
         async with async_playwright() as playwright:
             browser = await playwright.chromium.launch(
                 executable_path=chromium, args=CHROMIUM_FLAGS
@@ -86,6 +86,8 @@ async def test_dashboard_shows_live_numbers_and_replays(
                 page.on("request", lambda request: requests.append(request.url))
                 await page.goto(f"http://127.0.0.1:{port}/")
                 await page.wait_for_function(stored(30), timeout=20_000)
+                served = await page.evaluate("history.filter((h) => h.processed === 31).length")
+                assert served >= 1  # points made before the page opened
                 assert all(url.startswith(f"http://127.0.0.1:{port}/") for url in requests)
 
                 _produce(env, [_offline(f"q{i}", i + 100) for i in range(20)])
@@ -115,6 +117,12 @@ async def test_dashboard_shows_live_numbers_and_replays(
                 await browser.close()
     assert env.query("SELECT resolved_at IS NOT NULL FROM paystream.kept_records") == [(True,)]
     assert env.query("SELECT count(*) FROM payments WHERE payment_id = 'orphan'") == [(1,)]
+
+
+def _history_reaches(url: str, processed: int) -> bool:
+    with urllib.request.urlopen(url, timeout=5) as response:
+        state = orjson.loads(response.read())
+    return any(point["processed"] == processed for point in state.get("history", []))
 
 
 async def _post(url: str, headers: dict[str, str]) -> int:

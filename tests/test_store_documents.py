@@ -7,6 +7,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from datetime import datetime
+from typing import get_type_hints
 
 import orjson
 import pytest
@@ -15,6 +16,7 @@ from paystream.model import Kept, Payment, PaymentType, Reason, Record, RecordId
 from paystream.store import documents
 from paystream.store.batch import Inserted
 from paystream.store.queries import _all as runtime_queries
+from paystream.store.queries import json
 from paystream_tooling.queries import _all as tooling_queries
 
 _RECORDSET = re.compile(r"json_to_recordset\(%\((\w+)\)s::json\)\s+AS\s+\w+\(([^)]*)\)", re.S)
@@ -40,7 +42,7 @@ ENCODED: dict[tuple[str, str], Callable[[], str]] = {
     ("stamp_accounts", "rows"): lambda: documents.stamps(
         [Inserted(payment_id="p-1", account_id=3, created_on=datetime(2026, 1, 1))]
     ),
-    ("insert_kept", "rows"): lambda: documents.json([documents.kept(KEPT, b"{}", None, None)]),
+    ("insert_kept", "rows"): lambda: json([documents.kept(KEPT, b"{}", None, None)]),
     ("resolve_kept", "ids"): lambda: documents.records([RECORD]),
     ("record_done", "spans"): lambda: documents.spans({("online", 1): (3, 9)}),
     ("lock_positions", "partitions"): lambda: documents.partitions([("online", 1)]),
@@ -71,8 +73,7 @@ def test_every_document_a_statement_unpacks_has_a_row_type_and_an_encoder() -> N
 
 @pytest.mark.parametrize("statement", sorted(documents.ROWS))
 def test_a_statement_declares_exactly_its_row_types_keys(statement: tuple[str, str]) -> None:
-    row = documents.ROWS[statement]
-    keys = row.__required_keys__ | row.__optional_keys__
+    keys = set(get_type_hints(documents.ROWS[statement]))  # a TypedDict's keys, inherited too
     columns = declared()[statement]
     assert len(columns) == len(set(columns)), "a column declared twice"
     assert set(columns) == keys

@@ -19,13 +19,14 @@ from paystream import store
 from paystream.brokers import check_access, choose_group_protocol
 from paystream.config import Settings
 from paystream.consumer import BatchConsumer, Membership
-from paystream.dashboard import DashboardState
+from paystream.dashboard import Dashboard
 from paystream.errors import ConfigurationError, ReportFailed
 from paystream.gateway import CircuitBreaker, Gateway
 from paystream.kafka import KafkaConsumer
 from paystream.metrics import BROKER_UP, CIRCUIT_OPEN, RECORDS_EXPIRED, REWINDS
 from paystream.migrations import migrate
 from paystream.model import PaymentType
+from paystream.monitor import Instruments, Monitor
 from paystream.outbox import REPORTS_IN_FLIGHT, LogClient, OutboxRelay
 from paystream.pipeline import BatchResult, Pipeline
 from paystream.replay import replay, revalidate
@@ -187,6 +188,7 @@ async def run_processor(
     async with (
         open_pool(settings, max_size=settings.batches_in_flight + _SPARE_CONNECTIONS) as pool,
         third_party(settings, settings.gateway_max_in_flight + _SPARE_HTTP_CONNECTIONS) as client,
+        monitor_pool(settings) as watch_pool,
     ):
         gateway = make_gateway(settings, client)
         log_client = LogClient(client, settings.log_url, settings.log_timeout_s)
@@ -212,6 +214,10 @@ async def run_processor(
             asyncio.to_thread(check_access, kafka_client), gateway.check_credentials()
         )
         membership = Membership()
+        monitor, dashboard = watch(
+            settings, kafka_client, pool, watch_pool, pipeline, gateway, membership
+        )
+
         kafka = await kafka_consumer(settings, kafka_client, membership)
         consumer = BatchConsumer(
             kafka,
@@ -225,6 +231,7 @@ async def run_processor(
             on_batch=totals.add,
         )
         await kafka.start()
+        # Bound to this processor's membership (in tests, the last processor started wins).
         BROKER_UP.set_function(lambda: 1.0 if membership.broker_up else 0.0)
         # Counted from 0, so that an alert on their increase fires on the first one.
         for topic in (settings.online_topic, settings.offline_topic):
@@ -233,13 +240,10 @@ async def run_processor(
                 REWINDS.labels(topic=topic, cause=cause)
         runner = None
         try:
-            dashboard = dashboard_state(settings, kafka_client, pool, pipeline, gateway, membership)
             if serve_web:
-                runner = await serve_dashboard(settings, make_app(dashboard.checks, dashboard))
+                runner = await serve_dashboard(settings, make_app(monitor.checks, dashboard))
             async with asyncio.TaskGroup() as group:
-                if serve_web:
-                    group.create_task(dashboard.refresh_lag(stop))
-                    group.create_task(dashboard.watch_kept(stop))
+                group.create_task(monitor.run(stop))
                 group.create_task(consumer.run(stop))
                 group.create_task(relay.run(stop))
                 group.create_task(
@@ -259,15 +263,32 @@ async def run_processor(
             await kafka.close()
 
 
-def dashboard_state(
+def monitor_pool(settings: Settings) -> psycopg_pool.AsyncConnectionPool:
+    """The monitor's one connection, apart from the batches' pool. Opened by `async with`
+    without waiting: the monitor reports the database away until it connects."""
+    return psycopg_pool.AsyncConnectionPool(
+        settings.database_dsn,
+        min_size=1,
+        max_size=1,
+        timeout=_POOL_WAIT_S,
+        open=False,
+        check=psycopg_pool.AsyncConnectionPool.check_connection,
+        kwargs={"application_name": "paystream-monitor", **DATABASE_LINK},
+        configure=configure_session,
+    )
+
+
+def watch(
     settings: Settings,
     kafka_client: dict[str, str],
     pool: psycopg_pool.AsyncConnectionPool,
+    watch_pool: psycopg_pool.AsyncConnectionPool,
     pipeline: Pipeline,
     gateway: Gateway,
     membership: Membership,
-) -> DashboardState:
-    """What the dashboard and the health endpoints read, and the replay its button runs."""
+) -> tuple[Monitor, Dashboard]:
+    """The monitor (on `watch_pool`), and the dashboard: the monitor's snapshot and the replay
+    its button runs."""
 
     async def ready() -> dict[str, bool]:
         return {"database": await database_answers(pool), "broker": membership.broker_up}
@@ -277,14 +298,18 @@ def dashboard_state(
         result = await replay(pool, pipeline, set(topic_types(settings)), where)
         return {"stored": result.stored, "kept": result.kept}
 
-    return DashboardState(
-        settings=settings,
+    monitor = Monitor(
+        group_id=settings.group_id,
+        topics=[settings.online_topic, settings.offline_topic],
         kafka=kafka_client,
-        pool=pool,
+        pool=watch_pool,
+        tally=pipeline.tally,
         checks=ready,
         circuit=lambda: gateway.breaker.state,
-        replay=replay_one,
+        can_replay=settings.operator_token is not None,
+        instruments=Instruments.of_process(),
     )
+    return monitor, Dashboard(monitor, settings.operator_token, replay_one)
 
 
 async def kafka_consumer(

@@ -110,6 +110,8 @@ class Pipeline:
         self._on_kept = on_kept
         self._writer = uuid4()
         self._first_sight = FirstSight(cipher)
+        self.tally = BatchResult()
+        """Everything this pipeline decided since it was made: batches and replays."""
 
     async def process(
         self,
@@ -150,6 +152,7 @@ class Pipeline:
             raise DatabaseUnavailable(f"database unavailable: {type(exc).__name__}") from exc
         result.redelivered += triaged.redelivered
         REDELIVERED.inc(result.redelivered)
+        self.tally.add(result)
         if result.kept:
             self._on_kept()
         return result

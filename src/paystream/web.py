@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
-
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from paystream.dashboard import DashboardState, add_routes
+from paystream.dashboard import Dashboard, add_routes
+from paystream.monitor import Checks
 
-Checks = Callable[[], Awaitable[dict[str, bool]]]
 
-
-def make_app(ready: Checks, dashboard: DashboardState | None = None) -> web.Application:
+def make_app(ready: Checks, dashboard: Dashboard | None = None) -> web.Application:
     async def metrics(_: web.Request) -> web.Response:
         return web.Response(body=generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 

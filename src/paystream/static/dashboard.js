@@ -1,8 +1,8 @@
 // paystream dashboard: one EventSource, a snapshot per second, no dependencies.
 "use strict";
 
-const history = [];  // {at, processed, stored, kept}
-const WINDOW_S = 120;
+let history = [];  // {at, processed, stored, kept}: the server's, then one point a snapshot
+const WINDOW_S = 600;
 let canReplay = false;
 
 const $ = (id) => document.getElementById(id);
@@ -66,11 +66,13 @@ function drawChart() {
 
 function render(s) {
   text("group", "group " + s.group);
-  badge("health-database", s.health.database, "database " + (s.health.database ? "ready" : "down"));
-  badge("health-broker", s.health.broker, "broker " + (s.health.broker ? "ready" : "down"));
+  if (s.health) {  // absent from a snapshot made before this page was watching
+    badge("health-database", s.health.database, "database " + (s.health.database ? "ready" : "down"));
+    badge("health-broker", s.health.broker, "broker " + (s.health.broker ? "ready" : "down"));
+  }
   badge("circuit", s.circuit === "closed" ? true : s.circuit === "open" ? false : null,
         "gateway circuit " + s.circuit);
-  const processed = sum(s.records), stored = sum(s.stored), kept = sum(s.kept);
+  const processed = s.processed, stored = s.stored, kept = sum(s.kept);
   const lag = sum(s.lag);
   text("t-records", fmt(processed));
   text("t-stored", fmt(stored));
@@ -79,7 +81,8 @@ function render(s) {
   text("t-outbox", s.database.available ? fmt(s.database.outbox_depth) : "db down");
   text("t-lag", fmt(lag));
 
-  history.push({ at: s.at, processed, stored, kept });
+  if (s.history) history = s.history;  // the first snapshot: the last minutes, served
+  else history.push({ at: s.at, processed, stored, kept });
   while (history.length && history[0].at < s.at - WINDOW_S) history.shift();
   drawChart();
 
