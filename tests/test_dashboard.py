@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import urllib.request
 from pathlib import Path
@@ -154,3 +155,39 @@ async def test_replay_needs_the_token_and_refuses_cross_site(env: Env) -> None:
                     page = await response.text()
                 for secret in (token, "gw-Secret-8804"):
                     assert secret not in page, path
+
+
+async def _events(url: str, count: int) -> list[dict[str, object]]:
+    """The first `count` snapshots of the page's feed."""
+    received: list[dict[str, object]] = []
+    async with aiohttp.ClientSession() as session, session.get(url) as response:
+        async for line in response.content:
+            if line.startswith(b"data: "):
+                received.append(orjson.loads(line[len(b"data: ") :]))
+                if len(received) == count:
+                    return received
+    raise AssertionError(f"the feed ended after {len(received)} snapshots")
+
+
+async def test_many_pages_share_one_snapshot_on_one_connection(env: Env) -> None:
+    """A dozen open pages: every one receives the same snapshots (made once a second, not once
+    a page), and the watching takes one database connection of its own, whatever the number of
+    pages."""
+    port = free_port()
+    async with processor(env.settings(web_port=port), serve_web=True):
+        base = f"http://127.0.0.1:{port}"
+        await wait_http_status(f"{base}/health/live", 200)
+        pages = [asyncio.create_task(_events(f"{base}/events", 4)) for _ in range(12)]
+        await async_wait_for(lambda: all(p.done() for p in pages), 30, "every page's snapshots")
+        connections = env.query(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'paystream-monitor'"
+            " AND datname = current_database()"
+        )
+        feeds = [p.result() for p in pages]
+    assert [(1,)] == connections
+    # After the first (the latest snapshot when the page opened), each page gets the snapshots
+    # as they are made: all pages together saw a handful, not 12 times 3.
+    made = {snapshot["at"] for feed in feeds for snapshot in feed[1:]}
+    assert len(made) <= 5
+    assert all(snapshot["health"] for feed in feeds for snapshot in feed[1:])
+    assert all("history" in feed[0] and "history" not in feed[1] for feed in feeds)

@@ -20,7 +20,7 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -311,7 +311,7 @@ class Monitor:
         finally:
             self._watchers -= 1
 
-    async def feed(self) -> AsyncIterator[bytes]:
+    async def feed(self) -> AsyncGenerator[bytes, None]:
         """The snapshots as JSON, one a second: the first with the throughput history."""
         async with self.watching():
             if self._snapshot is not None:
