@@ -4,20 +4,25 @@ simulator's latency, and a drain measured until the group has committed everythi
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import functools
 import random
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import orjson
+import psycopg
 import uvloop
 
 from paystream.config import Settings
+from paystream.migrations import migrate
+from paystream_tooling import queries
 from paystream_tooling.ceilings import third_party_capacity
 from paystream_tooling.devenv.processes import ChildProcess, answers_ok, free_port, spawn_processor
 from paystream_tooling.devenv.stack import SimulatorProcess, Stack
@@ -40,6 +45,8 @@ class Bench:
         self.progress = progress
         self.profile_dir = profile_dir
         self._n = 0
+        self.ports: list[int] = []
+        """The dashboard ports of the processors last started."""
 
     def fresh(self, partitions: int = 3) -> Settings:
         self._n += 1
@@ -95,9 +102,11 @@ class Bench:
     ) -> Iterator[list[ChildProcess]]:
         """`instances` processors on their own dashboard ports, ready; stopped at the end."""
         procs: list[ChildProcess] = []
+        self.ports = []
         try:
             for i in range(instances):
                 port = free_port()
+                self.ports.append(port)
                 own = settings.model_copy(update={"web_port": port, "log_level": "warning"})
                 proc = spawn_processor(own, self.stack.home / f"processor-{label}-{i}.log")
                 procs.append(proc)
@@ -127,16 +136,36 @@ class Bench:
             for callers in (concurrency, 4 * concurrency)
         )
 
+    def keep_many(self, settings: Settings, count: int) -> None:
+        """`count` kept records already in the database (of a topic nobody reads, reported and
+        unresolved, of three reasons), as after a long outage of accounts or of the gateway."""
+
+        async def work() -> None:
+            async with await psycopg.AsyncConnection.connect(settings.database_dsn) as conn:
+                await migrate(conn)
+                await conn.execute(queries.query("keep_many"), {"count": count})
+                await conn.commit()
+
+        asyncio.run(work())
+
     def drain(
-        self, settings: Settings, instances: int = 1, backlog: Callable[[], None] | None = None
+        self,
+        settings: Settings,
+        instances: int = 1,
+        backlog: Callable[[], None] | None = None,
+        pages: int = 0,
     ) -> Drained:
         """Start processors on the backlog and measure them until it is drained.
 
         With `backlog`, the backlog is produced only once every instance holds its partitions,
-        so that the first one up does not take all of it before the others join.
+        so that the first one up does not take all of it before the others join. With `pages`,
+        that many dashboard pages watch the first instance throughout.
         """
         profiler = None
-        with self.processors(settings, instances, settings.group_id) as procs:
+        with (
+            self.processors(settings, instances, settings.group_id) as procs,
+            _watching(self.ports, pages),
+        ):
             if backlog is not None:
                 wait(lambda: members_assigned(settings) == instances, 60)
             profiler = self._profile(procs[0].pid, settings.group_id)
@@ -148,3 +177,30 @@ class Bench:
         if profiler is not None:
             profiler.wait(60)
         return result
+
+
+@contextlib.contextmanager
+def _watching(ports: list[int], pages: int) -> Iterator[None]:
+    """`pages` dashboard pages open on the feed of the processor at the first of `ports` (as a
+    browser's EventSource reads it), until the block ends."""
+    stop = threading.Event()
+    url = f"http://127.0.0.1:{ports[0]}/events" if ports else ""
+    readers = [
+        threading.Thread(target=_read_feed, args=(url, stop), daemon=True) for _ in range(pages)
+    ]
+    for reader in readers:
+        reader.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        for reader in readers:
+            reader.join(10)
+
+
+def _read_feed(url: str, stop: threading.Event) -> None:
+    """Read the feed's snapshots as they come, as a page does, until `stop` (checked between
+    snapshots, which come every second)."""
+    with urllib.request.urlopen(url, timeout=30) as response:
+        while not stop.is_set() and response.readline():
+            pass

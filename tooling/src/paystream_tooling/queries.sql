@@ -39,3 +39,15 @@ FROM (SELECT extract(epoch FROM stored_at) * 1000 - greatest(kafka_ts, %(since_m
 -- The simulator's /start: the retailer's tables as the original service leaves them.
 DELETE FROM payments;
 UPDATE accounts SET last_payment_date = NULL;
+
+-- keep_many --
+-- %(count)s kept records of a topic nobody reads: reported, unresolved, of three reasons, as a
+-- long outage leaves them (the bench's watched drain).
+INSERT INTO paystream.kept_records
+    (topic, "partition", "offset", kafka_ts, raw, payment_id, error_type, reason, description,
+     amount, reported_at)
+SELECT 'archive', 0, g, 1700000000000 + g, NULL, 'kept-' || g,
+    (ARRAY['network', 'database', 'other'])[g %% 3 + 1],
+    (ARRAY['gateway_unavailable', 'unknown_account', 'invalid'])[g %% 3 + 1],
+    'kept for the benchmark', g %% 1000, now()
+FROM generate_series(1, %(count)s) AS g;

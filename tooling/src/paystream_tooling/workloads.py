@@ -35,6 +35,8 @@ class Sizes:
     online: int = 50_000
     mix: int = 100_000
     memory: int = 1_000_000
+    watched_kept: int = 1_000_000
+    """Kept records in the database while dashboard pages watch a drain."""
     scale: int = 8_000
     steady_s: float = 10.0
     steady_warmup_s: float = 2.0
@@ -54,6 +56,7 @@ class Sizes:
             online=1_000,
             mix=2_000,
             memory=10_000,
+            watched_kept=10_000,
             scale=400,
             steady_s=2.0,
             steady_warmup_s=0.5,
@@ -114,6 +117,19 @@ def offline(run: Run) -> list[Workload]:
     bench.progress("offline: draining")
     drained = bench.drain(settings)
     return [workload("offline", sizes.offline, drained, ceilings=run.ceilings.base())]
+
+
+def offline_watched(run: Run, *, pages: int = 12) -> list[Workload]:
+    """The offline backlog again, with a million kept records in the database and a dozen
+    dashboard pages open on the processor: watching must not slow the payments (compare the
+    offline row)."""
+    bench, sizes = run.bench, run.sizes
+    settings = bench.fresh()
+    bench.progress(f"offline watched: {sizes.watched_kept} kept records, {pages} pages open")
+    bench.keep_many(settings, sizes.watched_kept)
+    bench.backlog(settings, "offline", sizes.offline, run.rng)
+    drained = bench.drain(settings, pages=pages)
+    return [workload("offline-watched", sizes.offline, drained, run.ceilings.base())]
 
 
 def offline_two_instances(run: Run) -> list[Workload]:
@@ -283,6 +299,7 @@ def memory(run: Run) -> list[Workload]:
 
 WORKLOADS: tuple[Callable[[Run], list[Workload]], ...] = (
     offline,
+    offline_watched,
     offline_two_instances,
     log_capacity,
     functools.partial(online, latency_ms=20),
