@@ -7,7 +7,7 @@ ROUNDS ?= 20
 
 CACHE := $(or $(PAYSTREAM_CACHE),$(HOME)/.cache/paystream)
 
-.PHONY: demo test lint tools chaos bench simulator clean
+.PHONY: demo test unit lint tools chaos bench simulator clean
 
 # The runtime (src/paystream) and its tooling (tooling/: the local infrastructure, simulator, demo
 # and bench), both editable.
@@ -28,9 +28,16 @@ lint: $(STAMP)
 tools: $(STAMP)
 	$(BIN)/python -m paystream_tooling.devenv.gotools $(CACHE)
 
-# Every test, the fault-injection scenarios included at one seeded round each.
+# Every test, the fault-injection scenarios included at one seeded round each; then the branch
+# coverage of the runtime and the tooling (a figure to read, not a threshold to meet).
 test: lint tools
-	$(BIN)/python -m pytest -p no:cacheprovider
+	$(BIN)/python -m pytest -p no:cacheprovider --cov --cov-report=
+	@echo "branch coverage: $$($(BIN)/coverage report --format=total) % (coverage report: per file)"
+
+# The tests that need neither a broker, a database, Go, root nor the network: seconds, for every
+# save. `make test` runs them too.
+unit: $(STAMP)
+	$(BIN)/python -m pytest -p no:cacheprovider -q -m "not infra and not chaos"
 
 # The fault-injection scenarios alone, ROUNDS randomized rounds each; writes chaos-report.json.
 chaos: $(STAMP) tools

@@ -13,7 +13,7 @@ import sys
 import time
 import urllib.parse
 import urllib.request
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +24,7 @@ import pytest
 
 from paystream.app import Totals, run_processor
 from paystream.config import Settings
+from paystream_tooling import polling
 from paystream_tooling.devenv.certs import ServerCertificate
 from paystream_tooling.devenv.postgres import EmbeddedPostgres
 from paystream_tooling.devenv.stack import (
@@ -48,6 +49,15 @@ hypothesis.settings.register_profile(
     derandomize=True,
 )
 hypothesis.settings.load_profile("paystream")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """A test that starts the local infrastructure (the `stack` fixture: Kafka, PostgreSQL, the
+    Go tools) is marked `infra`, as are the few that start their own or need the network;
+    `make unit` runs the others, in seconds."""
+    for item in items:
+        if "stack" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.infra)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -212,23 +222,8 @@ def simulator(env: Env) -> Iterator[SimulatorClient]:
         yield client
 
 
-def wait_for(condition: Callable[[], bool], timeout_s: float, what: str) -> None:
-    """Poll a condition; fail with `what` if it does not hold in time. Never a fixed sleep."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
-
-
-async def async_wait_for(condition: Callable[[], bool], timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if await asyncio.to_thread(condition):
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+wait_for = polling.until
+async_wait_for = polling.until_async
 
 
 @contextlib.asynccontextmanager
@@ -354,9 +349,8 @@ async def http_status(url: str) -> int | None:
 
 async def wait_http_status(url: str, expected: int, timeout_s: float = 30) -> None:
     """Poll a URL until it answers `expected` (connection refused counts as not yet)."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if await http_status(url) == expected:
-            return
-        await asyncio.sleep(0.05)  # poll interval, not a synchronisation
-    raise AssertionError(f"{url} did not answer {expected} within {timeout_s} s")
+
+    async def answers() -> bool:
+        return await http_status(url) == expected
+
+    await polling.until_async(answers, timeout_s, f"{url} to answer {expected}")

@@ -9,7 +9,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 
+
+@pytest.mark.infra  # it starts its own Kafka and PostgreSQL
 def test_bench_quick_reports_every_workload(tmp_path: Path) -> None:
     """The JSON report names each workload with every documented key, and its ceilings."""
     result = subprocess.run(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from pathlib import Path
 from uuid import UUID
@@ -15,6 +14,7 @@ from paystream.consumer import Membership
 from paystream.kafka import Assigned, CommitAnswered, KafkaConsumer, Offsets, Revoked
 from paystream.model import PartitionId
 from paystream_tooling.devenv.kafka import KafkaBroker
+from paystream_tooling.polling import until_async
 from tests.conftest import Env
 
 
@@ -46,11 +46,14 @@ class Member:
 
 async def _consume_until(members: list[Member], done: Callable[[], bool]) -> None:
     """Call consume on each (the group protocol advances inside it) until `done`, at most 30 s."""
-    deadline = time.monotonic() + 30
-    while not done() and time.monotonic() < deadline:
+
+    async def consumed() -> bool:
         for member in members:
             await member.kafka.consume(100, 0.05)
-    assert done(), [m.assignment for m in members]
+        return done()
+
+    what = f"the group to settle (now {[m.assignment for m in members]})"
+    await until_async(consumed, 30, what, every_s=0)
 
 
 async def _assigned(member: Member) -> None:

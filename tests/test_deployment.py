@@ -9,6 +9,7 @@ import sys
 import zipfile
 from pathlib import Path
 
+import pytest
 import yaml
 
 from paystream.config import Settings
@@ -50,6 +51,7 @@ def _wheel(project: Path, into: Path) -> tuple[set[str], list[str], str]:
     return names, requires, entry_points.decode()
 
 
+@pytest.mark.infra  # pip fetches the build backend from the package index
 def test_image_build_step_makes_a_runtime_wheel_and_a_tooling_wheel(tmp_path: Path) -> None:
     """The runtime's wheel packs the migrations, the dashboard's assets and the console script,
     and neither the tooling nor its dependencies; the tooling's wheel packs the original schema

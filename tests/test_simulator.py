@@ -13,6 +13,7 @@ import aiohttp
 import pytest
 from confluent_kafka import Consumer
 
+from paystream_tooling.polling import until
 from paystream_tooling.simulator.streams import is_declined
 from tests.conftest import Env, SimulatorClient
 
@@ -165,12 +166,15 @@ def test_start_puts_the_ledger_stream_into_kafka(env: Env, simulator: SimulatorC
     consumer.subscribe([env.online_topic, env.offline_topic])
     seen: dict[tuple[str | None, int | None, int | None], bytes | None] = {}
     try:
-        deadline = time.monotonic() + 30
-        while len(seen) < len(ledger) and time.monotonic() < deadline:
+
+        def read_all() -> bool:
             for message in consumer.consume(500, 0.2):
                 if message.error() is None:
                     key = (message.topic(), message.partition(), message.offset())
                     seen[key] = message.value()
+            return len(seen) >= len(ledger)
+
+        until(read_all, 30, "every produced record", every_s=0)
     finally:
         consumer.close()
     expected = {

@@ -14,7 +14,7 @@ from confluent_kafka.admin import AdminClient
 
 from paystream.config import Settings
 from paystream.lag import GroupLag
-from paystream_tooling import queries
+from paystream_tooling import polling, queries
 from paystream_tooling.devenv.processes import ChildProcess
 
 
@@ -97,12 +97,8 @@ def members_assigned(settings: Settings) -> int:
     return sum(1 for m in group.members if m.assignment and m.assignment.topic_partitions)
 
 
-def wait(condition: Callable[[], bool], timeout_s: float, poll_s: float = 0.1) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            raise TimeoutError("benchmark step timed out")
-        time.sleep(poll_s)
+def wait(condition: Callable[[], bool], timeout_s: float) -> None:
+    polling.until(condition, timeout_s, "a benchmark step", every_s=0.1)
 
 
 def _latency(

@@ -10,13 +10,13 @@ import socket
 import ssl
 import subprocess
 import sys
-import time
 import urllib.request
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from paystream.config import Settings
 from paystream.errors import DevenvError
+from paystream_tooling import polling
 
 _PR_SET_PDEATHSIG = 1
 
@@ -94,20 +94,16 @@ class ChildProcess:
 
     def wait_until(self, ready: Callable[[], bool], timeout_s: float, what: str) -> None:
         """Poll `ready` until it holds; fail with the log's tail if the child dies or times out."""
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if not self.running():
-                raise DevenvError(
-                    f"{self.name} exited with status {self.process.returncode} before {what}; "
-                    f"see {self.log_path}:\n{self.log_tail()}"
-                )
-            if ready():
-                return
-            time.sleep(0.1)
-        raise DevenvError(
-            f"{self.name} did not reach '{what}' within {timeout_s:.0f} s; "
-            f"see {self.log_path}:\n{self.log_tail()}"
-        )
+
+        def died() -> str | None:
+            if self.running():
+                return None
+            return f"{self.name} exited with status {self.process.returncode}"
+
+        try:
+            polling.until(ready, timeout_s, what, every_s=0.1, failed=died)
+        except polling.TimedOut as exc:
+            raise DevenvError(f"{exc}; see {self.log_path}:\n{self.log_tail()}") from None
 
     def log_tail(self, lines: int = 20) -> str:
         try:
