@@ -1,4 +1,5 @@
-"""Fault injection against the real broker, database and simulator (DESIGN §3, guarantee 5).
+"""Fault injection against the real broker, database and simulator: a crash or an outage at any
+point must leave the system able to finish the job correctly.
 
 Each scenario sends a seeded hostile stream with known expected outcomes, injects its fault while
 the processor consumes, lets the system recover, then checks the full oracle: every valid payment

@@ -76,7 +76,7 @@ def test_topics_have_the_configured_partitions(env: Env) -> None:
 
 
 def test_schema_is_exactly_the_original(env: Env) -> None:
-    """The two tables match DESIGN §1 column for column."""
+    """The two tables match the retailer's original schema column for column."""
     rows = env.query(
         """
         SELECT table_name, column_name, data_type, character_maximum_length, is_nullable

@@ -1,4 +1,5 @@
-"""Network faults that killing a process never shows (DESIGN §3, guarantee 5): links that drop
+"""Network faults that killing a process never shows (the guarantee that an outage
+at any point leaves the system able to finish the job correctly): links that drop
 every packet silently, links that add seconds of latency, a partition that heals mid-rebalance.
 
 The processor runs in a network namespace of its own and reaches the broker, the database, the

@@ -1,4 +1,5 @@
-"""The processor end to end, through the real broker, database and simulator (DESIGN §2 and §3)."""
+"""The processor end to end, through the real broker, database and simulator (what happens to each
+payment, and the guarantees of the README)."""
 
 from __future__ import annotations
 

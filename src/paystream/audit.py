@@ -75,7 +75,11 @@ class Trail:
 
 
 async def trail(conn: store.Conn, payment_id: str) -> Trail:
-    kept = await store.list_kept(conn, store.KeptFilter(payment_id=payment_id), limit=10_000)
+    """Every record that carried the payment_id, however many (read a page at a time)."""
+    where = store.KeptFilter(payment_id=payment_id)
+    kept: list[store.KeptRow] = []
+    while page := await store.list_kept(conn, where, after_id=kept[-1].id if kept else 0):
+        kept += page
     replays: dict[int, list[store.Replayed]] = {}
     for replayed in await store.replays_of(conn, [k.id for k in kept]):
         replays.setdefault(replayed.kept_id, []).append(replayed)

@@ -1,5 +1,5 @@
 """How far a consumer group is behind: records between its committed offsets and the ends of its
-topics. The one lag reader of the dashboard, the demo, the reconcile oracle and the benchmark."""
+topics. The one lag reader of the monitor, the demo, the reconcile oracle and the benchmark."""
 
 from __future__ import annotations
 
@@ -15,10 +15,11 @@ Watermarks = dict[PartitionId, tuple[int, int]]
 
 
 class GroupLag:
-    """One open client on the group's coordinator. A new client and a watermark request per
-    partition on every read cost the broker a tenth of a core at ten reads a second (seen in
-    `make bench`), so a reader that polls reads the watermarks once (`watermarks`) and then asks
-    only for the committed offsets."""
+    """One open client on the group's coordinator, kept open by whoever reads often: a new
+    client and a watermark request per partition on every read cost the broker a tenth of a
+    core at ten reads a second (make bench). A reader whose topics no longer grow (a drain being
+    measured) reads the watermarks once (`watermarks`) and then asks only for the committed
+    offsets; the processor's monitor reads both every 2 s."""
 
     def __init__(self, kafka: str | Mapping[str, str], group_id: str, topics: list[str]) -> None:
         """`kafka`: the bootstrap servers, or a whole librdkafka client configuration."""
@@ -58,14 +59,6 @@ class GroupLag:
 
     def __exit__(self, *_: object) -> None:
         self.close()
-
-
-def partition_lag(
-    kafka: str | Mapping[str, str], group_id: str, topics: list[str]
-) -> dict[str, int]:
-    """Per "topic/partition", as the dashboard and its metric name them."""
-    with GroupLag(kafka, group_id, topics) as lag:
-        return {f"{topic}/{partition}": n for (topic, partition), n in lag.behind().items()}
 
 
 def committed_lag(kafka: str | Mapping[str, str], group_id: str, topics: list[str]) -> int:

@@ -1,4 +1,5 @@
-"""The acceptance oracle of DESIGN §3, checked against the simulator's ledger.
+"""The acceptance oracle (the README's "Guarantees and how they are checked"), checked against
+the simulator's ledger.
 
 Given what was sent (and what must become of each record), the final database state, the reports
 the log service received and the consumer group's committed offsets, count what was lost or

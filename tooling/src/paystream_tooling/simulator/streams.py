@@ -1,4 +1,5 @@
-"""The streams the simulator produces, and the outcome each record must have (DESIGN §2).
+"""The streams the simulator produces, and the outcome each record must have (the README's
+"What happens to each payment").
 
 Pure and deterministic for a seed: the same options always give the same records.
 """
