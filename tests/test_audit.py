@@ -117,6 +117,25 @@ async def test_errors_says_what_its_limit_left_out(env: Env, simulator: Simulato
     assert "shown" not in lines.stderr
 
 
+async def test_show_lists_every_record_of_a_payment_however_many(
+    env: Env, simulator: SimulatorClient
+) -> None:
+    """A payment_id that 2 500 kept records carried (more than a page of the listing): the trail
+    shows every one of them, none cut off."""
+    _produce(env, [b"not json"])
+    await _process(env)  # the schema is the processor's own
+    env.execute(
+        'INSERT INTO paystream.kept_records (topic, "partition", "offset", kafka_ts,'
+        " payment_id, error_type, reason, description)"
+        " SELECT 'elsewhere', 0, g, 1, 'p-many', 'other', 'duplicate', 'seen before'"
+        " FROM generate_series(1, 2500) AS g"
+    )
+    trail = cli(env, "show", "p-many", "--json")
+    assert 0 == trail.returncode, trail.stderr
+    records = orjson.loads(trail.stdout)["kept"]
+    assert list(range(1, 2501)) == sorted(r["offset"] for r in records)
+
+
 def _get(port: int, path: str) -> bytes:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as response:
         body: bytes = response.read()
@@ -131,6 +150,12 @@ def _at_risk(port: int) -> dict[str, float]:
             name, value = line.rsplit(" ", 1)
             samples[name.split("{")[0]] = float(value)
     return samples
+
+
+def _kept_on_page(port: int) -> dict[str, dict[str, Any]]:
+    """The dashboard's kept records by reason, from its latest snapshot."""
+    state = orjson.loads(_get(port, "/api/state"))
+    return {k["reason"]: k for k in state.get("database", {}).get("kept", [])}
 
 
 async def test_money_waiting_shows_in_metrics_and_on_the_dashboard(
@@ -155,8 +180,11 @@ async def test_money_waiting_shows_in_metrics_and_on_the_dashboard(
         )
         # The processor runs in this event loop: its pages are read from another thread.
         assert (await asyncio.to_thread(_at_risk, port))[age] > 0
-        state = orjson.loads(await asyncio.to_thread(_get, port, "/api/state"))
-        row = {k["reason"]: k for k in state["database"]["kept"]}["unknown_account"]
+        # The page's snapshot is made once a second: it may lag the gauges by one.
+        await async_wait_for(
+            lambda: "unknown_account" in _kept_on_page(port), 10, "the page's next snapshot"
+        )
+        row = _kept_on_page(port)["unknown_account"]
         assert (3, 60, True) == (row["unresolved"], row["unresolved_amount"], row["waits"])
         assert row["oldest_unresolved_s"] > 0
 

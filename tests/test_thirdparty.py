@@ -16,7 +16,7 @@ from paystream import store
 from paystream.app import open_pool, topic_types
 from paystream.errors import ConfigurationError, GatewayUnavailable, ReportFailed, ReportRefused
 from paystream.gateway import Gateway
-from paystream.model import Kept, Reason, Record, RecordId
+from paystream.model import ErrorType, Kept, Reason, Record, RecordId
 from paystream.outbox import MAX_REFUSALS, LogClient, OutboxRelay
 from paystream.pipeline import Pipeline
 from paystream.thirdparty import MAX_ANSWER_BYTES, post, third_party_client
@@ -98,7 +98,7 @@ async def test_a_log_api_redirect_is_not_a_delivery() -> None:
             with pytest.raises(
                 ReportFailed, match=r"HTTP 308, a redirect to 127\.0\.0\.1"
             ) as raised:
-                await LogClient(client, log_api.url, 2).send("p", "other", "why")
+                await LogClient(client, log_api.url, 2).send("p", ErrorType.OTHER, "why")
         assert not isinstance(raised.value, ReportRefused)
         assert [] == target.received
 

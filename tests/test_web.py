@@ -2,18 +2,38 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import aiohttp
+import pytest
 
 from paystream_tooling.devenv.processes import free_port
 from paystream_tooling.devenv.stack import Stack
-from tests.conftest import new_env, private_postgres, processor, wait_http_status
+from tests.conftest import (
+    async_wait_for,
+    new_env,
+    private_postgres,
+    processor,
+    wait_http_status,
+)
 
 
-async def test_readiness_follows_the_database(stack: Stack, tmp_path: Path) -> None:
+async def _metric(url: str, name: str) -> float | None:
+    async with aiohttp.ClientSession() as session, session.get(url) as response:
+        for line in (await response.text()).splitlines():
+            if line.startswith(name + " "):
+                return float(line.split()[1])
+    return None
+
+
+async def test_readiness_follows_the_database(
+    stack: Stack, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     """/health/ready is 200 while the database answers, 503 while it is down, 200 once back;
-    /health/live stays 200 throughout."""
+    /health/live stays 200 throughout. The monitor's gauge follows, and its log says once that
+    the database went away and once that it is back."""
+    caplog.set_level(logging.INFO, logger="paystream.monitor")
     with private_postgres(tmp_path) as (server, url):
         env = new_env(stack, database_url=url)
         port = free_port()
@@ -22,6 +42,11 @@ async def test_readiness_follows_the_database(stack: Stack, tmp_path: Path) -> N
             await wait_http_status(base + "/health/ready", 200)
             server.stop()
             await wait_http_status(base + "/health/ready", 503)
+
+            async def database_up(value: float) -> bool:
+                return await _metric(base + "/metrics", "paystream_database_up") == value
+
+            await async_wait_for(lambda: database_up(0.0), 30, "the monitor to see it down")
             async with aiohttp.ClientSession() as session:
                 async with session.get(base + "/health/ready") as response:
                     body = await response.json()
@@ -30,6 +55,10 @@ async def test_readiness_follows_the_database(stack: Stack, tmp_path: Path) -> N
                     assert response.status == 200
                 server.start()
                 await wait_http_status(base + "/health/ready", 200)
+                await async_wait_for(lambda: database_up(1.0), 30, "the monitor to see it back")
                 async with session.get(base + "/metrics") as response:
                     assert response.status == 200
                     assert "paystream_gateway_circuit_open" in await response.text()
+    said = [r.getMessage() for r in caplog.records if r.name == "paystream.monitor"]
+    assert 1 == sum("the database (dashboard and at-risk gauges) unavailable" in m for m in said)
+    assert 1 == sum("the database (dashboard and at-risk gauges) answers again" in m for m in said)

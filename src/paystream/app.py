@@ -25,7 +25,7 @@ from paystream.gateway import CircuitBreaker, Gateway
 from paystream.kafka import KafkaConsumer
 from paystream.metrics import BROKER_UP, CIRCUIT_OPEN, RECORDS_EXPIRED, REWINDS
 from paystream.migrations import migrate
-from paystream.model import PaymentType
+from paystream.model import ErrorType, PaymentType
 from paystream.monitor import Instruments, Monitor
 from paystream.outbox import REPORTS_IN_FLIGHT, LogClient, OutboxRelay
 from paystream.pipeline import BatchResult, Pipeline
@@ -205,7 +205,7 @@ async def run_processor(
 
         async def report_database_error(description: str) -> None:
             try:
-                await log_client.send(None, "database", description)
+                await log_client.send(None, ErrorType.DATABASE, description)
             except ReportFailed as exc:
                 log.warning("direct database-error report failed: %s", exc)
 

@@ -24,6 +24,7 @@ from paystream import store, tracing
 from paystream.backoff import Backoff, pause
 from paystream.errors import ReportFailed, ReportRefused, Unanswered
 from paystream.metrics import REPORTS
+from paystream.model import ErrorType
 from paystream.thirdparty import post
 
 log = logging.getLogger(__name__)
@@ -62,7 +63,7 @@ class LogClient:
     async def send(
         self,
         payment_id: str | None,
-        error_type: str,
+        error_type: ErrorType,
         description: str,
         traceparent: str | None = None,
     ) -> None:
@@ -75,15 +76,15 @@ class LogClient:
     async def _send(
         self,
         payment_id: str | None,
-        error_type: str,
+        error_type: ErrorType,
         description: str,
         headers: dict[str, str],
     ) -> None:
         # The statement's model calls the field `error`, its curl example `error_type`: send both.
         body = {
             "payment_id": payment_id,
-            "error_type": error_type,
-            "error": error_type,
+            "error_type": error_type.value,
+            "error": error_type.value,
             "error_description": description,
         }
         try:

@@ -1,6 +1,8 @@
-"""The SQL paystream runs: named queries in the .sql files of this package, called through the
-functions of its modules (`batch` for a batch's transaction, `kept` for listings and trails,
-`reports` for the outbox). Every function takes a connection; none opens a transaction."""
+"""The SQL the runtime runs (the migration runner's own bookkeeping aside): named queries in the
+.sql files of this package, called through the functions of its modules (`batch` for a batch's
+transaction, `kept` for listings and trails, `reports` for the outbox, `positions` for where
+each partition's records are done); `documents` types the JSON rows the statements unpack.
+Every function takes a connection; none opens a transaction."""
 
 from paystream.store.batch import (
     Inserted,
