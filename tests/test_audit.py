@@ -184,7 +184,7 @@ async def test_money_waiting_shows_in_metrics_and_on_the_dashboard(
         await async_wait_for(
             lambda: "unknown_account" in _kept_on_page(port), 10, "the page's next snapshot"
         )
-        row = _kept_on_page(port)["unknown_account"]
+        row = (await asyncio.to_thread(_kept_on_page, port))["unknown_account"]
         assert (3, 60, True) == (row["unresolved"], row["unresolved_amount"], row["waits"])
         assert row["oldest_unresolved_s"] > 0
 

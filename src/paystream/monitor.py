@@ -155,7 +155,8 @@ class Monitor:
         self._summarised_at = -UNWATCHED_EVERY_S
         self._history: deque[dict[str, float]] = deque(maxlen=int(HISTORY_S / WATCHED_EVERY_S))
         self._snapshot: dict[str, Any] | None = None
-        self._fresh = asyncio.Condition()
+        self._fresh = asyncio.Event()  # set when a snapshot is made, then replaced
+        self._closed = False
         self._watchers = 0
         self._watched = asyncio.Event()
         self.snapshots = 0
@@ -164,10 +165,14 @@ class Monitor:
         """How many times the database's side was read."""
 
     async def run(self, stop: asyncio.Event) -> None:
-        async with asyncio.TaskGroup() as group:
-            group.create_task(self._watch_database(stop))
-            group.create_task(self._watch_lag(stop))
-            group.create_task(self._make_snapshots(stop))
+        try:
+            async with asyncio.TaskGroup() as group:
+                group.create_task(self._watch_database(stop))
+                group.create_task(self._watch_lag(stop))
+                group.create_task(self._make_snapshots(stop))
+        finally:
+            self._closed = True  # the pages' feeds end
+            self._fresh.set()
 
     # -- the database ------------------------------------------------------------------------
 
@@ -269,9 +274,9 @@ class Monitor:
             except Exception:
                 log.exception("monitor: making the dashboard's snapshot failed unexpectedly")
             else:
-                async with self._fresh:
-                    self._snapshot = snapshot
-                    self._fresh.notify_all()
+                self._snapshot = snapshot
+                self._fresh.set()
+                self._fresh = asyncio.Event()
             await pause(WATCHED_EVERY_S, stop)
 
     async def _make_snapshot(self) -> dict[str, Any]:
@@ -322,15 +327,15 @@ class Monitor:
             self._watchers -= 1
 
     async def feed(self) -> AsyncGenerator[bytes, None]:
-        """The snapshots as JSON, one a second: the first with the throughput history."""
+        """The snapshots as JSON, one a second, the first with the throughput history, until
+        the monitor stops."""
         async with self.watching():
             if self._snapshot is not None:
                 yield self.latest()
-            while True:
-                async with self._fresh:
-                    await self._fresh.wait()
-                    snapshot = self._snapshot
-                yield orjson.dumps(snapshot)
+            while not self._closed:
+                await self._fresh.wait()
+                if not self._closed:
+                    yield orjson.dumps(self._snapshot)
 
 
 def _by_label(metric: Counter, label: str) -> dict[str, float]:
