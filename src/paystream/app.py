@@ -67,7 +67,8 @@ _POOL_OPEN_S = 15.0
 """Start-up: the first connections, after one direct attempt already succeeded."""
 _SPARE_CONNECTIONS = 4
 """Database connections beyond one per batch in flight: the outbox relay, re-validation, the
-dashboard's listings and the readiness probe, none of which should wait on a batch."""
+dashboard's replay button and the readiness probe, none of which should wait on a batch. (The
+monitor has a connection of its own: monitor_pool.)"""
 _SPARE_HTTP_CONNECTIONS = REPORTS_IN_FLIGHT
 """Third-party connections beyond the gateway's in-flight limit: the outbox relay's reports."""
 _READY_PROBE_S = 2.0
@@ -217,7 +218,6 @@ async def run_processor(
         monitor, dashboard = watch(
             settings, kafka_client, pool, watch_pool, pipeline, gateway, membership
         )
-
         kafka = await kafka_consumer(settings, kafka_client, membership)
         consumer = BatchConsumer(
             kafka,
