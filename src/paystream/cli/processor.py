@@ -22,10 +22,10 @@ def _stop_on_signals(stop: asyncio.Event) -> None:
 def _collect_garbage_rarely() -> None:
     """Tune the cyclic garbage collector for a stream of short-lived objects.
 
-    Reference counting frees nearly all of the processor's garbage: draining 50 000 online
-    payments, 2 600 collections found 1 424 objects in cycles, yet took 2.3 s of the run's 8.4 s
-    of CPU (make bench, online-20ms). Collections at 50 000 new objects instead of 700, with the
-    startup heap frozen out of full passes, take a few percent; cycles are still collected.
+    Reference counting frees nearly all of the processor's garbage, yet the default thresholds
+    (a collection every 700 new objects) cost about a quarter of its CPU (BENCHMARKS.md).
+    Collections at 50 000 new objects, with the startup heap frozen out of full passes, take a
+    few percent; cycles are still collected.
     """
     gc.collect()
     gc.freeze()

@@ -47,7 +47,8 @@ class Sizes:
     """How long each capacity probe of the third party runs."""
     capacity_drains: int = 3
     """Drains of a workload whose ceiling is the gateway's measured capacity: the probe and the
-    drain share the cores with everything else, and one drain's ratio ranged 0.72-0.98 here."""
+    drain share the cores with everything else, so one drain's ratio is a noisy draw
+    (BENCHMARKS.md, how to read it)."""
 
     @classmethod
     def quick(cls) -> Sizes:
@@ -153,8 +154,8 @@ def online(run: Run, *, latency_ms: int) -> list[Workload]:
     """An online backlog against a gateway of `latency_ms`. Bound by the measured third-party
     capacity rather than the computed Little's law, the row is the median of several drains,
     not a single draw; each is compared with the mean of the capacity measured just before and
-    just after it (one probe alone drifted by a fifth between runs here), and a probe between
-    two drains serves as the one after the first and the one before the second."""
+    just after it (one probe alone drifts between runs), and a probe between two drains serves
+    as the one after the first and the one before the second."""
     bench, sizes = run.bench, run.sizes
     bench.set_latency(latency_ms)
     little = run.in_flight / (latency_ms / 1000)
@@ -231,8 +232,8 @@ def original_mix(run: Run) -> list[Workload]:
 
 def steady(run: Run, *, rate: int = 1000) -> list[Workload]:
     """A steady offline+online load while the processor runs: true end-to-end latency, once
-    the processor is warm. Measured from the start, the first two seconds (gateway connections
-    being opened, statements prepared) held 100 and 72 of the worst 100 latencies in two runs."""
+    the processor is warm (its first seconds open the gateway connections and prepare the
+    statements: start-up, not steady state)."""
     sizes = run.sizes
     run.bench.progress(
         f"steady {rate}/s for {sizes.steady_warmup_s:.0f} s + {sizes.steady_s:.0f} s measured"
