@@ -58,4 +58,15 @@ def test_bench_quick_reports_every_workload(tmp_path: Path) -> None:
         "gateway_capacity_20ms_per_s",
         "littles_law_20ms_per_s",
         "log_capacity_per_s",
+        "bare_insert_per_s",
+        "raw_copy_per_s",
     } <= set(report["ceilings"])
+    offline = next(w for w in report["workloads"] if w["name"] == "offline")
+    # An offline drain's headline ceiling: the bare idempotent insert (or the consumer, if lower).
+    ceilings = report["ceilings"]
+    assert offline["ceiling_per_s"] == min(
+        ceilings["bare_insert_per_s"], ceilings["consumer_read_per_s"]
+    )
+    assert {"processor's statements", "bare idempotent insert", "raw COPY"} == set(
+        offline["ratios"]
+    )

@@ -17,7 +17,6 @@ from paystream.store import documents
 from paystream.store.batch import Inserted
 from paystream.store.queries import _all as runtime_queries
 from paystream.store.queries import json
-from paystream_tooling.queries import _all as tooling_queries
 
 _RECORDSET = re.compile(r"json_to_recordset\(%\((\w+)\)s::json\)\s+AS\s+\w+\(([^)]*)\)", re.S)
 
@@ -54,9 +53,10 @@ ENCODED: dict[tuple[str, str], Callable[[], str]] = {
 
 
 def declared() -> dict[tuple[str, str], list[str]]:
-    """Each (statement, parameter) unpacked with json_to_recordset: the columns it declares."""
+    """Each (statement, parameter) of the runtime unpacked with json_to_recordset: the columns it
+    declares. (The tooling's one, the bench's bare insert ceiling, encodes its rows itself.)"""
     found: dict[tuple[str, str], list[str]] = {}
-    for name, text in {**runtime_queries(), **tooling_queries()}.items():
+    for name, text in runtime_queries().items():
         for parameter, columns in _RECORDSET.findall(text):
             found[(name, parameter)] = [
                 column.split()[0].strip('"') for column in columns.split(",") if column.strip()

@@ -25,7 +25,9 @@ def run(
     home: Path, sizes: Sizes, progress: Progress, profile_dir: Path | None = None
 ) -> dict[str, Any]:
     """Every workload on a local stack of its own under `home`: the report as one JSON object."""
-    stack = Stack(home)
+    # While profiling, PostgreSQL also counts each statement's time (pg_stat_statements).
+    statements = {"shared_preload_libraries": "pg_stat_statements"} if profile_dir else None
+    stack = Stack(home, postgres_settings=statements)
     with stack:
         gateway = SimulatorProcess(home, stack.settings())
         gateway.start("--latency-ms", "20", "--rate", "0", "--decline-rate", "0.1")

@@ -9,6 +9,7 @@ import contextlib
 import random
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, replace
 from datetime import timedelta
 
@@ -31,6 +32,11 @@ class Ceilings:
 
     consumer_read_per_s: float = 0.0
     database_insert_per_s: float = 0.0
+    """The processor's own statements (accounts check, payments and their origins, stamps)."""
+    bare_insert_per_s: float = 0.0
+    """The payments alone, stored idempotently: what storing a payment costs the database."""
+    raw_copy_per_s: float = 0.0
+    """The same rows copied into a table shaped like payments: the database's raw intake."""
     log_capacity_per_s: float = 0.0
     littles_law_20ms_per_s: float = 0.0
     gateway_capacity_20ms_per_s: float = 0.0
@@ -40,6 +46,22 @@ class Ceilings:
     def base(self) -> dict[str, float]:
         """The ceilings every workload has, named as `bound_by` names them."""
         return {"consumer": self.consumer_read_per_s, "database": self.database_insert_per_s}
+
+    def offline(self) -> dict[str, float]:
+        """An offline drain's ceilings: its headline database ceiling is the bare idempotent
+        insert, which does not depend on our own design."""
+        return {
+            "consumer": self.consumer_read_per_s,
+            "bare idempotent insert": self.bare_insert_per_s,
+        }
+
+    def database(self) -> dict[str, float]:
+        """The three database ceilings an offline drain is also reported against."""
+        return {
+            "processor's statements": self.database_insert_per_s,
+            "bare idempotent insert": self.bare_insert_per_s,
+            "raw COPY": self.raw_copy_per_s,
+        }
 
     def littles_law(self, latency_ms: int) -> float:
         return self._at(latency_ms)[0]
@@ -96,10 +118,9 @@ def consumer_ceiling(settings: Settings, records: int) -> float:
     return read / elapsed if elapsed > 0 else 0.0
 
 
-async def database_ceiling(database_url: str, records: int, batch: int, clients: int) -> float:
-    """How fast the database takes the same rows through the same statements as the processor,
-    `batch` rows a transaction and `clients` transactions at a time, as the processor sends them
-    (one client with small batches took half as many rows a second here)."""
+def _payments(records: int) -> tuple[list[Payment], list[RecordId]]:
+    """The rows every database ceiling takes: offline payments to the 2 000 accounts, and a
+    record of origin for each."""
     rng = random.Random(1)
     payments = [
         Payment(
@@ -114,18 +135,23 @@ async def database_ceiling(database_url: str, records: int, batch: int, clients:
     origins = [
         RecordId(topic="ceiling", partition=i % 3, offset=i, timestamp_ms=0) for i in range(records)
     ]
+    return payments, origins
+
+
+Writes = Callable[[store.Conn, int, int], Awaitable[None]]
+"""One transaction's work: rows [start, end) of the ceiling's payments."""
+
+
+async def _rate(database_url: str, records: int, batch: int, clients: int, write: Writes) -> float:
+    """Rows per second when `clients` connections at once each write `batch` rows a
+    transaction, until `records` rows are written."""
     chunks = iter(range(0, records, batch))
 
     async def client(conn: store.Conn) -> None:
-        for i in chunks:
+        for start in chunks:
             async with conn.transaction():
-                chunk = payments[i : i + batch]
-                await store.existing_accounts(conn, [p.account_id for p in chunk])
-                inserted = await store.insert_payments(conn, chunk, origins[i : i + batch])
-                await store.stamp_accounts(conn, inserted)
+                await write(conn, start, min(start + batch, records))
 
-    async with await psycopg.AsyncConnection.connect(database_url) as conn:
-        await migrate(conn)  # the table of origins
     async with contextlib.AsyncExitStack() as connections:
         conns = [
             await connections.enter_async_context(
@@ -136,6 +162,74 @@ async def database_ceiling(database_url: str, records: int, batch: int, clients:
         started = time.monotonic()
         await asyncio.gather(*(client(conn) for conn in conns))
         return records / (time.monotonic() - started)
+
+
+async def database_ceiling(database_url: str, records: int, batch: int, clients: int) -> float:
+    """How fast the database takes the same rows through the same statements as the processor,
+    `batch` rows a transaction and `clients` transactions at a time, as the processor sends them
+    (one client with small batches took half as many rows a second here)."""
+    payments, origins = _payments(records)
+
+    async def write(conn: store.Conn, start: int, end: int) -> None:
+        chunk = payments[start:end]
+        await store.existing_accounts(conn, [p.account_id for p in chunk])
+        inserted = await store.insert_payments(conn, chunk, origins[start:end])
+        await store.stamp_accounts(conn, inserted)
+
+    async with await psycopg.AsyncConnection.connect(database_url) as conn:
+        await migrate(conn)  # the table of origins
+    return await _rate(database_url, records, batch, clients, write)
+
+
+async def bare_insert_ceiling(database_url: str, records: int, batch: int, clients: int) -> float:
+    """How fast the database stores the same payments idempotently and nothing else: one
+    `INSERT … SELECT FROM json_to_recordset … ON CONFLICT DO NOTHING RETURNING` a transaction,
+    into the original `payments` table (its key, its foreign key to accounts)."""
+    payments, _ = _payments(records)
+    documents = [
+        store.json(
+            [
+                {
+                    "payment_id": p.payment_id,
+                    "account_id": p.account_id,
+                    "payment_type": p.payment_type.value,
+                    "credit_card": p.credit_card,
+                    "amount": p.amount,
+                }
+                for p in payments[start : start + batch]
+            ]
+        )
+        for start in range(0, records, batch)
+    ]
+
+    async def write(conn: store.Conn, start: int, end: int) -> None:
+        cursor = await conn.execute(
+            queries.query("bare_insert"), {"rows": documents[start // batch]}
+        )
+        await cursor.fetchall()
+
+    return await _rate(database_url, records, batch, clients, write)
+
+
+async def raw_copy_ceiling(database_url: str, records: int, batch: int, clients: int) -> float:
+    """How fast the database takes the same rows by COPY into a table shaped like `payments`
+    (its columns, defaults, key and indexes; no foreign key, no conflict handling)."""
+    payments, _ = _payments(records)
+    rows = [
+        (p.payment_id, p.account_id, p.payment_type.value, p.credit_card, p.amount)
+        for p in payments
+    ]
+    async with await psycopg.AsyncConnection.connect(database_url) as conn:
+        await conn.execute(queries.query("copy_target"))
+        await conn.commit()
+
+    async def write(conn: store.Conn, start: int, end: int) -> None:
+        cursor = conn.cursor()
+        async with cursor.copy(queries.query("copy_rows")) as copy:
+            for row in rows[start:end]:
+                await copy.write_row(row)
+
+    return await _rate(database_url, records, batch, clients, write)
 
 
 async def third_party_capacity(url: str, body: bytes, concurrency: int, seconds: float) -> float:

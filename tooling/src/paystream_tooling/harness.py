@@ -169,14 +169,40 @@ class Bench:
             if backlog is not None:
                 wait(lambda: members_assigned(settings) == instances, 60)
             profiler = self._profile(procs[0].pid, settings.group_id)
+            self._statements(settings, None)
             meter = Meter(procs)
             if backlog is not None:
                 backlog()
             # For a backlog, latency counts from the processor's start, not from production.
             result = meter.until_drained(settings, 1800, latency_from_ms=meter.started_at * 1000)
+            self._statements(settings, self._profile_path(settings.group_id, "statements"))
         if profiler is not None:
             profiler.wait(60)
         return result
+
+    def _profile_path(self, name: str, kind: str) -> Path | None:
+        return None if self.profile_dir is None else self.profile_dir / f"{name}-{kind}.txt"
+
+    def _statements(self, settings: Settings, path: Path | None) -> None:
+        """While profiling (PostgreSQL loads pg_stat_statements then): forget the statements
+        counted so far (`path` None), or write those of the drain's database by total time."""
+        if self.profile_dir is None:
+            return
+        with psycopg.connect(self.stack.admin_url, autocommit=True) as conn:
+            conn.execute(queries.query("statements_extension"))
+            if path is None:
+                conn.execute(queries.query("statements_reset"))
+                return
+            rows = conn.execute(
+                queries.query("statements_by_time"), {"database": settings.database_url}
+            ).fetchall()
+        lines = [f"{'total ms':>10} {'calls':>8} {'ms/call':>8} {'rows':>9}  statement"]
+        for total_ms, calls, per_call_ms, returned, text in rows:
+            one_line = " ".join(text.split())[:160]
+            lines.append(
+                f"{total_ms:10.0f} {calls:8d} {per_call_ms:8.2f} {returned:9d}  {one_line}"
+            )
+        path.write_text("\n".join(lines) + "\n")
 
 
 @contextlib.contextmanager

@@ -30,6 +30,9 @@ class Drained(NamedTuple):
     machine_busy: float
     finished_at: float
     """Wall-clock time the run was found drained."""
+    others_cpu_s: dict[str, float]
+    """CPU seconds of the other servers on the machine during the run: PostgreSQL (every
+    backend, those that ended included) and the Kafka broker."""
 
 
 def _proc_cpu_s(pid: int) -> float:
@@ -43,6 +46,28 @@ def _peak_rss_mb(pid: int) -> float:
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024
     return 0.0
+
+
+_KINDS = {"postgres": "postgresql", "java": "broker"}
+"""The other servers' processes, by their command name."""
+
+
+def _others_cpu_s() -> dict[str, float]:
+    """CPU seconds so far of PostgreSQL's and the broker's processes (a process's children that
+    ended and were waited for count in its own figures)."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    found: dict[str, float] = dict.fromkeys(_KINDS.values(), 0.0)
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:  # ended meanwhile
+            continue
+        name, fields = text.split("(", 1)[1].rsplit(")", 1)
+        kind = _KINDS.get(name)
+        if kind is not None:
+            values = fields.split()
+            found[kind] += sum(int(v) for v in values[11:15]) / ticks
+    return found
 
 
 def _machine_ticks() -> tuple[int, int]:
@@ -66,6 +91,7 @@ class Meter:
         self._started = time.monotonic()
         self._cpu0 = sum(_proc_cpu_s(p.pid) for p in procs)
         self._machine0 = _machine_ticks()
+        self._others0 = _others_cpu_s()
 
     def until_drained(
         self,
@@ -84,9 +110,10 @@ class Meter:
         finished_at = time.time()
         busy = _machine_busy_since(self._machine0)
         cpu = sum(_proc_cpu_s(p.pid) for p in self._procs) - self._cpu0
+        others = {k: round(v - self._others0[k], 2) for k, v in _others_cpu_s().items()}
         rss = max(_peak_rss_mb(p.pid) for p in self._procs)
         p50, p99, worst = _latency(settings.database_url, latency_from_ms, produced_from_ms)
-        return Drained(seconds, cpu, rss, p50, p99, worst, busy, finished_at)
+        return Drained(seconds, cpu, rss, p50, p99, worst, busy, finished_at, others)
 
 
 def members_assigned(settings: Settings) -> int:

@@ -51,3 +51,37 @@ SELECT 'archive', 0, g, 1700000000000 + g, NULL, 'kept-' || g,
     (ARRAY['gateway_unavailable', 'unknown_account', 'invalid'])[g %% 3 + 1],
     'kept for the benchmark', g %% 1000, now()
 FROM generate_series(1, %(count)s) AS g;
+
+-- bare_insert --
+-- The bare idempotent insert ceiling: the payments alone, nothing recorded beside them.
+INSERT INTO payments (payment_id, account_id, payment_type, credit_card, amount)
+SELECT payment_id, account_id, payment_type, credit_card, amount
+FROM json_to_recordset(%(rows)s::json) AS r(
+    payment_id varchar, account_id int, payment_type varchar, credit_card varchar,
+    amount numeric)
+ORDER BY 1
+ON CONFLICT (payment_id) DO NOTHING
+RETURNING payment_id, account_id, created_on;
+
+-- copy_target --
+-- The raw COPY ceiling's table: shaped like payments (columns, defaults, key, indexes).
+CREATE TABLE IF NOT EXISTS copy_target (LIKE payments INCLUDING ALL);
+
+-- copy_rows --
+COPY copy_target (payment_id, account_id, payment_type, credit_card, amount) FROM STDIN;
+
+-- statements_extension --
+-- The bench's statement statistics while profiling (the server preloads the library then).
+CREATE EXTENSION IF NOT EXISTS pg_stat_statements;
+
+-- statements_reset --
+SELECT pg_stat_statements_reset();
+
+-- statements_by_time --
+-- The statements of one database (named by its URL's path) by the time they took, top 25.
+SELECT s.total_exec_time, s.calls, s.total_exec_time / greatest(s.calls, 1), s.rows, s.query
+FROM pg_stat_statements AS s
+JOIN pg_database AS d ON d.oid = s.dbid
+WHERE d.datname = split_part(split_part(%(database)s, '/', 4), '?', 1)
+ORDER BY s.total_exec_time DESC
+LIMIT 25;

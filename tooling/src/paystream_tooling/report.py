@@ -31,6 +31,11 @@ class Workload:
     run_ratios: list[float] | None = None
     """When the workload was drained several times: each drain's ceiling ratio, ascending. The
     row is the median drain."""
+    ratios: dict[str, float] | None = None
+    """The rate's ratio to each of several ceilings (the offline drains': the database's)."""
+    others_cpu_s_per_1000: dict[str, float] | None = None
+    """CPU seconds per 1 000 payments of the other servers during the run (PostgreSQL, the
+    broker), next to the processor's `cpu_s_per_1000`."""
 
 
 def _bound(
@@ -54,8 +59,10 @@ def workload(
     ceilings: dict[str, float],
     instances: int = 1,
     bound_by: str | None = None,
+    against: dict[str, float] | None = None,
 ) -> Workload:
-    """The row of a run that drained `records`, against the lowest of `ceilings`."""
+    """The row of a run that drained `records`, against the lowest of `ceilings` (and its ratio
+    to each of `against`)."""
     rate = records / run.seconds
     bound_name, ceiling = min(ceilings.items(), key=lambda item: item[1])
     utilisation = run.cpu_s / run.seconds / instances
@@ -74,6 +81,12 @@ def workload(
         machine_busy=round(run.machine_busy, 2),
         seconds=round(run.seconds, 2),
         instances=instances,
+        ratios=None
+        if against is None
+        else {name: round(rate / value, 3) for name, value in against.items() if value},
+        others_cpu_s_per_1000={
+            name: round(cpu_s / records * 1000, 3) for name, cpu_s in run.others_cpu_s.items()
+        },
     )
 
 
@@ -82,13 +95,27 @@ def tables(result: dict[str, Any]) -> list[Table | str]:
     and the ceilings."""
     shown: list[Table | str] = []
     table = Table(title="paystream bench")
-    columns = [f.name for f in fields(Workload) if f.name not in ("seconds", "run_ratios")]
+    columns = [
+        f.name
+        for f in fields(Workload)
+        if f.name not in ("seconds", "run_ratios", "ratios", "others_cpu_s_per_1000")
+    ]
     for column in columns:
         table.add_column(column, justify="left" if column in ("name", "bound_by") else "right")
     for row in result["workloads"]:
         table.add_row(*(str(row[c]) for c in columns))
     shown.append(table)
     for row in result["workloads"]:
+        if against := row.get("ratios"):
+            shown.append(
+                f"{row['name']}: "
+                + ", ".join(f"{ratio:.2f} of the {name}" for name, ratio in against.items())
+            )
+        if others := row.get("others_cpu_s_per_1000"):
+            shown.append(
+                f"{row['name']}: CPU s per 1 000 payments: processor {row['cpu_s_per_1000']}, "
+                + ", ".join(f"{name} {cpu}" for name, cpu in others.items())
+            )
         if ratios := row["run_ratios"]:
             shown.append(
                 f"{row['name']}: the median of {len(ratios)} drains, whose ratios were "

@@ -15,8 +15,10 @@ from dataclasses import dataclass, replace
 from paystream.config import Settings
 from paystream_tooling.ceilings import (
     Ceilings,
+    bare_insert_ceiling,
     consumer_ceiling,
     database_ceiling,
+    raw_copy_ceiling,
     third_party_ceiling,
 )
 from paystream_tooling.harness import Bench
@@ -106,18 +108,31 @@ def offline(run: Run) -> list[Workload]:
     bench.progress(f"offline: preloading {sizes.offline} records")
     bench.backlog(settings, "offline", sizes.offline, run.rng)
     consumer = consumer_ceiling(settings, sizes.offline)
-    scratch = bench.fresh()
-    database = asyncio.run(
-        database_ceiling(
-            scratch.database_url, sizes.offline, defaults.batch_size, defaults.batches_in_flight
-        )
+    shape = (sizes.offline, defaults.batch_size, defaults.batches_in_flight)
+    database, bare, copy = (
+        asyncio.run(ceiling(bench.fresh().database_url, *shape))
+        for ceiling in (database_ceiling, bare_insert_ceiling, raw_copy_ceiling)
     )
     run.ceilings = replace(
-        run.ceilings, consumer_read_per_s=consumer, database_insert_per_s=database
+        run.ceilings,
+        consumer_read_per_s=consumer,
+        database_insert_per_s=database,
+        bare_insert_per_s=bare,
+        raw_copy_per_s=copy,
     )
     bench.progress("offline: draining")
     drained = bench.drain(settings)
-    return [workload("offline", sizes.offline, drained, ceilings=run.ceilings.base())]
+    return [_offline_row(run, "offline", sizes.offline, drained)]
+
+
+def _offline_row(
+    run: Run, name: str, records: int, drained: Drained, instances: int = 1
+) -> Workload:
+    """An offline drain against the bare idempotent insert, and each database ceiling."""
+    ceilings = run.ceilings
+    return workload(
+        name, records, drained, ceilings.offline(), instances, against=ceilings.database()
+    )
 
 
 def offline_watched(run: Run, *, pages: int = 12) -> list[Workload]:
@@ -130,7 +145,7 @@ def offline_watched(run: Run, *, pages: int = 12) -> list[Workload]:
     bench.keep_many(settings, sizes.watched_kept)
     bench.backlog(settings, "offline", sizes.offline, run.rng)
     drained = bench.drain(settings, pages=pages)
-    return [workload("offline-watched", sizes.offline, drained, run.ceilings.base())]
+    return [_offline_row(run, "offline-watched", sizes.offline, drained)]
 
 
 def offline_two_instances(run: Run) -> list[Workload]:
@@ -138,8 +153,7 @@ def offline_two_instances(run: Run) -> list[Workload]:
     settings = run.bench.fresh(partitions=6)
     backlog = functools.partial(run.bench.backlog, settings, "offline", run.sizes.offline, run.rng)
     drained = run.bench.drain(settings, instances=2, backlog=backlog)
-    base = run.ceilings.base()
-    return [workload("offline-2-instances", run.sizes.offline, drained, base, instances=2)]
+    return [_offline_row(run, "offline-2-instances", run.sizes.offline, drained, instances=2)]
 
 
 def log_capacity(run: Run) -> list[Workload]:
@@ -295,7 +309,7 @@ def memory(run: Run) -> list[Workload]:
     settings = run.bench.fresh()
     run.bench.backlog(settings, "offline", run.sizes.memory, run.rng)
     drained = run.bench.drain(settings)
-    return [workload("offline-1m-backlog", run.sizes.memory, drained, run.ceilings.base())]
+    return [_offline_row(run, "offline-1m-backlog", run.sizes.memory, drained)]
 
 
 WORKLOADS: tuple[Callable[[Run], list[Workload]], ...] = (

@@ -13,6 +13,7 @@ import signal
 import stat
 import subprocess
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 
 import psycopg
@@ -79,9 +80,12 @@ class EmbeddedPostgres:
         port: int = 0,
         host: str = "127.0.0.1",
         tls: ServerCertificate | None = None,
+        server_settings: Mapping[str, str] | None = None,
     ) -> None:
         """With `tls`, the server also accepts TLS connections with that certificate (Debian's
-        server then, since the wheel's is built without SSL)."""
+        server then, since the wheel's is built without SSL). `server_settings`: more of the
+        server's settings (`-c name=value`)."""
+        self._settings = dict(server_settings or {})
         self._bin = _bin_dir() if tls is None else _system_bin_dir()
         self.data_dir = data_dir.resolve()
         self.host = host
@@ -136,6 +140,7 @@ class EmbeddedPostgres:
             "max_connections=200",
             "-c",
             "shared_buffers=256MB",
+            *(arg for name, value in self._settings.items() for arg in ("-c", f"{name}={value}")),
             *self._tls_args(pgdata),
         ]
         log = self.data_dir / "postgres.log"

@@ -6,6 +6,7 @@ from __future__ import annotations
 import ssl
 import sys
 import time
+from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
 
@@ -137,13 +138,18 @@ class Stack:
         postgres_port: int = 0,
         database_url: str | None = None,
         partitions: int = 3,
+        postgres_settings: Mapping[str, str] | None = None,
     ) -> None:
         self.home = home = home.resolve()
         self.partitions = partitions
         self.kafka = KafkaBroker(home / "kafka", home.parent / "cache", port=kafka_port)
         self.external_database_url = database_url
         self.postgres = (
-            None if database_url else EmbeddedPostgres(home / "postgres", port=postgres_port)
+            None
+            if database_url
+            else EmbeddedPostgres(
+                home / "postgres", port=postgres_port, server_settings=postgres_settings
+            )
         )
 
     @property
