@@ -159,10 +159,6 @@ class Monitor:
         self._closed = False
         self._watchers = 0
         self._watched = asyncio.Event()
-        self.snapshots = 0
-        """How many snapshots were made (one a second, however many pages watch)."""
-        self.database_reads = 0
-        """How many times the database's side was read."""
 
     async def run(self, stop: asyncio.Event) -> None:
         try:
@@ -211,7 +207,6 @@ class Monitor:
             depth = await store.outbox_depth(conn)
             oldest_s = await store.oldest_unreported_age_s(conn)
             latest = await store.latest_kept(conn, _LATEST_KEPT) if self._watchers else []
-        self.database_reads += 1
         self._m.outbox_depth.set(depth)
         self._m.outbox_oldest_age.set(oldest_s)
         self._m.reports_undeliverable.set(undeliverable)
@@ -286,7 +281,6 @@ class Monitor:
         self._history.append(
             {"at": now, "processed": processed, "stored": tally.stored, "kept": tally.kept}
         )
-        self.snapshots += 1
         calls = _by_label(self._m.gateway_calls, "outcome")
         answered = sum(v for k, v in calls.items() if k.isdigit() and not k.startswith("5"))
         return {
