@@ -1,4 +1,6 @@
-"""A real single-node Apache Kafka broker (KRaft, combined broker + controller) from Maven jars."""
+"""Real Apache Kafka from Maven jars, in KRaft mode: one combined broker + controller
+(`KafkaBroker`), or a cluster of several (`KafkaCluster`) whose nodes can each be killed,
+stopped and started again."""
 
 from __future__ import annotations
 
@@ -7,6 +9,7 @@ import subprocess
 import time
 import uuid
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -83,6 +86,17 @@ def kafka_jars(cache_dir: Path) -> Path:
 
 
 @dataclass(frozen=True, slots=True)
+class Quorum:
+    """The controller quorum a node of a cluster belongs to (a static one: every voter named)."""
+
+    cluster_id: str
+    voters: str
+    """`id@host:port` of each controller, comma-separated (controller.quorum.voters)."""
+    replication: int
+    """The replication factor of the internal topics and the default of new ones."""
+
+
+@dataclass(frozen=True, slots=True)
 class SecureListener:
     """A SASL_SSL listener beside the plaintext one, as a managed cluster has: SCRAM-SHA-512
     for this user, TLS with this certificate."""
@@ -105,6 +119,9 @@ class KafkaBroker:
         secure: SecureListener | None = None,
         group_protocols: str = "classic,consumer",
         extra_listeners: Mapping[str, str] | None = None,
+        node_id: int = 1,
+        controller_port: int = 0,
+        quorum: Quorum | None = None,
     ):
         """`group_protocols`: the consumer group protocols the broker accepts ("classic" alone
         is a broker without KIP-848's). `extra_listeners`: more plaintext listeners, name →
@@ -113,7 +130,9 @@ class KafkaBroker:
         self.cache_dir = cache_dir
         self.host = host
         self.port = port or free_port(host)
-        self.controller_port = free_port(host)
+        self.controller_port = controller_port or free_port(host)
+        self.node_id = node_id
+        self.quorum = quorum
         self.secure = secure
         self.secure_port = free_port(host) if secure else 0
         self.group_protocols = group_protocols
@@ -148,10 +167,21 @@ class KafkaBroker:
         protocols |= dict.fromkeys(self.extra_listeners, "PLAINTEXT")
         if self.secure is not None:
             protocols["SASL_SSL"] = "SASL_SSL"
+        replication = "1" if self.quorum is None else str(self.quorum.replication)
+        in_sync = "1" if self.quorum is None else str(min(2, self.quorum.replication))
+        quorum = (
+            {"controller.quorum.bootstrap.servers": controller}
+            if self.quorum is None
+            else {
+                "controller.quorum.voters": self.quorum.voters,
+                "default.replication.factor": replication,
+                "min.insync.replicas": in_sync,
+            }
+        )
         settings = {
             "process.roles": "broker,controller",
-            "node.id": "1",
-            "controller.quorum.bootstrap.servers": controller,
+            "node.id": str(self.node_id),
+            **quorum,
             "listeners": ",".join(f"{k}://{v}" for k, v in listeners.items())
             + f",CONTROLLER://{controller}",
             "advertised.listeners": ",".join(f"{k}://{v}" for k, v in listeners.items()),
@@ -166,12 +196,12 @@ class KafkaBroker:
             "group.consumer.min.heartbeat.interval.ms": "1000",
             "group.consumer.heartbeat.interval.ms": "1000",
             "log.dirs": str(self.data_dir / "logs"),
-            "offsets.topic.replication.factor": "1",
+            "offsets.topic.replication.factor": replication,
             "offsets.topic.num.partitions": "5",
-            "transaction.state.log.replication.factor": "1",
-            "transaction.state.log.min.isr": "1",
-            "share.coordinator.state.topic.replication.factor": "1",
-            "share.coordinator.state.topic.min.isr": "1",
+            "transaction.state.log.replication.factor": replication,
+            "transaction.state.log.min.isr": in_sync,
+            "share.coordinator.state.topic.replication.factor": replication,
+            "share.coordinator.state.topic.min.isr": in_sync,
             "group.initial.rebalance.delay.ms": "0",
             "num.partitions": "3",
             "auto.create.topics.enable": "false",
@@ -210,19 +240,28 @@ class KafkaBroker:
         ]
 
     def start(self, timeout_s: float = 90.0) -> None:
+        self.launch()
+        self.wait_ready(timeout_s)
+
+    def launch(self) -> None:
+        """Format the log directory (the first time) and start the process, without waiting: the
+        nodes of a cluster start together, since none answers before the quorum has formed."""
         ensure_port_free(
             self.host, self.port, "the Kafka broker", "stop what uses it or choose another port"
         )
         libs = kafka_jars(self.cache_dir)
         config = self._write_config()
         if not (self.data_dir / "logs" / "meta.properties").exists():
-            cluster_id = str(uuid.uuid4().hex[:22])
+            cluster_id = (
+                str(uuid.uuid4().hex[:22]) if self.quorum is None else self.quorum.cluster_id
+            )
+            standalone = ["--standalone"] if self.quorum is None else []
             result = subprocess.run(
                 self._java(
                     libs,
                     "kafka.tools.StorageTool",
                     "format",
-                    "--standalone",
+                    *standalone,
                     "-t",
                     cluster_id,
                     "-c",
@@ -238,8 +277,14 @@ class KafkaBroker:
                     f"Formatting Kafka storage failed:\n{result.stdout}{result.stderr}"
                 )
         self._process = ChildProcess(
-            "kafka", self._java(libs, "kafka.Kafka", str(config)), self.data_dir / "broker.log"
+            f"kafka-{self.node_id}",
+            self._java(libs, "kafka.Kafka", str(config)),
+            self.data_dir / "broker.log",
         )
+
+    def wait_ready(self, timeout_s: float = 90.0) -> None:
+        """Until the node answers metadata requests and coordinates groups."""
+        assert self._process is not None, "launch() first"
         self._process.wait_until(self._answers_metadata, timeout_s, "answering metadata requests")
         # A new broker creates its group-offsets topic on the first group request and answers
         # NOT_COORDINATOR meanwhile, which librdkafka backs off from for 3 s: get that over with
@@ -279,6 +324,15 @@ class KafkaBroker:
     def kill(self) -> None:
         if self._process is not None:
             self._process.kill()
+            self._process = None
+
+    @property
+    def running(self) -> bool:
+        return self._process is not None and self._process.running()
+
+    @property
+    def pid(self) -> int | None:
+        return None if self._process is None else self._process.pid
 
     def stop(self) -> None:
         if self._process is not None:
@@ -290,11 +344,18 @@ class KafkaBroker:
         return self.data_dir / "broker.log"
 
 
-def create_topics(bootstrap: str, names: list[str], partitions: int = 3) -> None:
-    """Create topics (idempotent) and wait until each has a leader for every partition."""
+def create_topics(
+    bootstrap: str, names: list[str], partitions: int = 3, replication: int = 1
+) -> None:
+    """Create topics (idempotent) and wait until each has a leader for every partition. With
+    `replication` above 1, a write needs two replicas in sync (min.insync.replicas=2)."""
     admin = AdminClient({"bootstrap.servers": bootstrap})
     existing = set(admin.list_topics(timeout=10).topics)
-    wanted = [NewTopic(name, num_partitions=partitions, replication_factor=1) for name in names]
+    config = {} if replication == 1 else {"min.insync.replicas": "2"}
+    wanted = [
+        NewTopic(name, num_partitions=partitions, replication_factor=replication, config=config)
+        for name in names
+    ]
     missing = [t for t in wanted if t.topic not in existing]
     futures = admin.create_topics(missing) if missing else {}
     for name, future in futures.items():
@@ -314,3 +375,80 @@ def create_topics(bootstrap: str, names: list[str], partitions: int = 3) -> None
             return
         time.sleep(0.1)
     raise DevenvError(f"Topics {names} have no leaders after 10 s")
+
+
+class KafkaCluster:
+    """`size` combined broker + controller nodes forming one cluster (a static quorum of every
+    node), the internal topics replicated `size` times (at most 3) with two replicas in sync.
+    Each node can be killed, stopped and started again on its own; clients bootstrap from all.
+    """
+
+    def __init__(self, data_dir: Path, cache_dir: Path, *, size: int = 3, host: str = "127.0.0.1"):
+        controllers = [free_port(host) for _ in range(size)]
+        quorum = Quorum(
+            cluster_id=uuid.uuid4().hex[:22],
+            voters=",".join(f"{i + 1}@{host}:{port}" for i, port in enumerate(controllers)),
+            replication=min(size, 3),
+        )
+        self.nodes = [
+            KafkaBroker(
+                data_dir / f"node-{i + 1}",
+                cache_dir,
+                host=host,
+                node_id=i + 1,
+                controller_port=controllers[i],
+                quorum=quorum,
+            )
+            for i in range(size)
+        ]
+
+    @property
+    def bootstrap(self) -> str:
+        return ",".join(node.bootstrap for node in self.nodes)
+
+    def node(self, node_id: int) -> KafkaBroker:
+        return self.nodes[node_id - 1]
+
+    def start(self, timeout_s: float = 120.0) -> None:
+        for node in self.nodes:
+            node.launch()
+        for node in self.nodes:
+            node.wait_ready(timeout_s)
+
+    def restart(self, node_id: int, timeout_s: float = 120.0) -> None:
+        """Start a killed or stopped node again, on its log directory and ports."""
+        node = self.node(node_id)
+        node.launch()
+        node.wait_ready(timeout_s)
+
+    def stop(self) -> None:
+        """Every node at once: stopped one after another, the last ones would wait out their
+        timeout for a controller quorum that has already gone."""
+        with ThreadPoolExecutor(len(self.nodes)) as pool:
+            list(pool.map(KafkaBroker.stop, self.nodes))
+
+    def create_topics(self, names: list[str], partitions: int = 3) -> None:
+        create_topics(self.bootstrap, names, partitions, replication=min(len(self.nodes), 3))
+
+    def leader(self, topic: str, partition: int) -> int:
+        """The node id leading a partition now (-1 while it has none)."""
+        admin = AdminClient({"bootstrap.servers": self.bootstrap, "log_level": 0})
+        return int(admin.list_topics(topic, timeout=10).topics[topic].partitions[partition].leader)
+
+    def under_replicated(self, topics: list[str]) -> int:
+        """Partitions of these topics with fewer replicas in sync than assigned."""
+        admin = AdminClient({"bootstrap.servers": self.bootstrap, "log_level": 0})
+        metadata = admin.list_topics(timeout=10).topics
+        return sum(
+            len(p.isrs) < len(p.replicas)
+            for name in topics
+            if name in metadata
+            for p in metadata[name].partitions.values()
+        )
+
+    def __enter__(self) -> KafkaCluster:
+        self.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.stop()
