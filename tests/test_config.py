@@ -187,3 +187,30 @@ def test_a_database_url_is_shown_without_its_password(url: str, shown: str) -> N
     from paystream.app import redacted
 
     assert shown == redacted(url)
+
+
+@pytest.mark.parametrize(
+    ("command", "option", "value"),
+    [
+        ("errors", "--reason", "declinedd"),
+        ("errors", "--reason", "DECLINED; DROP TABLE payments"),
+        ("replay", "--reason", "\x00declined"),
+        ("errors", "--type", "networks"),
+        ("replay", "--type", "x" * 10_000),
+    ],
+)
+def test_an_unknown_reason_or_type_is_refused_with_the_valid_ones(
+    command: str, option: str, value: str
+) -> None:
+    """A misspelt, hostile or huge --reason/--type is refused (exit 2) before anything is read,
+    naming every valid value, rather than silently matching nothing."""
+    from typer.testing import CliRunner
+
+    from paystream.cli import app
+    from paystream.model import ErrorType, Reason
+
+    result = CliRunner().invoke(app, [command, option, value])
+    assert 2 == result.exit_code
+    valid = Reason if option == "--reason" else ErrorType
+    words = " ".join(result.output.split())
+    assert all(f"'{member.value}'" in words for member in valid)

@@ -43,10 +43,13 @@ async def test_readiness_follows_the_database(
             server.stop()
             await wait_http_status(base + "/health/ready", 503)
 
-            async def database_up(value: float) -> bool:
-                return await _metric(base + "/metrics", "paystream_database_up") == value
+            async def database_down() -> bool:
+                return await _metric(base + "/metrics", "paystream_database_up") == 0.0
 
-            await async_wait_for(lambda: database_up(0.0), 30, "the monitor to see it down")
+            async def database_up() -> bool:
+                return await _metric(base + "/metrics", "paystream_database_up") == 1.0
+
+            await async_wait_for(database_down, 30, "the monitor to see it down")
             async with aiohttp.ClientSession() as session:
                 async with session.get(base + "/health/ready") as response:
                     body = await response.json()
@@ -55,7 +58,7 @@ async def test_readiness_follows_the_database(
                     assert response.status == 200
                 server.start()
                 await wait_http_status(base + "/health/ready", 200)
-                await async_wait_for(lambda: database_up(1.0), 30, "the monitor to see it back")
+                await async_wait_for(database_up, 30, "the monitor to see it back")
                 async with session.get(base + "/metrics") as response:
                     assert response.status == 200
                     assert "paystream_gateway_circuit_open" in await response.text()

@@ -41,21 +41,20 @@ def until(
 
 
 async def until_async(
-    condition: Callable[[], bool | Awaitable[bool]],
+    condition: Callable[[], bool] | Callable[[], Awaitable[bool]],
     timeout_s: float,
     what: str,
     *,
     every_s: float = EVERY_S,
 ) -> None:
-    """`until` for the event loop: an async `condition` is awaited; a plain one runs in a thread,
-    since it may block (a query, an HTTP call)."""
+    """`until` for the event loop: an async function `condition` is awaited; a plain one runs in
+    a thread, since it may block (a query, an HTTP call)."""
     deadline = time.monotonic() + timeout_s
     while True:
         if inspect.iscoroutinefunction(condition):
             held = await condition()
         else:
-            result = await asyncio.to_thread(condition)
-            held = await result if inspect.isawaitable(result) else result
+            held = await asyncio.to_thread(condition)
         if held:
             return
         if time.monotonic() >= deadline:

@@ -327,10 +327,6 @@ class KafkaBroker:
             self._process = None
 
     @property
-    def running(self) -> bool:
-        return self._process is not None and self._process.running()
-
-    @property
     def pid(self) -> int | None:
         return None if self._process is None else self._process.pid
 
