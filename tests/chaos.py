@@ -15,6 +15,7 @@ from typing import Any
 
 from paystream_tooling.devenv.processes import ChildProcess, spawn_processor
 from paystream_tooling.devenv.stack import Stack
+from paystream_tooling.polling import TimedOut
 from paystream_tooling.reconcile import Reconciliation
 from tests import chaos_report
 from tests.conftest import (
@@ -24,6 +25,8 @@ from tests.conftest import (
     reconcile_now,
     running_simulator,
     settled,
+    unreported,
+    unresolved_gateway_failures,
     wait_for,
 )
 
@@ -72,12 +75,33 @@ def check(
     fault_ended: float,
     noticed_s: float | None = None,
 ) -> None:
-    wait_for(lambda: settled(env, simulator, settings), 120, f"{scenario} to settle")
+    try:
+        wait_for(lambda: settled(env, simulator, settings), 120, f"{scenario} to settle")
+    except TimedOut as exc:
+        raise TimedOut(f"{exc}: {unsettled(env, simulator, settings)}") from None
     recover_s = time.monotonic() - fault_ended
     report = reconcile_now(env, simulator, settings)
     record(scenario, seed, report, recover_s, noticed_s)
     assert report.problems == [], f"{scenario} seed {seed}"
     assert report.ok
+
+
+def unsettled(env: Env, simulator: SimulatorClient, settings: Any) -> str:
+    """What a round that did not settle still waits for, for its failure message."""
+    from paystream.lag import GroupLag
+
+    topics = [settings.online_topic, settings.offline_topic]
+    with GroupLag(settings.kafka_bootstrap_servers, settings.group_id, topics) as lag:
+        behind = {f"{t}/{p}": n for (t, p), n in lag.behind().items() if n}
+    durable = env.query(
+        "SELECT topic || '/' || partition, next_offset FROM paystream.positions ORDER BY 1"
+    )
+    ranges = env.query("SELECT count(*) FROM paystream.done_ranges")[0][0]
+    return (
+        f"producer {simulator.status()}, records behind {behind} (the database's positions"
+        f" {dict(durable)}, {ranges} done ranges unfolded), unreported {unreported(env)},"
+        f" awaiting re-validation {unresolved_gateway_failures(env)}"
+    )
 
 
 def chaos_settings(env: Env, **overrides: Any) -> Any:

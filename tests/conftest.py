@@ -122,8 +122,14 @@ class Env:
             return conn.execute(sql, params).fetchall()
 
 
-def new_env(stack: Stack, database_url: str | None = None, bootstrap: str | None = None) -> Env:
-    """Fresh topics, database (cloned from the original schema) and consumer group."""
+def new_env(
+    stack: Stack,
+    database_url: str | None = None,
+    bootstrap: str | None = None,
+    replication: int = 1,
+) -> Env:
+    """Fresh topics, database (cloned from the original schema) and consumer group; the topics
+    on another broker or cluster with `bootstrap`, replicated `replication` times."""
     name = f"t{next(_counter)}_{int(time.time() * 1000) % 10**8}"
     online, offline = f"online_{name}", f"offline_{name}"
     if bootstrap is None:
@@ -131,7 +137,7 @@ def new_env(stack: Stack, database_url: str | None = None, bootstrap: str | None
     else:
         from paystream_tooling.devenv.kafka import create_topics
 
-        create_topics(bootstrap, [online, offline], stack.partitions)
+        create_topics(bootstrap, [online, offline], stack.partitions, replication)
     return Env(
         stack=stack,
         name=name,

@@ -187,8 +187,8 @@ async def test_every_assignment_gets_a_writer_of_its_own(env: Env) -> None:
 
 def test_membership_commits_only_owned_partitions_beyond_the_group() -> None:
     """The loop's view, built from the Kafka thread's snapshots alone: a partition counts once
-    assigned and until revoked, an offset only beyond the group's committed one and any commit
-    on its way, and a commit's answer raises the group's offset."""
+    assigned and until revoked, an offset only beyond the group's committed one, and a commit's
+    answer raises the group's offset."""
     membership = Membership()
     a, b = ("t", 0), ("t", 1)
     membership.apply(Assigned(1, frozenset({a, b}), {a: 5}))

@@ -88,8 +88,8 @@ K0, K1 = ("t", 0), ("t", 1)
 
 
 def test_only_owned_partitions_beyond_the_group_are_committed() -> None:
-    """A commit covers partitions owned now, and only offsets past the group's committed offset
-    and past a commit on its way: it never moves the group back."""
+    """A commit covers partitions owned now, and only offsets past the group's committed offset:
+    it never moves the group back."""
     commits = Commits(clock=Clock())
     commits.assigned([K0, K1], {K0: 50})
     assert {K1: 10} == commits.due({K0: 40, K1: 10, ("t", 2): 99})
@@ -110,6 +110,29 @@ def test_a_rebalance_between_a_batch_start_and_end_commits_nothing_of_the_old_sh
     commits.revoked([K0])
     assert {K1: 3} == commits.due({K0: 10, K1: 3})
     commits.answered({}, {K0: 5})
+
+
+def test_one_commit_is_on_its_way_at_a_time() -> None:
+    """While a commit waits for its answer nothing more is sent, not even the last one: two on
+    their way can land out of order. No answer within `answer_s` counts as a failure."""
+    clock = Clock()
+    commits = Commits(retry_s=1.0, answer_s=60.0, clock=clock)
+    commits.assigned([K0, K1], {})
+    commits.sending({K0: 5})
+    assert commits.on_its_way
+    assert {} == commits.due({K0: 9, K1: 3})
+    assert {} == commits.due({K0: 9, K1: 3}, last=True)
+    commits.answered({K0: 5}, {})
+    assert not commits.on_its_way
+    assert {K0: 9, K1: 3} == commits.due({K0: 9, K1: 3})
+    commits.sending({K0: 9, K1: 3})
+    clock.now += 59.9
+    assert {} == commits.due({K0: 12, K1: 3})
+    clock.now += 0.1
+    assert {} == commits.due({K0: 12, K1: 3})  # failed: its pause comes first
+    assert not commits.on_its_way
+    clock.now += 1.0
+    assert {K0: 12, K1: 3} == commits.due({K0: 12, K1: 3})
 
 
 def test_a_commit_that_failed_or_was_not_sent_waits_its_pause_except_the_last() -> None:

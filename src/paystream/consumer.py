@@ -69,6 +69,9 @@ _COMMIT_RETRY_S = 1.0
 """After a failed or refused commit, the next try waits this long (a rebalance or an outage is
 what fails one; the offsets stay committable meanwhile)."""
 
+_LAST_ANSWER_S = 10.0
+"""On the way out, how long the last commit waits for the answer to the one on its way."""
+
 _IN_THE_LOG = 2**63 - 1
 """The log end assumed for a partition whose bounds were not asked: any position is in it."""
 
@@ -467,8 +470,14 @@ class BatchConsumer:
 
     async def _commit(self, *, last: bool = False) -> None:
         """One committer at a time; it goes on while batches finish during its broker call, and
-        stops when nothing is due (all sent, or a pause after a failure)."""
+        stops when nothing is due (all sent, one on its way, or a pause after a failure). The
+        `last` waits for the answer to the one on its way first, fetching nothing meanwhile."""
         durable = self._progress.durable
+        if last and self._membership.commits.on_its_way:
+            await self._kafka.pause()
+            deadline = time.monotonic() + _LAST_ANSWER_S
+            while self._membership.commits.on_its_way and time.monotonic() < deadline:
+                await self._kafka.consume(1, _CONSUME_WAIT_S)  # serves the answer
         while due := self._membership.commits.due(durable, last=last):
             with tracing.span("paystream.commit", attributes={"paystream.partitions": len(due)}):
                 if not await self._membership.send(self._kafka, due):

@@ -12,6 +12,7 @@ position yet (an upgrade). The client never resets a position by itself
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
@@ -19,6 +20,8 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 from paystream.model import PartitionId
+
+log = logging.getLogger(__name__)
 
 
 class Source(StrEnum):
@@ -121,26 +124,37 @@ class Progress:
 class Commits:
     """What to commit to Kafka, and when. The group's committed offsets are no longer what a
     restart trusts (the database's positions are), but lag tooling reads them, so they follow
-    what this instance made durable (Progress.durable), under three rules:
+    what this instance made durable (Progress.durable), under four rules:
 
     1. only partitions owned now: a new owner re-reads from its own start;
-    2. only beyond the group's committed offset and any commit on its way: never backwards, even
-       when another owner got further meanwhile;
-    3. after a commit that failed or could not be sent (a rebalance, the broker away), the next
+    2. only beyond the group's committed offset: never backwards, even when another owner got
+       further meanwhile;
+    3. one commit on its way at a time: the client sends a commit again when its connection
+       breaks, so two on their way can land out of order. They did when the group's coordinator
+       was killed: commits sent just before were answered twelve seconds later, after newer
+       ones, and moved the group's offsets back. One that gets no answer within `answer_s`
+       counts as failed (the client answers each, a timeout included, well before);
+    4. after a commit that failed or could not be sent (a rebalance, the broker away), the next
        waits `retry_s` on `clock`, whatever asks for it — except the last one, on the way out.
     """
 
     def __init__(
-        self, *, retry_s: float = 1.0, clock: Callable[[], float] = time.monotonic
+        self,
+        *,
+        retry_s: float = 1.0,
+        answer_s: float = 60.0,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._retry_s = retry_s
+        self._answer_s = answer_s
         self._clock = clock
         self._retry_at = 0.0
         self.owned: set[PartitionId] = set()
         self._committed: dict[
             PartitionId, int
         ] = {}  # the group's, read on assignment, raised by commits
-        self._committing: dict[PartitionId, int] = {}  # sent, not yet answered
+        self._committing: dict[PartitionId, int] = {}  # the commit on its way
+        self._sent_at = 0.0
 
     def assigned(
         self, keys: Iterable[PartitionId], committed: Mapping[PartitionId, int] | None
@@ -172,7 +186,7 @@ class Commits:
                 self._committing.pop(key, None)
         for key, offset in done.items():
             self._committed[key] = max(self._committed.get(key, -1), offset)
-        if failed:  # sent again after the pause while the partitions are ours (rule 3)
+        if failed:  # sent again after the pause while the partitions are ours (rule 4)
             self._retry_at = self._clock() + self._retry_s
 
     def ahead(self, durable: Mapping[PartitionId, int]) -> dict[PartitionId, int]:
@@ -180,21 +194,36 @@ class Commits:
         return {
             key: offset
             for key, offset in durable.items()
-            if key in self.owned
-            and offset > max(self._committed.get(key, -1), self._committing.get(key, -1))
+            if key in self.owned and offset > self._committed.get(key, -1)
         }
+
+    @property
+    def on_its_way(self) -> bool:
+        """Whether a commit sent waits for its answer."""
+        return bool(self._committing)
 
     def due(
         self, durable: Mapping[PartitionId, int], *, last: bool = False
     ) -> dict[PartitionId, int]:
-        """What to send now (rule 3 too, unless it is the `last`): nothing, or `ahead`."""
-        if not last and self._clock() < self._retry_at:
+        """What to send now: nothing while a commit is on its way (rule 3) or, unless it is
+        the `last`, during the pause after a failure (rule 4); else `ahead`."""
+        now = self._clock()
+        if self._committing:
+            if now - self._sent_at < self._answer_s:
+                return {}
+            log.warning(
+                "an offset commit got no answer in %.0f s; counted as failed", now - self._sent_at
+            )
+            self._committing.clear()
+            self._retry_at = now + self._retry_s
+        if not last and now < self._retry_at:
             return {}
         return self.ahead(durable)
 
     def sending(self, offsets: Mapping[PartitionId, int]) -> None:
         """A commit of `offsets` is about to be sent (its answer may come before the call ends)."""
         self._committing.update(offsets)
+        self._sent_at = self._clock()
 
     def not_sent(self, offsets: Mapping[PartitionId, int]) -> None:
         """The commit could not be sent (the assignment changed, the client refused)."""

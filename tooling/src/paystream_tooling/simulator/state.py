@@ -214,6 +214,8 @@ class Simulator:
                 "bootstrap.servers": self.config.kafka_bootstrap_servers,
                 "linger.ms": 5,
                 "acks": "all",
+                # A retry after a leader's failover must not write a record twice.
+                "enable.idempotence": True,
             }
         )
 
