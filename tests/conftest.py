@@ -26,6 +26,7 @@ from paystream.app import Totals, run_processor
 from paystream.config import Settings
 from paystream_tooling import polling
 from paystream_tooling.devenv.certs import ServerCertificate
+from paystream_tooling.devenv.kafka import KafkaCluster, create_topics
 from paystream_tooling.devenv.postgres import EmbeddedPostgres
 from paystream_tooling.devenv.stack import (
     DB_NAME,
@@ -126,18 +127,21 @@ def new_env(
     stack: Stack,
     database_url: str | None = None,
     bootstrap: str | None = None,
-    replication: int = 1,
+    cluster: KafkaCluster | None = None,
+    leader: int | None = None,
 ) -> Env:
     """Fresh topics, database (cloned from the original schema) and consumer group; the topics
-    on another broker or cluster with `bootstrap`, replicated `replication` times."""
+    on another broker with `bootstrap`, or replicated on a `cluster` (with every partition led
+    by the node `leader`, if given)."""
     name = f"t{next(_counter)}_{int(time.time() * 1000) % 10**8}"
     online, offline = f"online_{name}", f"offline_{name}"
-    if bootstrap is None:
-        stack.create_topics([online, offline])
+    if cluster is not None:
+        cluster.create_topics([online, offline], stack.partitions, leader)
+        bootstrap = cluster.bootstrap
+    elif bootstrap is not None:
+        create_topics(bootstrap, [online, offline], stack.partitions)
     else:
-        from paystream_tooling.devenv.kafka import create_topics
-
-        create_topics(bootstrap, [online, offline], stack.partitions, replication)
+        stack.create_topics([online, offline])
     return Env(
         stack=stack,
         name=name,

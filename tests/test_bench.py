@@ -61,6 +61,11 @@ def test_bench_quick_reports_every_workload(tmp_path: Path) -> None:
         "bare_insert_per_s",
         "raw_copy_per_s",
     } <= set(report["ceilings"])
+    # The rolling restart's row and its quiet twin, each with its longest stretch unstored.
+    rolling = {w["name"]: w for w in report["workloads"] if w["name"].startswith("cluster-")}
+    assert {"cluster-rolling-restart", "cluster-quiet"} == set(rolling)
+    for row in rolling.values():
+        assert 0 < row["longest_gap_ms"] <= row["seconds"] * 1000
     offline = next(w for w in report["workloads"] if w["name"] == "offline")
     # An offline drain's headline ceiling: the bare idempotent insert (or the consumer, if lower).
     ceilings = report["ceilings"]

@@ -3,19 +3,25 @@ writes and serving reads while a node is killed, and a node that rejoins and cat
 
 from __future__ import annotations
 
+import contextlib
+import os
 import threading
 import time
 import uuid
 from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
 
+from paystream_tooling.devenv import network
 from paystream_tooling.devenv.kafka import KafkaCluster
 from paystream_tooling.devenv.stack import Stack
 from tests.chaos import RATE, RECORDS, chaos_settings, check, processes, produced_at_least, seeds
-from tests.conftest import new_env, running_simulator, wait_for
+from tests.conftest import Env, SimulatorClient, new_env, running_simulator, wait_for
 
 pytestmark = pytest.mark.infra
 
@@ -129,38 +135,153 @@ class _CommittedOffsets:
         self._consumer.close()
 
 
+@dataclass
+class _Round:
+    """One scenario's cluster, topics, simulator and processor settings; the body sets
+    `fault_ended` when its fault is over."""
+
+    cluster: KafkaCluster
+    env: Env
+    simulator: SimulatorClient
+    settings: Any
+    fault_ended: float = 0.0
+
+    @property
+    def partitions(self) -> list[tuple[str, int]]:
+        topics = (self.env.online_topic, self.env.offline_topic)
+        return [(t, p) for t in topics for p in range(self.env.stack.partitions)]
+
+    def leaders(self) -> Counter[int]:
+        """How many of the consumed partitions each node leads."""
+        return Counter(self.cluster.leader(t, p) for t, p in self.partitions)
+
+    def healed(self) -> None:
+        """Wait until every replica of the consumed and internal partitions is in sync again."""
+        topics = [self.env.online_topic, self.env.offline_topic, "__consumer_offsets"]
+        wait_for(lambda: self.cluster.under_replicated(topics) == 0, 90, "replicas in sync")
+
+
+@contextlib.contextmanager
+def _round(
+    stack: Stack,
+    folder: Path,
+    scenario: str,
+    seed: int,
+    *,
+    instances: int = 1,
+    records: int = RECORDS,
+    rate: float = RATE,
+    isolatable: network.TestHost | None = None,
+    leader: int | None = None,
+) -> Iterator[_Round]:
+    """A three-node cluster, the topics replicated three times, `instances` processors on the
+    hostile stream of `records` at `rate`. After the body: the full oracle, and the group's
+    committed offsets, read every 0.2 s meanwhile, never moved backwards."""
+    cache = stack.home.parent / "cache"
+    with KafkaCluster(folder / "cluster", cache, size=3, isolatable=isolatable) as cluster:
+        env = new_env(stack, cluster=cluster, leader=leader)
+        with running_simulator(env) as simulator:
+            settings = chaos_settings(env)
+            this = _Round(cluster, env, simulator, settings)
+            with (
+                processes(settings, folder) as start,
+                _CommittedOffsets(cluster.bootstrap, settings.group_id, this.partitions) as offsets,
+            ):
+                for _ in range(instances):
+                    start()
+                simulator.start(records=records, seed=seed, profile="hostile", rate=rate)
+                yield this
+                check(env, simulator, settings, scenario, seed, this.fault_ended)
+            assert [] == offsets.backwards
+            assert offsets.reads > 0
+
+
+def _produced(simulator: SimulatorClient, count: int) -> Callable[[], bool]:
+    return lambda: simulator.status().get("delivered", 0) >= count
+
+
 @pytest.mark.chaos
 @pytest.mark.parametrize("seed", seeds("cluster-leader-killed"))
 def test_the_leader_of_the_consumed_partitions_killed(
     stack: Stack, tmp_path: Path, seed: int
 ) -> None:
-    """Three nodes, the topics replicated three times: the node leading most of the consumed
-    partitions is killed (-9) mid-stream and started again. Nothing lost or doubled, every kept
-    record reported, and the group's committed offsets never moved backwards."""
-    cache = stack.home.parent / "cache"
-    with KafkaCluster(tmp_path / f"cluster-{seed}", cache, size=3) as cluster:
-        env = new_env(stack, bootstrap=cluster.bootstrap, replication=3)
-        topics = [env.online_topic, env.offline_topic]
-        with running_simulator(env) as simulator:
-            settings = chaos_settings(env)
-            with (
-                processes(settings, tmp_path) as start,
-                _CommittedOffsets(
-                    cluster.bootstrap,
-                    settings.group_id,
-                    [(t, p) for t in topics for p in range(stack.partitions)],
-                ) as offsets,
-            ):
-                start()
-                simulator.start(records=RECORDS, seed=seed, profile="hostile", rate=RATE)
-                wait_for(produced_at_least(simulator, 0.4), 60, "the stream")
-                leaders = Counter(
-                    cluster.leader(topic, p) for topic in topics for p in range(stack.partitions)
-                )
-                victim = leaders.most_common(1)[0][0]
-                cluster.node(victim).kill()
-                wait_for(produced_at_least(simulator, 0.8), 90, "the stream")
-                cluster.restart(victim)
-                check(env, simulator, settings, "cluster-leader-killed", seed, time.monotonic())
-            assert [] == offsets.backwards
-            assert offsets.reads > 0
+    """The node leading most of the consumed partitions is killed (-9) mid-stream and started
+    again once most records are out."""
+    with _round(stack, tmp_path, "cluster-leader-killed", seed) as this:
+        wait_for(produced_at_least(this.simulator, 0.4), 60, "the stream")
+        victim = this.leaders().most_common(1)[0][0]
+        this.cluster.node(victim).kill()
+        wait_for(produced_at_least(this.simulator, 0.8), 90, "the stream")
+        this.cluster.restart(victim)
+        this.fault_ended = time.monotonic()
+
+
+@pytest.mark.chaos
+@pytest.mark.parametrize("seed", seeds("cluster-coordinator-killed"))
+def test_the_group_coordinator_killed_under_two_instances(
+    stack: Stack, tmp_path: Path, seed: int
+) -> None:
+    """Two instances share the partitions; the node coordinating their group, as the cluster
+    names it, is killed (-9) mid-stream and started again once most records are out."""
+    with _round(stack, tmp_path, "cluster-coordinator-killed", seed, instances=2) as this:
+        wait_for(produced_at_least(this.simulator, 0.4), 60, "the stream")
+        victim = this.cluster.coordinator(this.settings.group_id)
+        assert victim in (1, 2, 3)
+        this.cluster.node(victim).kill()
+        wait_for(
+            lambda: this.cluster.coordinator(this.settings.group_id) != victim,
+            60,
+            "a new coordinator",
+        )
+        wait_for(produced_at_least(this.simulator, 0.8), 90, "the stream")
+        this.cluster.restart(victim)
+        this.fault_ended = time.monotonic()
+
+
+@pytest.mark.chaos
+@pytest.mark.parametrize("seed", seeds("cluster-rolling-restart"))
+def test_a_rolling_restart_of_every_node(stack: Stack, tmp_path: Path, seed: int) -> None:
+    """As an operator upgrades a cluster: each node in turn stopped cleanly and started again,
+    the next only once no replica is out of sync, while records keep coming (a stream long
+    enough to outlast the three restarts)."""
+    records = 3 * RECORDS
+    with _round(
+        stack, tmp_path, "cluster-rolling-restart", seed, records=records, rate=RATE / 4
+    ) as this:
+        wait_for(_produced(this.simulator, RECORDS // 4), 60, "the stream")
+        this.cluster.rolling_restart([this.env.online_topic, this.env.offline_topic])
+        assert this.simulator.status().get("done") is not True, "the stream outlasts the restarts"
+        # Settling is timed from the stream's end, which comes after the restarts.
+        wait_for(lambda: this.simulator.status().get("done") is True, 120, "the stream's end")
+        this.fault_ended = time.monotonic()
+
+
+@pytest.mark.chaos
+@pytest.mark.parametrize("seed", seeds("cluster-leader-isolated"))
+def test_the_leader_cut_off_by_a_silent_link(stack: Stack, tmp_path: Path, seed: int) -> None:
+    """The node leading every consumed partition loses its network mid-stream: packets to and
+    from the other nodes and the processor vanish without a reset. The others elect new leaders
+    and the processor follows them; the link heals once most records are out."""
+    reason = network.unavailable_reason()
+    if reason is not None:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"the isolation scenario cannot run: {reason}")
+        pytest.skip(reason)
+    host = network.TestHost(3)
+    network.add_service_addresses()
+    host.create()
+    try:
+        with _round(
+            stack, tmp_path, "cluster-leader-isolated", seed, isolatable=host, leader=3
+        ) as this:
+            victim = this.cluster.isolatable
+            assert {victim: len(this.partitions)} == this.leaders()
+            wait_for(produced_at_least(this.simulator, 0.4), 60, "the stream")
+            this.cluster.isolate()
+            wait_for(lambda: victim not in this.leaders(), 60, "new leaders")
+            wait_for(produced_at_least(this.simulator, 0.8), 90, "the stream")
+            this.cluster.reconnect()
+            this.fault_ended = time.monotonic()
+            this.healed()
+    finally:
+        host.destroy()

@@ -4,10 +4,12 @@
 from __future__ import annotations
 
 import ast
+import re
 import subprocess
 import sys
 import zipfile
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -148,6 +150,8 @@ def test_compose_wires_every_service_to_real_settings() -> None:
     services = compose["services"]
     assert {
         "kafka-server",
+        "kafka-2",
+        "kafka-3",
         "topics",
         "db",
         "simulator",
@@ -167,3 +171,54 @@ def test_compose_wires_every_service_to_real_settings() -> None:
     init = services["db"]["volumes"][0].split(":")[0]
     assert (ROOT / init / "01_original_schema.sql").exists()
     assert "replicas" in services["processor"]["deploy"]
+
+
+def _compose(variables: dict[str, str]) -> dict[str, Any]:
+    """The compose file's services as compose reads them with these variables: `${NAME:-default}`
+    replaced, and only the services of the profiles COMPOSE_PROFILES names, or of none."""
+    text = (ROOT / "docker-compose.yml").read_text()
+    text = re.sub(r"\$\{(\w+):-([^}]*)\}", lambda m: variables.get(m.group(1), m.group(2)), text)
+    assert "${" not in text.replace("$${", "")
+    profiles = set(filter(None, variables.get("COMPOSE_PROFILES", "").split(",")))
+    services = yaml.safe_load(text)["services"]
+    return {
+        name: service
+        for name, service in services.items()
+        if not service.get("profiles") or profiles & set(service["profiles"])
+    }
+
+
+def _env_file(path: Path) -> dict[str, str]:
+    lines = [line for line in path.read_text().splitlines() if line and not line.startswith("#")]
+    return dict(line.split("=", 1) for line in lines)
+
+
+@pytest.mark.parametrize("env_file", [None, "deploy/three-brokers.env"])
+def test_compose_runs_one_kafka_node_or_a_replicated_cluster_of_three(env_file: str | None) -> None:
+    """By default one node, nothing replicated; with the three-broker env file, three nodes
+    of one static quorum (each voter a node of the file, under its own id), every topic and
+    the group offsets replicated three times with two in sync, as the cluster tests run them,
+    and every client bootstrapping from all three."""
+    variables = {} if env_file is None else _env_file(ROOT / env_file)
+    services = _compose(variables)
+    nodes = {
+        name: service["environment"]
+        for name, service in services.items()
+        if "KAFKA_NODE_ID" in service.get("environment", {})
+    }
+    size = 1 if env_file is None else 3
+    assert size == len(nodes)
+    voters = {f"{settings['KAFKA_NODE_ID']}@{name}:9093" for name, settings in nodes.items()}
+    replication, in_sync = ("1", "1") if size == 1 else ("3", "2")
+    for settings in nodes.values():
+        assert voters == set(settings["KAFKA_CONTROLLER_QUORUM_VOTERS"].split(","))
+        assert replication == str(settings["KAFKA_OFFSETS_TOPIC_REPLICATION_FACTOR"])
+        assert replication == str(settings["KAFKA_DEFAULT_REPLICATION_FACTOR"])
+        assert in_sync == str(settings["KAFKA_MIN_INSYNC_REPLICAS"])
+        assert 10000 == settings["KAFKA_GROUP_CONSUMER_SESSION_TIMEOUT_MS"]
+    created = " ".join(services["topics"]["command"])
+    assert f"--replication-factor {replication}" in created
+    assert f"min.insync.replicas={in_sync}" in created
+    for client in ("processor", "simulator"):
+        bootstrap = services[client]["environment"]["PAYSTREAM_KAFKA_BOOTSTRAP_SERVERS"]
+        assert {f"{name}:9092" for name in nodes} == set(bootstrap.split(","))

@@ -24,6 +24,7 @@ from paystream.config import Settings
 from paystream.migrations import migrate
 from paystream_tooling import queries
 from paystream_tooling.ceilings import third_party_capacity
+from paystream_tooling.devenv.kafka import KafkaCluster
 from paystream_tooling.devenv.processes import ChildProcess, answers_ok, free_port, spawn_processor
 from paystream_tooling.devenv.stack import SimulatorProcess, Stack
 from paystream_tooling.load import document, produce
@@ -48,12 +49,18 @@ class Bench:
         self.ports: list[int] = []
         """The dashboard ports of the processors last started."""
 
-    def fresh(self, partitions: int = 3) -> Settings:
+    def fresh(self, partitions: int = 3, cluster: KafkaCluster | None = None) -> Settings:
+        """Settings for a workload: topics and a database of its own, on the stack's broker or
+        replicated on `cluster`."""
         self._n += 1
         name = f"b{self._n}_{int(time.time())}"
         topics = [f"online_{name}", f"offline_{name}"]
-        self.stack.create_topics(topics, partitions)
+        if cluster is None:
+            self.stack.create_topics(topics, partitions)
+        else:
+            cluster.create_topics(topics, partitions)
         return self.stack.settings(
+            kafka_bootstrap_servers=(cluster or self.stack.kafka).bootstrap,
             database_url=self.stack.fresh_database(f"bench_{name}"),
             online_topic=topics[0],
             offline_topic=topics[1],

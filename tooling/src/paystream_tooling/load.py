@@ -4,6 +4,7 @@ backlog or at a steady rate."""
 from __future__ import annotations
 
 import random
+import threading
 import time
 import uuid
 
@@ -63,10 +64,13 @@ class PacedLoad:
         self._rng = rng
         self._rate = rate
 
-    def produce(self, seconds: float) -> int:
+    def produce(self, seconds: float, stop: threading.Event | None = None) -> int:
+        """Payments for `seconds`, or until `stop` is set: how many were produced."""
         count = int(self._rate * seconds)
         started = time.monotonic()
         for i in range(count):
+            if stop is not None and stop.is_set():
+                return i
             kind = "online" if self._rng.random() < 0.69 else "offline"
             self._producer.produce(self._topics[kind], document(self._rng, kind))
             self._producer.poll(0)

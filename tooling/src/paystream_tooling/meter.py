@@ -88,7 +88,7 @@ class Meter:
     def __init__(self, procs: list[ChildProcess]) -> None:
         self._procs = procs
         self.started_at = time.time()
-        self._started = time.monotonic()
+        self.started_monotonic = time.monotonic()
         self._cpu0 = sum(_proc_cpu_s(p.pid) for p in procs)
         self._machine0 = _machine_ticks()
         self._others0 = _others_cpu_s()
@@ -106,7 +106,7 @@ class Meter:
         with GroupLag(settings.kafka_bootstrap_servers, settings.group_id, topics) as lag:
             ends = lag.watermarks()
             wait(lambda: sum(lag.behind(ends).values()) == 0, timeout_s)
-        seconds = time.monotonic() - self._started
+        seconds = time.monotonic() - self.started_monotonic
         finished_at = time.time()
         busy = _machine_busy_since(self._machine0)
         cpu = sum(_proc_cpu_s(p.pid) for p in self._procs) - self._cpu0
@@ -141,3 +141,13 @@ def _latency(
     if row is None:
         return 0.0, 0.0, 0.0
     return float(row[0] or 0), float(row[1] or 0), float(row[2] or 0)
+
+
+def longest_store_gap_ms(database_url: str, produced_from_ms: float) -> float:
+    """The longest stretch between two batches storing payments produced from
+    `produced_from_ms` on."""
+    with psycopg.connect(database_url) as conn:
+        row = conn.execute(
+            queries.query("longest_store_gap_ms"), {"produced_from_ms": produced_from_ms}
+        ).fetchone()
+    return 0.0 if row is None else float(row[0] or 0)

@@ -35,6 +35,14 @@ SELECT coalesce(percentile_cont(0.5) WITHIN GROUP (ORDER BY ms), 0) AS p50,
 FROM (SELECT extract(epoch FROM stored_at) * 1000 - greatest(kafka_ts, %(since_ms)s) AS ms
       FROM paystream.payment_origins WHERE kafka_ts >= %(produced_from_ms)s) AS t;
 
+-- longest_store_gap_ms --
+-- The longest stretch, in milliseconds, between two consecutive batches storing payments of
+-- records produced from %(produced_from_ms)s on.
+SELECT coalesce(max(gap), 0) AS longest
+FROM (SELECT extract(epoch FROM stored_at - lag(stored_at) OVER (ORDER BY stored_at)) * 1000 AS gap
+      FROM (SELECT DISTINCT stored_at FROM paystream.payment_origins
+            WHERE kafka_ts >= %(produced_from_ms)s) AS batches) AS t;
+
 -- reset_payments --
 -- The simulator's /start: the retailer's tables as the original service leaves them.
 DELETE FROM payments;

@@ -36,6 +36,8 @@ class Workload:
     others_cpu_s_per_1000: dict[str, float] | None = None
     """CPU seconds per 1 000 payments of the other servers during the run (PostgreSQL, the
     broker), next to the processor's `cpu_s_per_1000`."""
+    longest_gap_ms: float | None = None
+    """Under a steady load: the longest stretch with no payment stored."""
 
 
 def _bound(
@@ -98,7 +100,8 @@ def tables(result: dict[str, Any]) -> list[Table | str]:
     columns = [
         f.name
         for f in fields(Workload)
-        if f.name not in ("seconds", "run_ratios", "ratios", "others_cpu_s_per_1000")
+        if f.name
+        not in ("seconds", "run_ratios", "ratios", "others_cpu_s_per_1000", "longest_gap_ms")
     ]
     for column in columns:
         table.add_column(column, justify="left" if column in ("name", "bound_by") else "right")
@@ -120,6 +123,11 @@ def tables(result: dict[str, Any]) -> list[Table | str]:
             shown.append(
                 f"{row['name']}: CPU s per 1 000 payments: processor {row['cpu_s_per_1000']}, "
                 + ", ".join(f"{name} {cpu}" for name, cpu in others.items())
+            )
+        if (gap := row.get("longest_gap_ms")) is not None:
+            shown.append(
+                f"{row['name']}: the longest stretch with no payment stored: {gap:,.0f} ms,"
+                f" the worst produce → stored latency {row['max_ms']:,.0f} ms"
             )
         if ratios := row["run_ratios"]:
             shown.append(

@@ -10,6 +10,7 @@ import random
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 
 from paystream.config import Settings
@@ -21,9 +22,10 @@ from paystream_tooling.ceilings import (
     raw_copy_ceiling,
     third_party_ceiling,
 )
+from paystream_tooling.devenv.kafka import KafkaCluster
 from paystream_tooling.harness import Bench
 from paystream_tooling.load import REPORT, PacedLoad, document, produce
-from paystream_tooling.meter import Drained, Meter
+from paystream_tooling.meter import Drained, Meter, longest_store_gap_ms
 from paystream_tooling.report import Workload, workload
 from paystream_tooling.simulator.streams import Profile, plan
 
@@ -304,6 +306,54 @@ def join_pause(run: Run, *, protocol: str, rate: int = 500) -> list[Workload]:
     ]
 
 
+def rolling_restart(run: Run, *, rate: int = 1000) -> list[Workload]:
+    """A steady load on a cluster of three nodes (topics replicated three times, two in sync)
+    through a rolling restart: each node stopped cleanly and started again, the next once no
+    replica is out of sync. Then the same load for as long on the quiet cluster. Each row has
+    its worst produce → stored latency and its longest stretch with no payment stored."""
+    bench, sizes = run.bench, run.sizes
+    rows = []
+    cache = bench.stack.home.parent / "cache"
+    bench.progress("a three-node cluster for the rolling restart")
+    with KafkaCluster(bench.stack.home / "cluster", cache, size=3) as cluster:
+        restart_s = 0.0
+        for name in ("cluster-rolling-restart", "cluster-quiet"):
+            settings = bench.fresh(cluster=cluster)
+            with bench.processors(settings, 1, name) as procs:
+                load = PacedLoad(settings, run.rng, rate)
+                load.produce(sizes.steady_warmup_s)
+                meter = Meter(procs)
+                if name == "cluster-quiet":
+                    bench.progress(f"{name}: {rate}/s for {restart_s:.0f} s")
+                    measured = load.produce(restart_s)
+                else:
+                    bench.progress(f"{name}: {rate}/s while each node restarts in turn")
+                    stop = threading.Event()
+                    with ThreadPoolExecutor(1) as producing:
+                        produced = producing.submit(load.produce, 3600, stop)
+                        try:
+                            cluster.rolling_restart([settings.online_topic, settings.offline_topic])
+                        finally:
+                            stop.set()
+                        measured = produced.result()
+                    restart_s = time.monotonic() - meter.started_monotonic
+                load.flush()
+                since_ms = meter.started_at * 1000
+                drained = meter.until_drained(
+                    settings, 180, latency_from_ms=0, produced_from_ms=since_ms
+                )
+            row = workload(
+                name,
+                measured,
+                drained,
+                run.ceilings.base(),
+                bound_by=f"offered load ({rate}/s) on three nodes",
+            )
+            row.longest_gap_ms = round(longest_store_gap_ms(settings.database_url, since_ms), 1)
+            rows.append(row)
+    return rows
+
+
 def memory(run: Run) -> list[Workload]:
     run.bench.progress(f"memory: {run.sizes.memory} record backlog")
     settings = run.bench.fresh()
@@ -323,6 +373,7 @@ WORKLOADS: tuple[Callable[[Run], list[Workload]], ...] = (
     functools.partial(scale_out, instances=2),
     original_mix,
     steady,
+    rolling_restart,
     functools.partial(join_pause, protocol="classic"),
     functools.partial(join_pause, protocol="consumer"),
     memory,

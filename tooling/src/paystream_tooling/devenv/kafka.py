@@ -17,6 +17,8 @@ from confluent_kafka import Consumer, KafkaException, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 
 from paystream.errors import DevenvError
+from paystream_tooling import polling
+from paystream_tooling.devenv import network
 from paystream_tooling.devenv.certs import ServerCertificate
 from paystream_tooling.devenv.processes import ChildProcess, ensure_port_free, free_port
 
@@ -122,15 +124,21 @@ class KafkaBroker:
         node_id: int = 1,
         controller_port: int = 0,
         quorum: Quorum | None = None,
+        host_namespace: network.TestHost | None = None,
     ):
         """`group_protocols`: the consumer group protocols the broker accepts ("classic" alone
         is a broker without KIP-848's). `extra_listeners`: more plaintext listeners, name →
-        host:port, each advertised as itself (clients in a network namespace of their own)."""
+        host:port, each advertised as itself (clients in a network namespace of their own).
+        `host_namespace`: run in that test host's network namespace, listening on every
+        address there and advertised as `host` (its end of the broker link)."""
         self.data_dir = data_dir
         self.cache_dir = cache_dir
         self.host = host
-        self.port = port or free_port(host)
-        self.controller_port = controller_port or free_port(host)
+        self.host_namespace = host_namespace
+        # A namespace of our own has every port free; `host` is not an address of ours.
+        probe = "127.0.0.1" if host_namespace is not None else host
+        self.port = port or free_port(probe)
+        self.controller_port = controller_port or free_port(probe)
         self.node_id = node_id
         self.quorum = quorum
         self.secure = secure
@@ -159,6 +167,10 @@ class KafkaBroker:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         config = self.data_dir / "server.properties"
         plain, controller = f"{self.host}:{self.port}", f"{self.host}:{self.controller_port}"
+
+        def bound(address: str) -> str:  # in a namespace of its own: on every address there
+            return address if self.host_namespace is None else f"0.0.0.0:{address.split(':')[1]}"
+
         listeners = {"PLAINTEXT": plain}
         if self.secure is not None:
             listeners["SASL_SSL"] = f"{self.host}:{self.secure_port}"
@@ -182,8 +194,8 @@ class KafkaBroker:
             "process.roles": "broker,controller",
             "node.id": str(self.node_id),
             **quorum,
-            "listeners": ",".join(f"{k}://{v}" for k, v in listeners.items())
-            + f",CONTROLLER://{controller}",
+            "listeners": ",".join(f"{k}://{bound(v)}" for k, v in listeners.items())
+            + f",CONTROLLER://{bound(controller)}",
             "advertised.listeners": ",".join(f"{k}://{v}" for k, v in listeners.items()),
             "controller.listener.names": "CONTROLLER",
             "inter.broker.listener.name": "PLAINTEXT",
@@ -246,9 +258,10 @@ class KafkaBroker:
     def launch(self) -> None:
         """Format the log directory (the first time) and start the process, without waiting: the
         nodes of a cluster start together, since none answers before the quorum has formed."""
-        ensure_port_free(
-            self.host, self.port, "the Kafka broker", "stop what uses it or choose another port"
-        )
+        if self.host_namespace is None:
+            ensure_port_free(
+                self.host, self.port, "the Kafka broker", "stop what uses it or choose another port"
+            )
         libs = kafka_jars(self.cache_dir)
         config = self._write_config()
         if not (self.data_dir / "logs" / "meta.properties").exists():
@@ -276,9 +289,10 @@ class KafkaBroker:
                 raise DevenvError(
                     f"Formatting Kafka storage failed:\n{result.stdout}{result.stderr}"
                 )
+        argv = self._java(libs, "kafka.Kafka", str(config))
         self._process = ChildProcess(
             f"kafka-{self.node_id}",
-            self._java(libs, "kafka.Kafka", str(config)),
+            argv if self.host_namespace is None else self.host_namespace.command(argv),
             self.data_dir / "broker.log",
         )
 
@@ -341,15 +355,25 @@ class KafkaBroker:
 
 
 def create_topics(
-    bootstrap: str, names: list[str], partitions: int = 3, replication: int = 1
+    bootstrap: str,
+    names: list[str],
+    partitions: int = 3,
+    replication: int = 1,
+    replicas: list[int] | None = None,
 ) -> None:
     """Create topics (idempotent) and wait until each has a leader for every partition. With
-    `replication` above 1, a write needs two replicas in sync (min.insync.replicas=2)."""
+    `replication` above 1, a write needs two replicas in sync (min.insync.replicas=2).
+    `replicas`: the node ids holding every partition, its leader first (else the cluster
+    spreads them)."""
     admin = AdminClient({"bootstrap.servers": bootstrap})
     existing = set(admin.list_topics(timeout=10).topics)
     config = {} if replication == 1 else {"min.insync.replicas": "2"}
     wanted = [
         NewTopic(name, num_partitions=partitions, replication_factor=replication, config=config)
+        if replicas is None
+        else NewTopic(
+            name, partitions, -1, replica_assignment=[replicas] * partitions, config=config
+        )
         for name in names
     ]
     missing = [t for t in wanted if t.topic not in existing]
@@ -377,26 +401,45 @@ class KafkaCluster:
     """`size` combined broker + controller nodes forming one cluster (a static quorum of every
     node), the internal topics replicated `size` times (at most 3) with two replicas in sync.
     Each node can be killed, stopped and started again on its own; clients bootstrap from all.
+
+    With `isolatable`, a test host (its namespace created), the last node runs in that host's
+    network namespace and can be cut off from the other nodes and every client at once, with a
+    silent link (`isolate`); the others then serve on the broker's service address
+    (network.add_service_addresses), which the namespace routes over the same link.
     """
 
-    def __init__(self, data_dir: Path, cache_dir: Path, *, size: int = 3, host: str = "127.0.0.1"):
-        controllers = [free_port(host) for _ in range(size)]
-        quorum = Quorum(
-            cluster_id=uuid.uuid4().hex[:22],
-            voters=",".join(f"{i + 1}@{host}:{port}" for i, port in enumerate(controllers)),
-            replication=min(size, 3),
-        )
-        self.nodes = [
+    def __init__(
+        self,
+        data_dir: Path,
+        cache_dir: Path,
+        *,
+        size: int = 3,
+        host: str = "127.0.0.1",
+        isolatable: network.TestHost | None = None,
+    ):
+        hosts = [host] * size
+        if isolatable is not None:
+            hosts = [network.SERVICE_ADDRESSES["broker"]] * (size - 1)
+            hosts.append(isolatable.links["broker"].ns_address)
+        self._isolatable = isolatable
+        nodes = [
             KafkaBroker(
                 data_dir / f"node-{i + 1}",
                 cache_dir,
-                host=host,
+                host=hosts[i],
                 node_id=i + 1,
-                controller_port=controllers[i],
-                quorum=quorum,
+                host_namespace=isolatable if isolatable is not None and i == size - 1 else None,
             )
             for i in range(size)
         ]
+        quorum = Quorum(
+            cluster_id=uuid.uuid4().hex[:22],
+            voters=",".join(f"{n.node_id}@{n.host}:{n.controller_port}" for n in nodes),
+            replication=min(size, 3),
+        )
+        for node in nodes:
+            node.quorum = quorum
+        self.nodes = nodes
 
     @property
     def bootstrap(self) -> str:
@@ -417,24 +460,82 @@ class KafkaCluster:
         node.launch()
         node.wait_ready(timeout_s)
 
+    def rolling_restart(self, topics: list[str], timeout_s: float = 120.0) -> None:
+        """As an operator upgrades a cluster: each node in turn stopped cleanly and started
+        again, the next only once no replica of `topics` or of the group offsets is out of
+        sync."""
+        watched = [*topics, "__consumer_offsets"]
+        for node in self.nodes:
+            node.stop()
+            self.restart(node.node_id, timeout_s)
+            polling.until(
+                lambda: self.under_replicated(watched) == 0,
+                timeout_s,
+                f"every replica in sync after node {node.node_id} restarted",
+                every_s=0.2,
+            )
+
     def stop(self) -> None:
         """Every node at once: stopped one after another, the last ones would wait out their
         timeout for a controller quorum that has already gone."""
         with ThreadPoolExecutor(len(self.nodes)) as pool:
             list(pool.map(KafkaBroker.stop, self.nodes))
 
-    def create_topics(self, names: list[str], partitions: int = 3) -> None:
-        create_topics(self.bootstrap, names, partitions, replication=min(len(self.nodes), 3))
+    def create_topics(
+        self, names: list[str], partitions: int = 3, leader: int | None = None
+    ) -> None:
+        """Topics replicated on every node (at most 3); `leader`: the node leading all their
+        partitions, else the cluster spreads the leaders."""
+        replication = min(len(self.nodes), 3)
+        replicas = None
+        if leader is not None:
+            others = [n.node_id for n in self.nodes if n.node_id != leader]
+            replicas = [leader, *others[: replication - 1]]
+        create_topics(self.bootstrap, names, partitions, replication, replicas)
+
+    @property
+    def isolatable(self) -> int:
+        """The node that `isolate` can cut off."""
+        assert self._isolatable is not None, "a cluster made with `isolatable`"
+        return self.nodes[-1].node_id
+
+    def isolate(self) -> None:
+        """Cut the isolatable node off from the other nodes and every client: each side's
+        packets to the other vanish, with no reset, until `reconnect`."""
+        assert self._isolatable is not None, "a cluster made with `isolatable`"
+        self._isolatable.cut("broker")
+
+    def reconnect(self) -> None:
+        assert self._isolatable is not None, "a cluster made with `isolatable`"
+        self._isolatable.heal("broker")
+
+    def coordinator(self, group_id: str) -> int:
+        """The node coordinating a consumer group now, as the cluster says (-1: none known)."""
+        admin = AdminClient({"bootstrap.servers": self.bootstrap, "log_level": 0})
+        [future] = admin.describe_consumer_groups([group_id], request_timeout=10).values()
+        try:
+            node = future.result().coordinator
+        except KafkaException:
+            return -1
+        return -1 if node is None else int(node.id)
 
     def leader(self, topic: str, partition: int) -> int:
-        """The node id leading a partition now (-1 while it has none)."""
+        """The node id leading a partition now (-1 while it has none, or no node answers)."""
         admin = AdminClient({"bootstrap.servers": self.bootstrap, "log_level": 0})
-        return int(admin.list_topics(topic, timeout=10).topics[topic].partitions[partition].leader)
+        try:
+            metadata = admin.list_topics(topic, timeout=10)
+        except KafkaException:
+            return -1
+        return int(metadata.topics[topic].partitions[partition].leader)
 
-    def under_replicated(self, topics: list[str]) -> int:
-        """Partitions of these topics with fewer replicas in sync than assigned."""
+    def under_replicated(self, topics: list[str]) -> int | None:
+        """Partitions of these topics with fewer replicas in sync than assigned (None: no node
+        answered)."""
         admin = AdminClient({"bootstrap.servers": self.bootstrap, "log_level": 0})
-        metadata = admin.list_topics(timeout=10).topics
+        try:
+            metadata = admin.list_topics(timeout=10).topics
+        except KafkaException:
+            return None
         return sum(
             len(p.isrs) < len(p.replicas)
             for name in topics

@@ -216,6 +216,9 @@ class Simulator:
                 "acks": "all",
                 # A retry after a leader's failover must not write a record twice.
                 "enable.idempotence": True,
+                # A leader cut off by a silent link answers nothing: give up on it after 10 s
+                # (the default waits 60) and follow the new leader.
+                "socket.timeout.ms": 10_000,
             }
         )
 
