@@ -117,12 +117,13 @@ def chaos_settings(env: Env, **overrides: Any) -> Any:
 
 
 @contextlib.contextmanager
-def processes(settings: Any, folder: Path) -> Iterator[Callable[[], ChildProcess]]:
+def processes(settings: Any, folder: Path) -> Iterator[Callable[..., ChildProcess]]:
     """Start `paystream run` processes on demand; whatever still runs is killed at the end."""
     started: list[ChildProcess] = []
 
-    def start() -> ChildProcess:
-        proc = spawn_processor(settings, folder / f"processor-{len(started)}.log")
+    def start(own: Any = None) -> ChildProcess:
+        """One more processor, with these settings or `own`."""
+        proc = spawn_processor(own or settings, folder / f"processor-{len(started)}.log")
         started.append(proc)
         return proc
 

@@ -19,6 +19,7 @@ from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
 
 from paystream_tooling.devenv import network
 from paystream_tooling.devenv.kafka import KafkaCluster
+from paystream_tooling.devenv.processes import answers_ok, free_port
 from paystream_tooling.devenv.stack import Stack
 from tests.chaos import RATE, RECORDS, chaos_settings, check, processes, produced_at_least, seeds
 from tests.conftest import Env, SimulatorClient, new_env, running_simulator, wait_for
@@ -135,6 +136,36 @@ class _CommittedOffsets:
         self._consumer.close()
 
 
+class _Readiness:
+    """A processor's /health/ready, asked every 0.2 s in a thread: for how long, in seconds, it
+    was not ready (200), from the first time it was."""
+
+    def __init__(self, port: int) -> None:
+        self._url = f"http://127.0.0.1:{port}/health/ready"
+        self.asked = 0
+        self.not_ready_s = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+
+    def _watch(self) -> None:
+        last = time.monotonic()
+        while not self._stop.wait(0.2):
+            ready = answers_ok(self._url)
+            now = time.monotonic()
+            if ready or self.asked:
+                self.asked += 1
+                self.not_ready_s += 0.0 if ready else now - last
+            last = now
+
+    def __enter__(self) -> _Readiness:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+
 @dataclass
 class _Round:
     """One scenario's cluster, topics, simulator and processor settings; the body sets
@@ -173,10 +204,14 @@ def _round(
     rate: float = RATE,
     isolatable: network.TestHost | None = None,
     leader: int | None = None,
+    not_ready_s: float = 0.0,
 ) -> Iterator[_Round]:
     """A three-node cluster, the topics replicated three times, `instances` processors on the
-    hostile stream of `records` at `rate`. After the body: the full oracle, and the group's
-    committed offsets, read every 0.2 s meanwhile, never moved backwards."""
+    hostile stream of `records` at `rate`. After the body: the full oracle; the group's
+    committed offsets, read every 0.2 s meanwhile, never moved backwards; and the first
+    processor was not ready for at most `not_ready_s` (two nodes of three always answer, so a
+    connection to the third that fails must not make it say the brokers are away)."""
+    port = free_port()
     cache = stack.home.parent / "cache"
     with KafkaCluster(folder / "cluster", cache, size=3, isolatable=isolatable) as cluster:
         env = new_env(stack, cluster=cluster, leader=leader)
@@ -187,13 +222,17 @@ def _round(
                 processes(settings, folder) as start,
                 _CommittedOffsets(cluster.bootstrap, settings.group_id, this.partitions) as offsets,
             ):
-                for _ in range(instances):
-                    start()
-                simulator.start(records=records, seed=seed, profile="hostile", rate=rate)
-                yield this
+                for i in range(instances):
+                    start(settings.model_copy(update={"web_port": port if i == 0 else 0}))
+                with _Readiness(port) as readiness:
+                    simulator.start(records=records, seed=seed, profile="hostile", rate=rate)
+                    yield this
                 check(env, simulator, settings, scenario, seed, this.fault_ended)
             assert [] == offsets.backwards
             assert offsets.reads > 0
+            print(f"{scenario}: not ready for {readiness.not_ready_s:.1f} s")
+            assert readiness.asked > 10
+            assert readiness.not_ready_s <= not_ready_s
 
 
 def _produced(simulator: SimulatorClient, count: int) -> Callable[[], bool]:
@@ -261,7 +300,8 @@ def test_a_rolling_restart_of_every_node(stack: Stack, tmp_path: Path, seed: int
 def test_the_leader_cut_off_by_a_silent_link(stack: Stack, tmp_path: Path, seed: int) -> None:
     """The node leading every consumed partition loses its network mid-stream: packets to and
     from the other nodes and the processor vanish without a reset. The others elect new leaders
-    and the processor follows them; the link heals once most records are out."""
+    and the processor follows them; the link heals once most records are out. The processor
+    may say the brokers are away until it gives up on that node (at most 15 s)."""
     reason = network.unavailable_reason()
     if reason is not None:
         if os.environ.get("CI") == "true":
@@ -271,8 +311,16 @@ def test_the_leader_cut_off_by_a_silent_link(stack: Stack, tmp_path: Path, seed:
     network.add_service_addresses()
     host.create()
     try:
+        # Requests to the node cut off go unanswered until the client gives up on them
+        # (socket.timeout.ms, 10 s): its metadata probe meanwhile may be one of them.
         with _round(
-            stack, tmp_path, "cluster-leader-isolated", seed, isolatable=host, leader=3
+            stack,
+            tmp_path,
+            "cluster-leader-isolated",
+            seed,
+            isolatable=host,
+            leader=3,
+            not_ready_s=15.0,
         ) as this:
             victim = this.cluster.isolatable
             assert {victim: len(this.partitions)} == this.leaders()

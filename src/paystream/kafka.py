@@ -204,10 +204,13 @@ class KafkaConsumer:
             self._tell(BrokerReachable(up))
 
     def _on_error(self, error: KafkaError) -> None:
-        # A connection that failed or timed out (socket.timeout.ms) as well as all of them
-        # down: the next consume call asks the broker again and says when it is back.
-        if error.code() in _BROKER_AWAY:
+        if error.code() == KafkaError._ALL_BROKERS_DOWN:
             self._broker(False)
+        elif error.code() in _BROKER_AWAY:
+            # One connection failed or timed out (socket.timeout.ms): in a cluster, the other
+            # nodes may answer (a node restarting in a rolling restart). The next consume call
+            # asks the cluster, and only a cluster that does not answer counts as away.
+            self._next_probe = 0.0
         log.warning("kafka: %s", error)
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
