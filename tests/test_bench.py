@@ -13,6 +13,7 @@ import pytest
 
 
 @pytest.mark.infra  # it starts its own Kafka and PostgreSQL
+@pytest.mark.timeout(600)  # every workload, the three-node cluster's rolling restart included
 def test_bench_quick_reports_every_workload(tmp_path: Path) -> None:
     """The JSON report names each workload with every documented key, and its ceilings."""
     result = subprocess.run(

@@ -12,7 +12,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import pytest
 from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
@@ -97,10 +97,38 @@ def test_a_replicated_topic_survives_its_leader_killed(tmp_path: Path) -> None:
         print(f"back in sync {time.monotonic() - restarted_at:.1f} s after its restart")
 
 
-class _CommittedOffsets:
-    """The group's committed offsets, read every 0.2 s in a thread: any that moved backwards."""
+class _Watcher:
+    """Something asked every 0.2 s in a thread of its own, from entering to leaving."""
+
+    def __init__(self) -> None:
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+
+    def _watch(self) -> None:
+        while not self._stop.wait(0.2):
+            self.ask()
+
+    def ask(self) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """After the last question."""
+
+    def __enter__(self) -> Self:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join(10)
+        self.close()
+
+
+class _CommittedOffsets(_Watcher):
+    """The group's committed offsets: any that moved backwards."""
 
     def __init__(self, bootstrap: str, group_id: str, partitions: list[tuple[str, int]]) -> None:
+        super().__init__()
         self._consumer = Consumer(
             {"bootstrap.servers": bootstrap, "group.id": group_id, "log_level": 0}
         )
@@ -108,62 +136,43 @@ class _CommittedOffsets:
         self.highest: dict[tuple[str, int], int] = {}
         self.backwards: list[str] = []
         self.reads = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._watch, daemon=True)
 
-    def _watch(self) -> None:
-        while not self._stop.wait(0.2):
-            try:
-                committed = self._consumer.committed(self._partitions, timeout=5)
-            except KafkaException:  # the coordinator moving: read again next time
+    def ask(self) -> None:
+        try:
+            committed = self._consumer.committed(self._partitions, timeout=5)
+        except KafkaException:  # the coordinator moving: read again next time
+            return
+        self.reads += 1
+        for tp in committed:
+            key = (tp.topic, tp.partition)
+            if tp.offset < 0:  # nothing committed yet
                 continue
-            self.reads += 1
-            for tp in committed:
-                key = (tp.topic, tp.partition)
-                if tp.offset < 0:  # nothing committed yet
-                    continue
-                if tp.offset < self.highest.get(key, -1):
-                    self.backwards.append(f"{key}: {self.highest[key]} then {tp.offset}")
-                self.highest[key] = max(tp.offset, self.highest.get(key, -1))
+            if tp.offset < self.highest.get(key, -1):
+                self.backwards.append(f"{key}: {self.highest[key]} then {tp.offset}")
+            self.highest[key] = max(tp.offset, self.highest.get(key, -1))
 
-    def __enter__(self) -> _CommittedOffsets:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        self._stop.set()
-        self._thread.join(10)
+    def close(self) -> None:
         self._consumer.close()
 
 
-class _Readiness:
-    """A processor's /health/ready, asked every 0.2 s in a thread: for how long, in seconds, it
-    was not ready (200), from the first time it was."""
+class _Readiness(_Watcher):
+    """A processor's /health/ready: for how long, in seconds, it was not ready (200), from the
+    first time it was."""
 
     def __init__(self, port: int) -> None:
+        super().__init__()
         self._url = f"http://127.0.0.1:{port}/health/ready"
         self.asked = 0
         self.not_ready_s = 0.0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._last = time.monotonic()
 
-    def _watch(self) -> None:
-        last = time.monotonic()
-        while not self._stop.wait(0.2):
-            ready = answers_ok(self._url)
-            now = time.monotonic()
-            if ready or self.asked:
-                self.asked += 1
-                self.not_ready_s += 0.0 if ready else now - last
-            last = now
-
-    def __enter__(self) -> _Readiness:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        self._stop.set()
-        self._thread.join(10)
+    def ask(self) -> None:
+        ready = answers_ok(self._url)
+        now = time.monotonic()
+        if ready or self.asked:
+            self.asked += 1
+            self.not_ready_s += 0.0 if ready else now - self._last
+        self._last = now
 
 
 @dataclass
