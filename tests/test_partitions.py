@@ -271,6 +271,10 @@ def test_slow_link(
 
         simulator.start(records=RECORDS, seed=seed, profile="hostile", rate=RATE)
         wait_for(produced_at_least(simulator, 0.2), 60, "the stream")
+        # A link that slows under a running processor: its connections already open. (One
+        # slowed before the first batch stored anything: opening a connection took longer than
+        # the pool's 5 s wait, so no database step ran to be timed.)
+        wait_for(_stored(env), 60, "some progress before the slowing")
         before = slow_ones()
         proxy = wiring.proxies[dependency]
         net.toxiproxy.slow(proxy, latency_ms=2000, jitter_ms=500)
