@@ -5,6 +5,7 @@ stopped and started again."""
 from __future__ import annotations
 
 import shutil
+import socket
 import subprocess
 import time
 import uuid
@@ -299,7 +300,12 @@ class KafkaBroker:
     def wait_ready(self, timeout_s: float = 90.0) -> None:
         """Until the node answers metadata requests and coordinates groups."""
         assert self._process is not None, "launch() first"
-        self._process.wait_until(self._answers_metadata, timeout_s, "answering metadata requests")
+        admin = AdminClient(
+            {"bootstrap.servers": self.bootstrap, "socket.timeout.ms": 1000, "log_level": 0}
+        )
+        self._process.wait_until(
+            lambda: self._answers_metadata(admin), timeout_s, "answering metadata requests"
+        )
         # A new broker creates its group-offsets topic on the first group request and answers
         # NOT_COORDINATOR meanwhile, which librdkafka backs off from for 3 s: get that over with
         # here rather than in the first consumer's join.
@@ -311,10 +317,15 @@ class KafkaBroker:
         user = self.secure
         return ["--add-scram", f"SCRAM-SHA-512=[name={user.username},password={user.password}]"]
 
-    def _answers_metadata(self) -> bool:
-        admin = AdminClient(
-            {"bootstrap.servers": self.bootstrap, "socket.timeout.ms": 1000, "log_level": 0}
-        )
+    def _answers_metadata(self, admin: AdminClient) -> bool:
+        # Ask librdkafka only once the port listens, and through one client: a metadata request
+        # that timed out waiting for the broker to come up, on a client destroyed right after
+        # (one a poll), tripped an assertion in librdkafka (rd_kafka_enq_once_del_source_return)
+        # that aborts the whole process.
+        try:
+            socket.create_connection((self.host, self.port), timeout=1).close()
+        except OSError:
+            return False
         try:
             return bool(admin.list_topics(timeout=1).brokers)
         except KafkaException:
@@ -440,6 +451,7 @@ class KafkaCluster:
         for node in nodes:
             node.quorum = quorum
         self.nodes = nodes
+        self._admin_client: AdminClient | None = None
 
     @property
     def bootstrap(self) -> str:
@@ -509,10 +521,18 @@ class KafkaCluster:
         assert self._isolatable is not None, "a cluster made with `isolatable`"
         self._isolatable.heal("broker")
 
+    @property
+    def _admin(self) -> AdminClient:
+        """One client for the cluster's questions, kept open: clients made and destroyed by the
+        hundred while a node was down tripped an assertion in librdkafka that aborts the
+        process (see KafkaBroker._answers_metadata)."""
+        if self._admin_client is None:
+            self._admin_client = AdminClient({"bootstrap.servers": self.bootstrap, "log_level": 0})
+        return self._admin_client
+
     def coordinator(self, group_id: str) -> int:
         """The node coordinating a consumer group now, as the cluster says (-1: none known)."""
-        admin = AdminClient({"bootstrap.servers": self.bootstrap, "log_level": 0})
-        [future] = admin.describe_consumer_groups([group_id], request_timeout=10).values()
+        [future] = self._admin.describe_consumer_groups([group_id], request_timeout=10).values()
         try:
             node = future.result().coordinator
         except KafkaException:
@@ -521,9 +541,8 @@ class KafkaCluster:
 
     def leader(self, topic: str, partition: int) -> int:
         """The node id leading a partition now (-1 while it has none, or no node answers)."""
-        admin = AdminClient({"bootstrap.servers": self.bootstrap, "log_level": 0})
         try:
-            metadata = admin.list_topics(topic, timeout=10)
+            metadata = self._admin.list_topics(topic, timeout=10)
         except KafkaException:
             return -1
         return int(metadata.topics[topic].partitions[partition].leader)
@@ -531,9 +550,8 @@ class KafkaCluster:
     def under_replicated(self, topics: list[str]) -> int | None:
         """Partitions of these topics with fewer replicas in sync than assigned (None: no node
         answered)."""
-        admin = AdminClient({"bootstrap.servers": self.bootstrap, "log_level": 0})
         try:
-            metadata = admin.list_topics(timeout=10).topics
+            metadata = self._admin.list_topics(timeout=10).topics
         except KafkaException:
             return None
         return sum(
