@@ -21,6 +21,7 @@ from paystream_tooling.devenv import network
 from paystream_tooling.devenv.kafka import KafkaCluster
 from paystream_tooling.devenv.processes import answers_ok, free_port
 from paystream_tooling.devenv.stack import Stack
+from paystream_tooling.polling import TimedOut
 from tests.chaos import RATE, RECORDS, chaos_settings, check, processes, produced_at_least, seeds
 from tests.conftest import Env, SimulatorClient, new_env, running_simulator, wait_for
 
@@ -304,8 +305,8 @@ def test_a_rolling_restart_of_every_node(stack: Stack, tmp_path: Path, seed: int
 def test_the_leader_cut_off_by_a_silent_link(stack: Stack, tmp_path: Path, seed: int) -> None:
     """The node leading every consumed partition loses its network mid-stream: packets to and
     from the other nodes and the processor vanish without a reset. The others elect new leaders
-    and the processor follows them; the link heals once most records are out. The processor
-    may say the brokers are away until it gives up on that node (at most 15 s)."""
+    and the processor follows them; the link heals once most records are out (or after 30 s).
+    The processor may say the brokers are away until it gives up on that node (at most 15 s)."""
     reason = network.unavailable_reason()
     if reason is not None:
         if os.environ.get("CI") == "true":
@@ -331,7 +332,11 @@ def test_the_leader_cut_off_by_a_silent_link(stack: Stack, tmp_path: Path, seed:
             wait_for(produced_at_least(this.simulator, 0.4), 60, "the stream")
             this.cluster.isolate()
             wait_for(lambda: victim not in this.leaders(), 60, "new leaders")
-            wait_for(produced_at_least(this.simulator, 0.8), 90, "the stream")
+            # Healed at 80 % of the stream, or 30 s after the cut: the simulator's idempotent
+            # producer (librdkafka) stayed stuck on the node cut off in one round of three,
+            # retrying it until it came back. The producer's concern, not the processor's.
+            with contextlib.suppress(TimedOut):
+                wait_for(produced_at_least(this.simulator, 0.8), 30, "the stream")
             this.cluster.reconnect()
             this.fault_ended = time.monotonic()
             this.healed()
