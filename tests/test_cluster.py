@@ -249,6 +249,18 @@ def _produced(simulator: SimulatorClient, count: int) -> Callable[[], bool]:
     return lambda: simulator.status().get("delivered", 0) >= count
 
 
+def _killed_mid_stream(this: _Round, victim_now: Callable[[], int]) -> None:
+    """At 40 % of the stream, `kill -9` of the node `victim_now` names then; started again at
+    80 %."""
+    wait_for(produced_at_least(this.simulator, 0.4), 60, "the stream")
+    victim = victim_now()
+    assert victim in (1, 2, 3)
+    this.cluster.node(victim).kill()
+    wait_for(produced_at_least(this.simulator, 0.8), 90, "the stream")
+    this.cluster.restart(victim)
+    this.fault_ended = time.monotonic()
+
+
 @pytest.mark.chaos
 @pytest.mark.parametrize("seed", seeds("cluster-leader-killed"))
 def test_the_leader_of_the_consumed_partitions_killed(
@@ -257,12 +269,7 @@ def test_the_leader_of_the_consumed_partitions_killed(
     """The node leading most of the consumed partitions is killed (-9) mid-stream and started
     again once most records are out."""
     with _round(stack, tmp_path, "cluster-leader-killed", seed) as this:
-        wait_for(produced_at_least(this.simulator, 0.4), 60, "the stream")
-        victim = this.leaders().most_common(1)[0][0]
-        this.cluster.node(victim).kill()
-        wait_for(produced_at_least(this.simulator, 0.8), 90, "the stream")
-        this.cluster.restart(victim)
-        this.fault_ended = time.monotonic()
+        _killed_mid_stream(this, lambda: this.leaders().most_common(1)[0][0])
 
 
 @pytest.mark.chaos
@@ -273,13 +280,7 @@ def test_the_group_coordinator_killed_under_two_instances(
     """Two instances share the partitions; the node coordinating their group, as the cluster
     names it, is killed (-9) mid-stream and started again once most records are out."""
     with _round(stack, tmp_path, "cluster-coordinator-killed", seed, instances=2) as this:
-        wait_for(produced_at_least(this.simulator, 0.4), 60, "the stream")
-        victim = this.cluster.coordinator(this.settings.group_id)
-        assert victim in (1, 2, 3)
-        this.cluster.node(victim).kill()
-        wait_for(produced_at_least(this.simulator, 0.8), 90, "the stream")
-        this.cluster.restart(victim)
-        this.fault_ended = time.monotonic()
+        _killed_mid_stream(this, lambda: this.cluster.coordinator(this.settings.group_id))
 
 
 @pytest.mark.chaos
