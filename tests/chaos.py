@@ -151,5 +151,8 @@ def stream_under_faults(
             yield env, simulator, settings
 
 
-def produced_at_least(simulator: SimulatorClient, share: float) -> Callable[[], bool]:
-    return lambda: simulator.status().get("delivered", 0) >= share * RECORDS
+def produced_at_least(
+    simulator: SimulatorClient, share: float, records: int = RECORDS
+) -> Callable[[], bool]:
+    """Whether `share` of a stream of `records` has been delivered."""
+    return lambda: simulator.status().get("delivered", 0) >= share * records

@@ -476,16 +476,20 @@ class KafkaCluster:
         """As an operator upgrades a cluster: each node in turn stopped cleanly and started
         again, the next only once no replica of `topics` or of the group offsets is out of
         sync."""
-        watched = [*topics, "__consumer_offsets"]
         for node in self.nodes:
             node.stop()
             self.restart(node.node_id, timeout_s)
-            polling.until(
-                lambda: self.under_replicated(watched) == 0,
-                timeout_s,
-                f"every replica in sync after node {node.node_id} restarted",
-                every_s=0.2,
-            )
+            self.wait_in_sync(topics, timeout_s)
+
+    def wait_in_sync(self, topics: list[str], timeout_s: float = 120.0) -> None:
+        """Until no replica of `topics` or of the group offsets is out of sync."""
+        watched = [*topics, "__consumer_offsets"]
+        polling.until(
+            lambda: self.under_replicated(watched) == 0,
+            timeout_s,
+            "every replica in sync",
+            every_s=0.2,
+        )
 
     def stop(self) -> None:
         """Every node at once: stopped one after another, the last ones would wait out their
