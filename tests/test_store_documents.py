@@ -14,7 +14,6 @@ import pytest
 
 from paystream.model import Kept, Payment, PaymentType, Reason, Record, RecordId
 from paystream.store import documents
-from paystream.store.batch import Inserted
 from paystream.store.queries import _all as runtime_queries
 from paystream.store.queries import json
 
@@ -39,7 +38,7 @@ ENCODED: dict[tuple[str, str], Callable[[], str]] = {
     ("processed_records", "kept"): lambda: documents.offset_ranges({("online", 1): (3, 9)}),
     ("insert_payments", "rows"): lambda: documents.payments([PAYMENT], [RECORD]),
     ("stamp_accounts", "rows"): lambda: documents.stamps(
-        [Inserted(payment_id="p-1", account_id=3, created_on=datetime(2026, 1, 1))]
+        {3: datetime(2026, 1, 1)}
     ),
     ("insert_kept", "rows"): lambda: json([documents.kept(KEPT, b"{}", None, None)]),
     ("resolve_kept", "ids"): lambda: documents.records([RECORD]),

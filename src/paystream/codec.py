@@ -61,6 +61,8 @@ def _unreadable(value: bytes, exc: orjson.JSONDecodeError) -> DecodeError:
     )
 
 
+_PAYMENT_TYPES = {t.value: t for t in PaymentType}
+
 _FIELDS = ("payment_id", "account_id", "payment_type", "credit_card", "amount")
 _QUOTED_FIELDS = tuple(f'"{name}"'.encode() for name in _FIELDS)
 
@@ -116,14 +118,14 @@ def decode(value: bytes | None, topic_type: PaymentType) -> Payment | DecodeErro
             description=f"message is a JSON {type(document).__name__}, not an object",
             payment_id=None,
         )
-    payment_id = _readable_id(document)
-    readable_amount = document.get("amount")
-    if not (_is_int(readable_amount) and 0 < readable_amount <= MAX_AMOUNT):
-        readable_amount = None
 
     def invalid(description: str, reason: Reason = Reason.INVALID) -> DecodeError:
+        amount = document.get("amount")
         return DecodeError(
-            reason=reason, description=description, payment_id=payment_id, amount=readable_amount
+            reason=reason,
+            description=description,
+            payment_id=_readable_id(document),
+            amount=amount if _is_int(amount) and 0 < amount <= MAX_AMOUNT else None,
         )
 
     # Only the online topic's payments have a second reader (the gateway); an offline one is read
@@ -148,10 +150,10 @@ def decode(value: bytes | None, topic_type: PaymentType) -> Payment | DecodeErro
         return invalid(f"account_id {account_id} is out of range")
 
     raw_type = document.get("payment_type")
-    if raw_type not in ("online", "offline"):
+    payment_type = _PAYMENT_TYPES.get(raw_type) if isinstance(raw_type, str) else None
+    if payment_type is None:
         shown = repr(raw_type)[:40] if isinstance(raw_type, str) else _json_type(raw_type)
         return invalid(f"payment_type must be 'online' or 'offline', got {shown}")
-    payment_type = PaymentType(raw_type)
     if payment_type is not topic_type:
         return invalid(
             f"payment_type '{payment_type}' arrived on the {topic_type} topic", Reason.WRONG_TOPIC

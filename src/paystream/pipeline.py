@@ -297,11 +297,11 @@ class Pipeline:
         inserted = await store.insert_payments(
             conn, [c.payment for c in decided.store], [c.record.id for c in decided.store]
         )
-        taken = {i.payment_id for i in inserted}
-        stored = [c for c in decided.store if c.payment.payment_id in taken]
-        # Stored meanwhile by another batch, or by an earlier record of this one.
-        settling = [c for c in decided.store if c.payment.payment_id not in taken]
-        settling += decided.settle
+        stored, settling = decided.store, decided.settle
+        if inserted.skipped:  # stored meanwhile by another batch, or by an earlier record
+            stored = [c for c in decided.store if c.payment.payment_id not in inserted.skipped]
+            settling = [c for c in decided.store if c.payment.payment_id in inserted.skipped]
+            settling += decided.settle
         existing = await store.existing_payments(conn, (c.payment.payment_id for c in settling))
         kept, redelivered = decided.kept, decided.redelivered
         for candidate in settling:
@@ -313,7 +313,7 @@ class Pipeline:
         await outcomes.write(conn, [c.record.id for c in stored], kept)
         await store.record_done(conn, spans)
         # Last, so that the account locks (the only ones batches contend for) are held briefly.
-        await store.stamp_accounts(conn, inserted)
+        await store.stamp_accounts(conn, inserted.latest)
         return _counted(stored, kept, redelivered)
 
 

@@ -94,40 +94,46 @@ async def existing_accounts(conn: Conn, account_ids: Iterable[int]) -> set[int]:
     return set(await cursor.fetchall())
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
+@dataclass(frozen=True, slots=True)
 class Inserted:
-    payment_id: str
-    account_id: int
-    created_on: datetime
+    """What inserting payments did: per account, the newest created_on it stored (what the
+    account is stamped with); and the payment_ids it skipped, stored already."""
+
+    latest: dict[int, datetime]
+    skipped: set[str]
 
 
 async def insert_payments(
     conn: Conn, payments: Sequence[Payment], origins: Sequence[RecordId]
-) -> list[Inserted]:
+) -> Inserted:
     """Insert, each with the record it came from (`origins`, one per payment); a payment_id
-    already present is skipped. Returns those inserted."""
-    if not payments:
-        return []
-    cursor = conn.cursor(row_factory=class_row(Inserted))
-    await cursor.execute(query("insert_payments"), {"rows": documents.payments(payments, origins)})
-    return await cursor.fetchall()
+    already present is skipped. The rows come back per account, not per payment: the Python
+    side of a batch then builds no object per stored payment."""
+    latest: dict[int, datetime] = {}
+    skipped: set[str] = set()
+    if payments:
+        cursor = await conn.execute(
+            query("insert_payments"), {"rows": documents.payments(payments, origins)}
+        )
+        for account_id, newest, payment_id in await cursor.fetchall():
+            if payment_id is None:
+                latest[account_id] = newest
+            else:
+                skipped.add(payment_id)
+    return Inserted(latest, skipped)
 
 
-async def stamp_accounts(conn: Conn, inserted: Sequence[Inserted]) -> None:
-    """last_payment_date only moves forward, to the newest stored payment's created_on.
+async def stamp_accounts(conn: Conn, latest: Mapping[int, datetime]) -> None:
+    """last_payment_date only moves forward, to the newest stored payment's created_on
+    (`latest`, per account: `Inserted.latest`).
 
     The rows are locked first, in account order, so two batches can never deadlock on them; the
     caller does this last in its transaction, so the locks are held only until the commit.
     """
-    if not inserted:
+    if not latest:
         return
-    await conn.execute(
-        query("lock_accounts"), {"ids": json(sorted({i.account_id for i in inserted}))}
-    )
-    await conn.execute(
-        query("stamp_accounts"),
-        {"rows": documents.stamps(inserted)},
-    )
+    await conn.execute(query("lock_accounts"), {"ids": json(sorted(latest))})
+    await conn.execute(query("stamp_accounts"), {"rows": documents.stamps(latest)})
 
 
 def _existing(

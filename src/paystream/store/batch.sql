@@ -22,14 +22,16 @@ ORDER BY 1, 2
 ON CONFLICT (topic, "partition") DO UPDATE SET writer = EXCLUDED.writer, since = now();
 
 -- processed_records --
--- The records with an outcome: stored from this very record (checked by payment id), or kept
--- (looked up by offset range per partition, one index range scan each).
+-- The records with an outcome: stored from this very record (its payment's newest origin), or
+-- kept (looked up by offset range per partition, one index range scan each).
 SELECT o.topic, o."partition", o."offset", o.kafka_ts AS timestamp_ms
 FROM json_to_recordset(%(stored)s::json) AS b(
     payment_id text, topic text, "partition" int, "offset" bigint, kafka_ts bigint)
-JOIN paystream.payment_origins AS o ON o.payment_id = b.payment_id
-    AND (o.topic, o."partition", o."offset", o.kafka_ts)
-        = (b.topic, b."partition", b."offset", b.kafka_ts)
+JOIN LATERAL (
+    SELECT * FROM paystream.payment_origins AS o WHERE o.payment_id = b.payment_id
+    ORDER BY o.stored_at DESC LIMIT 1
+) AS o ON (o.topic, o."partition", o."offset", o.kafka_ts)
+    = (b.topic, b."partition", b."offset", b.kafka_ts)
 UNION ALL
 SELECT k.topic, k."partition", k."offset", k.kafka_ts AS timestamp_ms
 FROM json_to_recordset(%(kept)s::json) AS r(
@@ -50,8 +52,8 @@ WHERE account_id IN (SELECT value::int FROM json_array_elements_text(%(ids)s::js
 
 -- insert_payments --
 -- Payments in id order (no deadlock); an id present already is skipped. The same statement
--- remembers which record each newly stored payment came from, replacing a stale origin that a
--- purge of payments left behind.
+-- appends which record each newly stored payment came from (a purge of payments may have left
+-- an older origin of the same id behind: the newest is the payment's own).
 WITH batch AS (
     SELECT * FROM json_to_recordset(%(rows)s::json) AS r(
         payment_id varchar, account_id int, payment_type varchar, credit_card varchar,
@@ -65,12 +67,13 @@ WITH batch AS (
     INSERT INTO paystream.payment_origins (payment_id, topic, "partition", "offset", kafka_ts)
     SELECT payment_id, b.topic, b."partition", b."offset", b.kafka_ts
     FROM batch AS b JOIN inserted USING (payment_id)
-    ORDER BY 1
-    ON CONFLICT (payment_id) DO UPDATE SET
-        topic = EXCLUDED.topic, "partition" = EXCLUDED."partition",
-        "offset" = EXCLUDED."offset", kafka_ts = EXCLUDED.kafka_ts, stored_at = now()
 )
-SELECT payment_id, account_id, created_on FROM inserted;
+-- Per account the newest created_on stored (skipped NULL), then each payment_id skipped.
+SELECT account_id, max(created_on) AS latest, NULL::varchar AS skipped
+FROM inserted GROUP BY account_id
+UNION ALL
+SELECT NULL, NULL, b.payment_id
+FROM batch AS b WHERE NOT EXISTS (SELECT FROM inserted AS i WHERE i.payment_id = b.payment_id);
 
 -- lock_accounts --
 -- The accounts about to be stamped, locked in account order so that two batches never deadlock.
@@ -80,20 +83,20 @@ ORDER BY account_id
 FOR NO KEY UPDATE;
 
 -- stamp_accounts --
--- last_payment_date only moves forward, to the newest stored payment's created_on.
+-- last_payment_date only moves forward, to the newest stored payment's created_on (one row per
+-- account).
 UPDATE accounts AS a SET last_payment_date = GREATEST(a.last_payment_date, s.latest)
-FROM (
-    SELECT account_id, max(created_on) AS latest
-    FROM json_to_recordset(%(rows)s::json) AS r(account_id int, created_on timestamp)
-    GROUP BY account_id
-) AS s
+FROM json_to_recordset(%(rows)s::json) AS s(account_id int, latest timestamp)
 WHERE a.account_id = s.account_id;
 
 -- existing_payments --
 -- Stored payments and the record each came from (none if it was not stored by paystream).
 SELECT p.payment_id, p.account_id, p.payment_type, p.credit_card, p.amount,
        o.topic, o."partition", o."offset", o.kafka_ts
-FROM payments AS p LEFT JOIN paystream.payment_origins AS o USING (payment_id)
+FROM payments AS p LEFT JOIN LATERAL (
+    SELECT * FROM paystream.payment_origins AS o WHERE o.payment_id = p.payment_id
+    ORDER BY o.stored_at DESC LIMIT 1
+) AS o ON true
 WHERE p.payment_id = ANY(ARRAY(SELECT value::varchar FROM json_array_elements_text(%(ids)s::json)));
 
 -- insert_kept --

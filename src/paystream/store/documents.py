@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import base64
 from collections.abc import Iterable, Mapping, Sequence
+from datetime import datetime
 from typing import TYPE_CHECKING, TypedDict
 
 from paystream.model import Kept, PartitionId, Payment, RecordId
 from paystream.store.queries import json
 
 if TYPE_CHECKING:
-    from paystream.store.batch import Inserted
     from paystream.store.positions import Span
 
 
@@ -52,7 +52,8 @@ class PaymentRow(RecordRow):
 
 class StampRow(TypedDict):
     account_id: int
-    created_on: str
+    latest: str
+    """The newest created_on stored for the account, ISO 8601."""
 
 
 class KeptRecordRow(RecordRow):
@@ -152,9 +153,9 @@ def payments(stored: Sequence[Payment], origins: Sequence[RecordId]) -> str:
     return json(rows)
 
 
-def stamps(inserted: Iterable[Inserted]) -> str:
+def stamps(latest: Mapping[int, datetime]) -> str:
     rows: list[StampRow] = [
-        {"account_id": i.account_id, "created_on": i.created_on.isoformat()} for i in inserted
+        {"account_id": account, "latest": newest.isoformat()} for account, newest in latest.items()
     ]
     return json(rows)
 

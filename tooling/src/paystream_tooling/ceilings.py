@@ -174,7 +174,7 @@ async def database_ceiling(database_url: str, records: int, batch: int, clients:
         chunk = payments[start:end]
         await store.existing_accounts(conn, [p.account_id for p in chunk])
         inserted = await store.insert_payments(conn, chunk, origins[start:end])
-        await store.stamp_accounts(conn, inserted)
+        await store.stamp_accounts(conn, inserted.latest)
 
     async with await psycopg.AsyncConnection.connect(database_url) as conn:
         await migrate(conn)  # the table of origins

@@ -5,7 +5,10 @@
 SELECT payment_id, account_id, payment_type, credit_card, amount FROM payments;
 
 -- all_origins --
-SELECT payment_id, topic, "partition", "offset" FROM paystream.payment_origins;
+-- Each payment_id's newest origin (one stored again after a purge has an older one too).
+SELECT DISTINCT ON (payment_id) payment_id, topic, "partition", "offset"
+FROM paystream.payment_origins
+ORDER BY payment_id, stored_at DESC;
 
 -- all_kept --
 SELECT topic, "partition", "offset", error_type, payment_id, resolved_at IS NOT NULL AS resolved
