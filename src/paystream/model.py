@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import NamedTuple
 
 PartitionId = tuple[str, int]
 """A partition of a topic: (topic, partition), as Kafka, the database's positions and the
@@ -65,8 +66,13 @@ _ERROR_TYPES = {
 _WAITING = frozenset({Reason.GATEWAY_UNAVAILABLE, Reason.UNKNOWN_ACCOUNT, Reason.DATABASE_REJECTED})
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class RecordId:
+# The values made once per record on the hot path (RecordId, Record, Payment and
+# rules.Candidate) are NamedTuples, the others frozen dataclasses: both immutable and hashable,
+# but a NamedTuple is built in 0.41 µs where a frozen dataclass takes 0.69 (four fields, Python
+# 3.11), and four of them a record were a seventh of the processor's time in an offline drain.
+
+
+class RecordId(NamedTuple):
     """A Kafka record's identity. The timestamp tells records apart if a topic is recreated."""
 
     topic: str
@@ -75,8 +81,7 @@ class RecordId:
     timestamp_ms: int
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Record:
+class Record(NamedTuple):
     """One record as read from Kafka."""
 
     id: RecordId
@@ -85,8 +90,7 @@ class Record:
     """The producer's W3C trace context from the record's headers (read only while tracing)."""
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Payment:
+class Payment(NamedTuple):
     payment_id: str
     account_id: int
     payment_type: PaymentType

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping, Sequence, Set
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from paystream.codec import DecodeError
 from paystream.errors import CircuitOpen, GatewayUnavailable
@@ -39,8 +40,7 @@ CONTENT = ("account_id", "payment_type", "credit_card", "amount")
 """The fields compared when the same payment_id arrives twice (a Payment's and an Existing's)."""
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Candidate:
+class Candidate(NamedTuple):  # made once a record: a NamedTuple (paystream.model says why)
     """A record whose payment may be stored. `validated` is False when the gateway was skipped
     because the payment_id was stored already: such a record can only end as a redelivery or a
     duplicate."""
@@ -214,7 +214,7 @@ BARE_DESCRIPTION = "database rejected the record and its description; its raw by
 def bare(kept: Kept) -> Kept:
     """A kept record reduced to what no value can make the database refuse: its coordinates,
     its raw bytes and a fixed description (no payment_id, no trace context)."""
-    record = dataclasses.replace(kept.record, traceparent=None)
+    record = kept.record._replace(traceparent=None)
     return Kept(
         record=record,
         payment_id=None,

@@ -60,20 +60,23 @@ async def processed_records(
     one probe a record.
     """
     stored = list((stored_as or {}).items())
-    ranges: dict[PartitionId, tuple[int, int]] = {}
+    offsets: dict[PartitionId, list[int]] = {}
     if kept:
         for i in records:
-            lo, hi = ranges.get((i.topic, i.partition), (i.offset, i.offset))
-            ranges[(i.topic, i.partition)] = (min(lo, i.offset), max(hi, i.offset))
-    if not stored and not ranges:
+            offsets.setdefault((i.topic, i.partition), []).append(i.offset)
+    if not stored and not offsets:
         return set()
+    ranges = {key: (min(o), max(o)) for key, o in offsets.items()}
     cursor = conn.cursor(row_factory=class_row(RecordId))
     await cursor.execute(
         query("processed_records"),
         {"stored": documents.stored_checks(stored), "kept": documents.offset_ranges(ranges)},
     )
+    found = await cursor.fetchall()
+    if not found:
+        return set()
     asked = set(records) | set(stored_as or ())
-    return {i for i in await cursor.fetchall() if i in asked}
+    return {i for i in found if i in asked}
 
 
 async def stored_payment_ids(conn: Conn, payment_ids: Sequence[str]) -> set[str]:
