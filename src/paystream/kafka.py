@@ -47,6 +47,8 @@ Offsets = dict[PartitionId, int]
 _PROBE_EVERY_S = 5.0
 _PROBE_TIMEOUT_S = 1.0
 _COMMITTED_READ_S = 10.0
+_WAKE_TIMEOUT_S = 0.5
+"""A request that only wakes a broker's thread (KafkaConsumer._resume) waits no longer."""
 """How long an assignment waits for the group's committed offsets: the commit policy needs them,
 and a coordinator that takes longer is away (socket.timeout.ms below is as long)."""
 _BROKER_AWAY = frozenset(
@@ -339,7 +341,7 @@ class KafkaConsumer:
             if paused or (tp.topic, tp.partition) not in self._unplaced
         ]
         if partitions:
-            (self._consumer.pause if paused else self._consumer.resume)(partitions)
+            (self._consumer.pause if paused else self._resume)(partitions)
 
     def _place(self, starts: Offsets, generation: int, release: Iterable[PartitionId] = ()) -> bool:
         assert self._consumer is not None
@@ -357,8 +359,31 @@ class KafkaConsumer:
         placed = (starts.keys() | set(release)) & self._unplaced | starts.keys()
         self._unplaced -= placed
         if not self._paused and placed:
-            self._consumer.resume([TopicPartition(t, p) for t, p in placed])
+            self._resume([TopicPartition(t, p) for t, p in placed])
         return True
+
+    def _resume(self, partitions: list[TopicPartition]) -> None:
+        """Resume these partitions, and wake the threads that fetch them.
+
+        librdkafka's thread serving a broker chooses what to fetch only when something wakes it,
+        and a resume does not: a resumed partition waited out the thread's idle wait, up to a
+        second, before its first fetch (a second of every new group's start, measured). Any
+        request to a broker wakes its thread: one listing of offsets per partition leader."""
+        assert self._consumer is not None
+        self._consumer.resume(partitions)
+        leaders: dict[int, TopicPartition] = {}
+        try:
+            for topic in sorted({tp.topic for tp in partitions}):
+                known = self._consumer.list_topics(topic, timeout=_WAKE_TIMEOUT_S).topics[topic]
+                for tp in partitions:
+                    if tp.topic == topic and tp.partition in known.partitions:
+                        leaders.setdefault(known.partitions[tp.partition].leader, tp)
+            for tp in leaders.values():
+                self._consumer.get_watermark_offsets(
+                    TopicPartition(tp.topic, tp.partition), timeout=_WAKE_TIMEOUT_S, cached=False
+                )
+        except KafkaException as exc:  # only a wake-up: fetching starts within a second anyway
+            log.debug("waking the fetchers of %s: %s", partitions, exc)
 
     def _reassign(self, start: TopicPartition) -> None:
         """Assign one partition again at `start`'s offset, paused; the rest keep their place."""
