@@ -122,8 +122,9 @@ async def test_hostile_stream_each_outcome_with_its_error_type(
 async def test_record_redelivered_after_crash_before_offset_commit(
     env: Env, simulator: SimulatorClient
 ) -> None:
-    """A crash between the database commit and the offset commit: on restart every record is
-    redelivered, and that changes nothing and reports nothing twice."""
+    """A crash between the database commit and the offset commit (before any stamping pass,
+    too): on restart every record is redelivered, and that changes nothing and reports nothing
+    twice; the stamps the first run left due are applied."""
     settings = env.settings()
     simulator.start(records=300, seed=13)
     simulator.wait_produced()
@@ -137,13 +138,16 @@ async def test_record_redelivered_after_crash_before_offset_commit(
         first = await Pipeline(pool, gateway, topic_types(settings)).process(records)
     assert first.stored + first.kept == 300
     before = env.query("SELECT payment_id, created_on FROM payments ORDER BY 1")
-    dates = env.query("SELECT account_id, last_payment_date FROM accounts ORDER BY 1")
+    assert env.query("SELECT count(*) FROM accounts WHERE last_payment_date IS NOT NULL") == [(0,)]
 
     totals = await settle(env, simulator, settings)
     assert totals.redelivered == 300
     assert totals.stored == 0
     assert before == env.query("SELECT payment_id, created_on FROM payments ORDER BY 1")
-    assert dates == env.query("SELECT account_id, last_payment_date FROM accounts ORDER BY 1")
+    assert env.query(
+        "SELECT count(*) FROM accounts a WHERE last_payment_date IS DISTINCT FROM"
+        " (SELECT max(created_on) FROM payments p WHERE p.account_id = a.account_id)"
+    ) == [(0,)]
     report = reconcile_now(env, simulator, settings)
     assert report.problems == []
     assert report.duplicate_reports == 0

@@ -37,6 +37,7 @@ ENCODED: dict[tuple[str, str], Callable[[], str]] = {
     ("processed_records", "stored"): lambda: documents.stored_checks([(RECORD, "p-1")]),
     ("processed_records", "kept"): lambda: documents.offset_ranges({("online", 1): (3, 9)}),
     ("insert_payments", "rows"): lambda: documents.payments([PAYMENT], [RECORD]),
+    ("leave_stamps_due", "rows"): lambda: documents.stamps({3: datetime(2026, 1, 1)}),
     ("stamp_accounts", "rows"): lambda: documents.stamps({3: datetime(2026, 1, 1)}),
     ("insert_kept", "rows"): lambda: json([documents.kept(KEPT, b"{}", None, None)]),
     ("resolve_kept", "ids"): lambda: documents.records([RECORD]),

@@ -65,10 +65,10 @@ _POOL_WAIT_S = 5.0
 the pool holds one per batch in flight and a few more, so a wait this long means none comes."""
 _POOL_OPEN_S = 15.0
 """Start-up: the first connections, after one direct attempt already succeeded."""
-_SPARE_CONNECTIONS = 4
-"""Database connections beyond one per batch in flight: the outbox relay, re-validation, the
-dashboard's replay button and the readiness probe, none of which should wait on a batch. (The
-monitor has a connection of its own: monitor_pool.)"""
+_SPARE_CONNECTIONS = 5
+"""Database connections beyond one per batch in flight: the stamping pass, the outbox relay,
+re-validation, the dashboard's replay button and the readiness probe, none of which should wait
+on a batch. (The monitor has a connection of its own: monitor_pool.)"""
 _SPARE_HTTP_CONNECTIONS = REPORTS_IN_FLIGHT
 """Third-party connections beyond the gateway's in-flight limit: the outbox relay's reports."""
 _READY_PROBE_S = 2.0
@@ -202,6 +202,7 @@ async def run_processor(
             topic_types(settings),
             on_kept=relay.wake,
             cipher=kept_cipher(settings),
+            stamp_interval_s=settings.stamp_interval_s,
         )
 
         async def report_database_error(description: str) -> None:

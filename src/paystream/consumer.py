@@ -281,21 +281,37 @@ class BatchConsumer:
         try:
             started = time.perf_counter()
             result = await self._process_until_durable(batch, stop)
-            if result is None:
-                return  # stopping: left uncommitted, so it is redelivered
-            BATCH_SECONDS.observe(time.perf_counter() - started)
-            BATCH_SIZE.observe(len(records))
-            for topic, count in Counter(r.id.topic for r in records).items():
-                RECORDS.labels(topic=topic).inc(count)
-            self._on_batch(result)
-            self._progress.finish(
-                seq, {key: end for key, (_, end) in batch.spans.items()}, batch.epochs
-            )
         finally:
-            # Durable (or given up on): the slot is free for the next batch while offsets are
-            # committed in the background.
+            # Durable (or given up on): the slot is free for the next batch while the accounts
+            # are stamped and offsets committed in the background.
             self._slots.release()
+        if result is None:
+            return  # stopping: left uncommitted, so it is redelivered
+        BATCH_SECONDS.observe(time.perf_counter() - started)
+        BATCH_SIZE.observe(len(records))
+        for topic, count in Counter(r.id.topic for r in records).items():
+            RECORDS.labels(topic=topic).inc(count)
+        self._on_batch(result)
+        if not await self._until_stamped(stop):
+            return  # stopping: durable, its stamps due; the next pass of any instance applies them
+        self._progress.finish(
+            seq, {key: end for key, (_, end) in batch.spans.items()}, batch.epochs
+        )
         self._commit_soon()
+
+    async def _until_stamped(self, stop: asyncio.Event) -> bool:
+        """Wait for a stamping pass after the batch (paystream.stamping); False if stopping
+        while the database is away."""
+        backoff = Backoff(initial_s=_DB_RETRY_FIRST_S, max_s=self._db_retry_max_s)
+        while True:
+            try:
+                await self._pipeline.stamps.applied()
+                return True
+            except DatabaseUnavailable as exc:
+                log.warning("%s; stamping the accounts waits and retries", exc)
+                await pause(backoff.next_s(), stop)
+                if stop.is_set():
+                    return False
 
     async def _process_until_durable(self, batch: Batch, stop: asyncio.Event) -> BatchResult | None:
         records = batch.records
@@ -324,8 +340,9 @@ class BatchConsumer:
 
     async def _place_partitions(self, stop: asyncio.Event) -> None:
         """Place every partition assigned (or lost from the log) before it is read, and read
-        back the database's positions every few seconds; while the database or the brokers are
-        away, the partitions wait paused and this tries again with back-off."""
+        back the database's positions every few seconds, each after a stamping pass (for the
+        stamps an instance that stopped, or a replay, left due); while the database or the
+        brokers are away, the partitions wait paused and this tries again with back-off."""
         backoff = Backoff(initial_s=_DB_RETRY_FIRST_S, max_s=self._db_retry_max_s)
         checked = time.monotonic()
         while not stop.is_set():
@@ -333,11 +350,15 @@ class BatchConsumer:
             membership.placing.clear()
             try:
                 if membership.unplaced:
+                    # Their last reader may have stopped before its stamping pass: its stamps
+                    # are applied before the positions placed here are committed.
+                    await self._pipeline.stamps.applied()
                     await self._place(set(membership.unplaced), membership.generation)
                 elif time.monotonic() - checked >= _CHECK_POSITIONS_S:
                     checked = time.monotonic()
+                    await self._pipeline.stamps.applied()
                     await self._check_positions(membership.generation)
-            except (*store.DATABASE_AWAY, KafkaException) as exc:
+            except (*store.DATABASE_AWAY, DatabaseUnavailable, KafkaException) as exc:
                 log.warning("placing partitions: %s (%s); trying again", type(exc).__name__, exc)
                 await pause(backoff.next_s(), stop)
                 continue

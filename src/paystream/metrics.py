@@ -36,6 +36,10 @@ REWINDS = Counter(
     "(database_behind), or a position past the log's end (beyond_end)",
     ["topic", "cause"],
 )
+STAMP_PASSES = Counter(
+    "paystream_stamp_passes_total",
+    "Stamping passes run: each applies the account stamps that batches left due",
+)
 DB_FAILURES = Counter("paystream_database_failures_total", "Batch transactions that failed")
 OUTBOX_DEPTH = Gauge("paystream_outbox_depth", "Kept records not yet reported to the log service")
 OUTBOX_OLDEST_AGE = Gauge(

@@ -19,6 +19,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Protocol
 from uuid import UUID, uuid4
 
@@ -32,6 +33,7 @@ from paystream.gateway import Gateway
 from paystream.metrics import DATABASE_SECONDS, KEPT, REDELIVERED, STORED
 from paystream.model import Kept, PartitionId, Payment, PaymentType, Reason, Record, RecordId
 from paystream.sealing import KeptCipher
+from paystream.stamping import Stamping
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +69,9 @@ class Outcomes(Protocol):
     async def write(self, conn: store.Conn, stored: list[RecordId], kept: list[Kept]) -> None:
         """`stored`: the records whose payments this batch stored; `kept`: what it keeps."""
 
+    async def stamp(self, conn: store.Conn, latest: Mapping[int, datetime]) -> None:
+        """The accounts' stamps (`store.Inserted.latest`): left due, or applied at once."""
+
 
 @dataclass(frozen=True, slots=True)
 class FirstSight:
@@ -77,6 +82,10 @@ class FirstSight:
 
     async def write(self, conn: store.Conn, stored: list[RecordId], kept: list[Kept]) -> None:
         await store.insert_kept(conn, kept, self.cipher)
+
+    async def stamp(self, conn: store.Conn, latest: Mapping[int, datetime]) -> None:
+        """Left due for a stamping pass (paystream.stamping): batches lock no account row."""
+        await store.leave_stamps_due(conn, latest)
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,6 +99,11 @@ class Replay:
         await store.resolve_kept(conn, stored)
         await store.update_kept(conn, kept)
 
+    async def stamp(self, conn: store.Conn, latest: Mapping[int, datetime]) -> None:
+        """Applied at once: a kept record is resolved with its account stamped. Replays are
+        few, and lock accounts in account order, as passes do."""
+        await store.stamp_accounts(conn, latest)
+
 
 class Pipeline:
     def __init__(
@@ -100,10 +114,15 @@ class Pipeline:
         *,
         on_kept: Callable[[], None] = lambda: None,
         cipher: KeptCipher | None = None,
+        stamp_interval_s: float = 0.25,
     ) -> None:
         """With a `cipher`, kept records' raw bytes are sealed before they are written (and a
-        replay opens them with it)."""
+        replay opens them with it). `stamp_interval_s`: the least time between two stamping
+        passes (`stamps`)."""
         self._pool = pool
+        self.stamps = Stamping(pool, stamp_interval_s)
+        """The passes that apply the account stamps batches leave due: a batch is complete
+        once `stamps.applied()` returns after it."""
         self.cipher = cipher
         self._gateway = gateway
         self._topic_types = topic_types
@@ -120,7 +139,8 @@ class Pipeline:
         writer: UUID | None = None,
         spans: Mapping[PartitionId, store.Span] | None = None,
     ) -> BatchResult:
-        """Make every record's outcome durable. Raises DatabaseUnavailable (retry the batch).
+        """Make every record's outcome durable; the accounts' stamps are left due, for a
+        stamping pass (`stamps.applied()`). Raises DatabaseUnavailable (retry the batch).
 
         `writer` names who decides these records: the consumer passes one per assignment of its
         partitions; without it, this pipeline's own is used. `spans`: the offsets the records
@@ -130,7 +150,7 @@ class Pipeline:
 
     async def replay(self, records: Sequence[Record]) -> BatchResult:
         """Re-drive kept records: their kept rows are updated, or resolved when the payment is
-        stored now. Raises DatabaseUnavailable."""
+        stored now, and the accounts stamped. Raises DatabaseUnavailable."""
         return await self._run(records, self._writer, Replay(), {})
 
     async def _run(
@@ -312,8 +332,7 @@ class Pipeline:
                 kept.append(settled)
         await outcomes.write(conn, [c.record.id for c in stored], kept)
         await store.record_done(conn, spans)
-        # Last, so that the account locks (the only ones batches contend for) are held briefly.
-        await store.stamp_accounts(conn, inserted.latest)
+        await outcomes.stamp(conn, inserted.latest)
         return _counted(stored, kept, redelivered)
 
 

@@ -126,17 +126,36 @@ async def insert_payments(
     return Inserted(latest, skipped)
 
 
-async def stamp_accounts(conn: Conn, latest: Mapping[int, datetime]) -> None:
-    """last_payment_date only moves forward, to the newest stored payment's created_on
-    (`latest`, per account: `Inserted.latest`).
+async def leave_stamps_due(conn: Conn, latest: Mapping[int, datetime]) -> None:
+    """Leave these account stamps (`Inserted.latest`) due, in the batch's transaction, for a
+    stamping pass (`apply_stamps_due`). The batch locks no account row."""
+    if latest:
+        await conn.execute(query("leave_stamps_due"), {"rows": documents.stamps(latest)})
 
-    The rows are locked first, in account order, so two batches can never deadlock on them; the
-    caller does this last in its transaction, so the locks are held only until the commit.
+
+_STAMPING = 0x7061_7374  # "past": the advisory lock of stamping passes
+
+
+async def apply_stamps_due(conn: Conn) -> int:
+    """A stamping pass: take every stamp left due by a committed batch and apply it. Returns
+    how many accounts it stamped. In the caller's transaction, which must end soon: it holds the
+    lock that lets one pass run at a time, across instances.
+
+    last_payment_date only moves forward, to the newest stored payment's created_on.
     """
-    if not latest:
-        return
-    await conn.execute(query("lock_accounts"), {"ids": json(sorted(latest))})
-    await conn.execute(query("stamp_accounts"), {"rows": documents.stamps(latest)})
+    await conn.execute(query("stamping_pass"), {"key": _STAMPING})
+    cursor = await conn.execute(query("take_stamps_due"))
+    latest: dict[int, datetime] = dict(await cursor.fetchall())
+    await stamp_accounts(conn, latest)
+    return len(latest)
+
+
+async def stamp_accounts(conn: Conn, latest: Mapping[int, datetime]) -> None:
+    """Stamp these accounts now (`Inserted.latest`): a stamping pass, or a replay, whose few
+    accounts are stamped in its own transaction. The rows are locked in account order first."""
+    if latest:
+        await conn.execute(query("lock_accounts"), {"ids": json(sorted(latest))})
+        await conn.execute(query("stamp_accounts"), {"rows": documents.stamps(latest)})
 
 
 def _existing(

@@ -75,8 +75,24 @@ UNION ALL
 SELECT NULL, NULL, b.payment_id
 FROM batch AS b WHERE NOT EXISTS (SELECT FROM inserted AS i WHERE i.payment_id = b.payment_id);
 
+-- leave_stamps_due --
+-- The newest created_on a batch stored per account, for a stamping pass to apply.
+INSERT INTO paystream.stamps_due (account_id, latest)
+SELECT account_id, latest
+FROM json_to_recordset(%(rows)s::json) AS r(account_id int, latest timestamp);
+
+-- stamping_pass --
+-- One stamping pass at a time, across every instance: only passes update accounts rows.
+SELECT pg_advisory_xact_lock(%(key)s);
+
+-- take_stamps_due --
+-- Every stamp left due by a committed batch, newest per account; taken (deleted) by this pass.
+WITH due AS (DELETE FROM paystream.stamps_due RETURNING account_id, latest)
+SELECT account_id, max(latest) AS latest FROM due GROUP BY account_id;
+
 -- lock_accounts --
--- The accounts about to be stamped, locked in account order so that two batches never deadlock.
+-- The accounts about to be stamped, locked in account order: a pass never deadlocks with another
+-- writer of accounts.
 SELECT FROM accounts
 WHERE account_id IN (SELECT value::int FROM json_array_elements_text(%(ids)s::json))
 ORDER BY account_id

@@ -83,6 +83,7 @@ ROWS: dict[tuple[str, str], type] = {
     ("processed_records", "stored"): StoredCheckRow,
     ("processed_records", "kept"): OffsetRangeRow,
     ("insert_payments", "rows"): PaymentRow,
+    ("leave_stamps_due", "rows"): StampRow,
     ("stamp_accounts", "rows"): StampRow,
     ("insert_kept", "rows"): KeptRecordRow,
     ("resolve_kept", "ids"): RecordRow,

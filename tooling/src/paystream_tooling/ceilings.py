@@ -164,17 +164,25 @@ async def _rate(database_url: str, records: int, batch: int, clients: int, write
         return records / (time.monotonic() - started)
 
 
+BATCHES_PER_STAMPING_PASS = 5
+"""How many batches a stamping pass of the database ceiling covers: about as many as the
+processor's passes (every stamp_interval_s, 0.25 s) cover at the rates of an offline drain."""
+
+
 async def database_ceiling(database_url: str, records: int, batch: int, clients: int) -> float:
     """How fast the database takes the same rows through the same statements as the processor,
     `batch` rows a transaction and `clients` transactions at a time, as the processor sends them
-    (one client with small batches took half as many rows a second here)."""
+    (one client with small batches took half as many rows a second here), with a stamping pass
+    after every few batches (BATCHES_PER_STAMPING_PASS)."""
     payments, origins = _payments(records)
 
     async def write(conn: store.Conn, start: int, end: int) -> None:
         chunk = payments[start:end]
         await store.existing_accounts(conn, [p.account_id for p in chunk])
         inserted = await store.insert_payments(conn, chunk, origins[start:end])
-        await store.stamp_accounts(conn, inserted.latest)
+        await store.leave_stamps_due(conn, inserted.latest)
+        if start // batch % BATCHES_PER_STAMPING_PASS == BATCHES_PER_STAMPING_PASS - 1:
+            await store.apply_stamps_due(conn)
 
     async with await psycopg.AsyncConnection.connect(database_url) as conn:
         await migrate(conn)  # the table of origins

@@ -48,8 +48,13 @@ FROM (SELECT extract(epoch FROM stored_at - lag(stored_at) OVER (ORDER BY stored
 
 -- reset_payments --
 -- The simulator's /start: the retailer's tables as the original service leaves them.
+-- Stamps a processor left due for payments deleted here are dropped too (paystream's table, if
+-- a processor ever ran against this database).
 DELETE FROM payments;
 UPDATE accounts SET last_payment_date = NULL;
+DO $$ BEGIN
+    IF to_regclass('paystream.stamps_due') IS NOT NULL THEN DELETE FROM paystream.stamps_due; END IF;
+END $$;
 
 -- keep_many --
 -- %(count)s kept records of a topic nobody reads: reported, unresolved, of three reasons, as a

@@ -151,11 +151,20 @@ def offline_watched(run: Run, *, pages: int = 12) -> list[Workload]:
 
 
 def offline_two_instances(run: Run) -> list[Workload]:
-    run.bench.progress("offline with 2 instances (6 partitions)")
-    settings = run.bench.fresh(partitions=6)
-    backlog = functools.partial(run.bench.backlog, settings, "offline", run.sizes.offline, run.rng)
-    drained = run.bench.drain(settings, instances=2, backlog=backlog)
-    return [_offline_row(run, "offline-2-instances", run.sizes.offline, drained, instances=2)]
+    """Two instances on 6 partitions, and one on the same shape (offline-1-instance): both have
+    their backlog produced only once every instance holds partitions, so the production shares
+    the cores with the drain; compare the two rows with each other, not with the offline row."""
+    rows = []
+    for instances in (1, 2):
+        run.bench.progress(f"offline with {instances} instance(s) (6 partitions)")
+        settings = run.bench.fresh(partitions=6)
+        backlog = functools.partial(
+            run.bench.backlog, settings, "offline", run.sizes.offline, run.rng
+        )
+        drained = run.bench.drain(settings, instances=instances, backlog=backlog)
+        name = f"offline-{instances}-instance{'s' if instances > 1 else ''}"
+        rows.append(_offline_row(run, name, run.sizes.offline, drained, instances=instances))
+    return rows
 
 
 def log_capacity(run: Run) -> list[Workload]:

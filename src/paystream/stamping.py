@@ -1,0 +1,60 @@
+"""Account stamps: each batch leaves its stamps due in its own transaction, and stamping passes
+apply them, several batches' at once.
+
+A batch's transaction stores its payments and leaves, per account, the newest created_on it
+stored due (`store.leave_stamps_due`); it locks no account row. A pass takes every stamp due
+and applies it (`store.apply_stamps_due`), one pass at a time across instances. The consumer
+commits a batch's Kafka offsets only once a pass that began after the batch's transaction has
+ended, so offsets at the end of the topics mean the accounts are stamped too. Stamps left due by
+an instance that stopped before its pass are applied by the next pass of any instance: every
+instance runs one before it places partitions it was given, and every few seconds. (A replay
+stamps its few accounts in its own transaction: pipeline.Replay.)
+
+Stamping inside each batch's transaction locked the same account rows in every batch: with four
+batches in flight (two instances) they waited for each other and PostgreSQL spent half as much
+again per payment, so two instances drained slower than one (BENCHMARKS.md, round 13).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import psycopg_pool
+
+from paystream import store
+from paystream.errors import DatabaseUnavailable
+from paystream.metrics import STAMP_PASSES
+
+
+class Stamping:
+    """The passes of one process: at most one at a time, and at most one every `interval_s`,
+    so that the batches finishing meanwhile share the next one."""
+
+    def __init__(self, pool: psycopg_pool.AsyncConnectionPool, interval_s: float) -> None:
+        self._pool = pool
+        self._interval_s = interval_s
+        self._lock = asyncio.Lock()
+        self._asked = 0  # calls of `applied` so far
+        self._covered = 0  # every call up to this one has seen a pass begin after it
+        self._last_began = -float("inf")
+
+    async def applied(self) -> None:
+        """Return once a pass that began after this call has ended: every stamp left due by a
+        transaction that committed before the call is applied. Raises DatabaseUnavailable."""
+        self._asked += 1
+        ticket = self._asked
+        async with self._lock:  # waiters take turns in the order they came
+            if self._covered >= ticket:
+                return
+            wait_s = self._last_began + self._interval_s - time.monotonic()
+            if wait_s > 0:
+                await asyncio.sleep(wait_s)  # the batches finishing meanwhile join this pass
+            began, self._last_began = self._asked, time.monotonic()
+            try:
+                async with self._pool.connection() as conn, conn.transaction():
+                    await store.apply_stamps_due(conn)
+            except store.DATABASE_AWAY as exc:
+                raise DatabaseUnavailable(f"database unavailable: {type(exc).__name__}") from exc
+            STAMP_PASSES.inc()
+            self._covered = began
