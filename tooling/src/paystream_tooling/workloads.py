@@ -36,6 +36,8 @@ SCALE_IN_FLIGHT = 64
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Sizes:
     offline: int = 200_000
+    offline_scale: int = 600_000
+    """The backlog drained by one instance and by two (offline_two_instances)."""
     online: int = 50_000
     mix: int = 100_000
     memory: int = 1_000_000
@@ -58,6 +60,7 @@ class Sizes:
     def quick(cls) -> Sizes:
         return cls(
             offline=5_000,
+            offline_scale=15_000,
             online=1_000,
             mix=2_000,
             memory=10_000,
@@ -151,19 +154,17 @@ def offline_watched(run: Run, *, pages: int = 12) -> list[Workload]:
 
 
 def offline_two_instances(run: Run) -> list[Workload]:
-    """Two instances on 6 partitions, and one on the same shape (offline-1-instance): both have
-    their backlog produced only once every instance holds partitions, so the production shares
-    the cores with the drain; compare the two rows with each other, not with the offline row."""
+    """A backlog on 6 partitions drained by one instance, then another by two. Preloaded, and
+    three times the offline backlog, so that the second instance's join (about a second, the
+    first instance draining alone meanwhile) is a small part of the drain."""
     rows = []
     for instances in (1, 2):
-        run.bench.progress(f"offline with {instances} instance(s) (6 partitions)")
+        run.bench.progress(f"offline backlog on 6 partitions, {instances} instance(s)")
         settings = run.bench.fresh(partitions=6)
-        backlog = functools.partial(
-            run.bench.backlog, settings, "offline", run.sizes.offline, run.rng
-        )
-        drained = run.bench.drain(settings, instances=instances, backlog=backlog)
+        run.bench.backlog(settings, "offline", run.sizes.offline_scale, run.rng)
+        drained = run.bench.drain(settings, instances=instances)
         name = f"offline-{instances}-instance{'s' if instances > 1 else ''}"
-        rows.append(_offline_row(run, name, run.sizes.offline, drained, instances=instances))
+        rows.append(_offline_row(run, name, run.sizes.offline_scale, drained, instances=instances))
     return rows
 
 
