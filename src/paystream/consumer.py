@@ -341,7 +341,7 @@ class BatchConsumer:
     async def _place_partitions(self, stop: asyncio.Event) -> None:
         """Place every partition assigned (or lost from the log) before it is read, and read
         back the database's positions every few seconds, each after a stamping pass (for the
-        stamps an instance that stopped, or a replay, left due); while the database or the
+        stamps an instance that stopped before its pass left due); while the database or the
         brokers are away, the partitions wait paused and this tries again with back-off."""
         backoff = Backoff(initial_s=_DB_RETRY_FIRST_S, max_s=self._db_retry_max_s)
         checked = time.monotonic()
