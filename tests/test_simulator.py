@@ -10,9 +10,11 @@ import urllib.request
 from collections import Counter
 
 import aiohttp
+import psycopg
 import pytest
 from confluent_kafka import Consumer
 
+from paystream.migrations import migrate
 from paystream_tooling.polling import until
 from paystream_tooling.simulator.streams import is_declined
 from tests.conftest import Env, SimulatorClient
@@ -184,14 +186,23 @@ def test_start_puts_the_ledger_stream_into_kafka(env: Env, simulator: SimulatorC
 
 
 def test_start_clears_payments_and_logs(env: Env, simulator: SimulatorClient) -> None:
-    """Like the original, /start deletes every payment and resets the logs."""
+    """Like the original, /start deletes every payment and resets the logs; and the stamps a
+    processor left due for the deleted payments, which a later pass would otherwise apply."""
     env.execute(
         "INSERT INTO payments (payment_id, account_id, payment_type, amount)"
         " VALUES ('old', 1, 'offline', 5)"
     )
     env.execute("UPDATE accounts SET last_payment_date = now() WHERE account_id = 1")
+    asyncio.run(_migrate(env))
+    env.execute("INSERT INTO paystream.stamps_due (account_id, latest) VALUES (2, now())")
     simulator.request("POST", "/log", {"payment_id": "a", "error_type": "other"})
     simulator.start(records=10)
     assert env.query("SELECT count(*) FROM payments") == [(0,)]
     assert env.query("SELECT count(last_payment_date) FROM accounts") == [(0,)]
+    assert env.query("SELECT count(*) FROM paystream.stamps_due") == [(0,)]
     assert simulator.logs() == []
+
+
+async def _migrate(env: Env) -> None:
+    async with await psycopg.AsyncConnection.connect(env.database_url) as conn:
+        await migrate(conn)
