@@ -47,10 +47,10 @@ Offsets = dict[PartitionId, int]
 _PROBE_EVERY_S = 5.0
 _PROBE_TIMEOUT_S = 1.0
 _COMMITTED_READ_S = 10.0
-_WAKE_TIMEOUT_S = 0.5
-"""A request that only wakes a broker's thread (KafkaConsumer._resume) waits no longer."""
 """How long an assignment waits for the group's committed offsets: the commit policy needs them,
 and a coordinator that takes longer is away (socket.timeout.ms below is as long)."""
+_WAKE_TIMEOUT_S = 0.5
+"""A request that only wakes a broker's thread (KafkaConsumer._resume) waits no longer."""
 _BROKER_AWAY = frozenset(
     {KafkaError._ALL_BROKERS_DOWN, KafkaError._TRANSPORT, KafkaError._TIMED_OUT}
 )
