@@ -1,5 +1,5 @@
 -- Account stamps a batch leaves due, in its own transaction, for a stamping pass to apply
--- (paystream.stamps). Stamping each batch in its own transaction locked the same account rows in
+-- (paystream.stamping). Stamping each batch in its own transaction locked the same account rows in
 -- every batch at once: with four transactions in flight they waited for each other and each row
 -- grew a long chain of versions, and two instances drained slower than one. A pass applies what
 -- several batches left due, at most a few times a second, one pass at a time.
