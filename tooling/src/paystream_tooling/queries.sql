@@ -53,7 +53,9 @@ FROM (SELECT extract(epoch FROM stored_at - lag(stored_at) OVER (ORDER BY stored
 DELETE FROM payments;
 UPDATE accounts SET last_payment_date = NULL;
 DO $$ BEGIN
-    IF to_regclass('paystream.stamps_due') IS NOT NULL THEN DELETE FROM paystream.stamps_due; END IF;
+    IF to_regclass('paystream.stamps_due') IS NOT NULL THEN
+        DELETE FROM paystream.stamps_due;
+    END IF;
 END $$;
 
 -- keep_many --
