@@ -11,8 +11,8 @@ instance runs one before it places partitions it was given, and every few second
 stamps its few accounts in its own transaction: pipeline.Replay.)
 
 Stamping inside each batch's transaction locked the same account rows in every batch: with four
-batches in flight (two instances) they waited for each other and PostgreSQL spent half as much
-again per payment, so two instances drained slower than one (BENCHMARKS.md, round 13).
+batches in flight (two instances) they waited for each other, and PostgreSQL spent a fifth to a
+third more per payment than with one instance (BENCHMARKS.md, round 13).
 """
 
 from __future__ import annotations
