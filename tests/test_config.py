@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 from paystream.config import Settings
 from paystream.errors import ConfigurationError
@@ -214,3 +215,25 @@ def test_an_unknown_reason_or_type_is_refused_with_the_valid_ones(
     valid = Reason if option == "--reason" else ErrorType
     words = " ".join(result.output.split())
     assert all(f"'{member.value}'" in words for member in valid)
+
+
+@pytest.mark.parametrize("value", ["-1", "nan", "inf", "1e400", "61", "soon", ""])
+def test_a_stamp_interval_out_of_range_or_not_a_number_is_refused(
+    monkeypatch: pytest.MonkeyPatch, value: str
+) -> None:
+    """PAYSTREAM_STAMP_INTERVAL_S is a number of seconds from 0 to 60: a negative, NaN, infinite
+    or huge one would stamp accounts never or ceaselessly, and is refused at start."""
+    with pytest.raises(ValidationError, match="stamp_interval_s"):
+        _settings(monkeypatch, PAYSTREAM_STAMP_INTERVAL_S=value)
+
+
+def test_a_stamp_interval_with_a_nul_in_the_env_file_is_refused(tmp_path: Path) -> None:
+    """A NUL cannot be in an environment variable, but it can be in a .env file."""
+    env_file = tmp_path / ".env"
+    env_file.write_bytes(b"PAYSTREAM_STAMP_INTERVAL_S=0.25\x00\n")
+    with pytest.raises(ValidationError, match="stamp_interval_s"):
+        Settings(_env_file=env_file)  # type: ignore[call-arg]
+
+
+def test_a_stamp_interval_of_zero_stamps_after_every_batch(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert 0 == _settings(monkeypatch, PAYSTREAM_STAMP_INTERVAL_S="0").stamp_interval_s

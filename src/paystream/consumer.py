@@ -16,6 +16,7 @@ import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import TypeVar
 from uuid import UUID, uuid4
 
 import psycopg_pool
@@ -54,6 +55,7 @@ every online batch (1-2 s of gateway calls) paused it, and the next batch came 0
 slot freed instead of at once."""
 
 Reporter = Callable[[str], Awaitable[None]]
+_T = TypeVar("_T")
 """Sends a best-effort error report that does not depend on the database."""
 
 
@@ -292,57 +294,66 @@ class BatchConsumer:
         for topic, count in Counter(r.id.topic for r in records).items():
             RECORDS.labels(topic=topic).inc(count)
         self._on_batch(result)
-        if not await self._until_stamped(stop):
+        if await self._until_done(self._stamped, stop, self._stamping_failed) is None:
             return  # stopping: durable, its stamps due; the next pass of any instance applies them
         self._progress.finish(
             seq, {key: end for key, (_, end) in batch.spans.items()}, batch.epochs
         )
         self._commit_soon()
 
-    async def _until_stamped(self, stop: asyncio.Event) -> bool:
-        """Wait for a stamping pass after the batch (paystream.stamping); False if stopping
-        while the database is away."""
-        backoff = Backoff(initial_s=_DB_RETRY_FIRST_S, max_s=self._db_retry_max_s)
-        while True:
-            try:
-                await self._pipeline.stamps.applied()
-                return True
-            except DatabaseUnavailable as exc:
-                log.warning("%s; stamping the accounts waits and retries", exc)
-                await pause(backoff.next_s(), stop)
-                if stop.is_set():
-                    return False
-
     async def _process_until_durable(self, batch: Batch, stop: asyncio.Event) -> BatchResult | None:
         records = batch.records
-        backoff = Backoff(initial_s=_DB_RETRY_FIRST_S, max_s=self._db_retry_max_s)
         reported = False
+
+        async def failed(exc: DatabaseUnavailable) -> None:
+            nonlocal reported
+            DB_FAILURES.inc()
+            log.warning("%s; batch of %d waits and retries", exc, len(records))
+            if not reported:
+                reported = True
+                first = records[0].id
+                await self._report_database_error(
+                    f"{exc}; {len(records)} records from {first.topic}/{first.partition}"
+                    f"@{first.offset} wait uncommitted and will be processed when it is back"
+                )
+
+        return await self._until_done(
+            lambda: self._pipeline.process(records, writer=batch.writer, spans=batch.spans),
+            stop,
+            failed,
+        )
+
+    async def _stamped(self) -> bool:
+        """A stamping pass after the batch (paystream.stamping)."""
+        await self._pipeline.stamps.applied()
+        return True
+
+    @staticmethod
+    async def _stamping_failed(exc: DatabaseUnavailable) -> None:
+        log.warning("%s; stamping the accounts waits and retries", exc)
+
+    async def _until_done(
+        self,
+        step: Callable[[], Awaitable[_T]],
+        stop: asyncio.Event,
+        failed: Callable[[DatabaseUnavailable], Awaitable[None]],
+    ) -> _T | None:
+        """`step` again, with back-off, until the database lets it finish (`failed` hears of each
+        time it did not); None if stopping meanwhile."""
+        backoff = Backoff(initial_s=_DB_RETRY_FIRST_S, max_s=self._db_retry_max_s)
         while True:
             try:
-                result = await self._pipeline.process(
-                    records, writer=batch.writer, spans=batch.spans
-                )
+                return await step()
             except DatabaseUnavailable as exc:
-                DB_FAILURES.inc()
-                log.warning("%s; batch of %d waits and retries", exc, len(records))
-                if not reported:
-                    reported = True
-                    first = records[0].id
-                    await self._report_database_error(
-                        f"{exc}; {len(records)} records from {first.topic}/{first.partition}"
-                        f"@{first.offset} wait uncommitted and will be processed when it is back"
-                    )
+                await failed(exc)
                 await pause(backoff.next_s(), stop)
                 if stop.is_set():
                     return None
-                continue
-            return result
 
     async def _place_partitions(self, stop: asyncio.Event) -> None:
         """Place every partition assigned (or lost from the log) before it is read, and read
-        back the database's positions every few seconds, each after a stamping pass (for the
-        stamps an instance that stopped before its pass left due); while the database or the
-        brokers are away, the partitions wait paused and this tries again with back-off."""
+        back the database's positions every few seconds; while the database or the brokers are
+        away, the partitions wait paused and this tries again with back-off."""
         backoff = Backoff(initial_s=_DB_RETRY_FIRST_S, max_s=self._db_retry_max_s)
         checked = time.monotonic()
         while not stop.is_set():
@@ -356,7 +367,6 @@ class BatchConsumer:
                     await self._place(set(membership.unplaced), membership.generation)
                 elif time.monotonic() - checked >= _CHECK_POSITIONS_S:
                     checked = time.monotonic()
-                    await self._pipeline.stamps.applied()
                     await self._check_positions(membership.generation)
             except (*store.DATABASE_AWAY, DatabaseUnavailable, KafkaException) as exc:
                 log.warning("placing partitions: %s (%s); trying again", type(exc).__name__, exc)

@@ -17,6 +17,8 @@ PaystreamError
 └── DatabaseUnavailable     the database cannot be reached or failed transiently: retry the batch
 """
 
+from __future__ import annotations
+
 
 class PaystreamError(Exception):
     """Something paystream could not do."""
@@ -90,3 +92,9 @@ class ReportRefused(ReportFailed):
 
 class DatabaseUnavailable(PaystreamError):
     """The database is unreachable or failed transiently. Commit nothing; retry the batch."""
+
+    @classmethod
+    def caused_by(cls, exc: BaseException) -> DatabaseUnavailable:
+        """The error for a driver's exception (one of store.DATABASE_AWAY): named by its class,
+        never by its message, which may quote the statement's values."""
+        return cls(f"database unavailable: {type(exc).__name__}")

@@ -169,7 +169,7 @@ class Pipeline:
                 result = await self._write(triaged, writer, outcomes, spans)
             _WRITE_SECONDS.observe(time.perf_counter() - started)
         except store.DATABASE_AWAY as exc:
-            raise DatabaseUnavailable(f"database unavailable: {type(exc).__name__}") from exc
+            raise DatabaseUnavailable.caused_by(exc) from exc
         result.redelivered += triaged.redelivered
         REDELIVERED.inc(result.redelivered)
         self.tally.add(result)

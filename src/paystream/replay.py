@@ -61,7 +61,7 @@ async def _kept(
         async with pool.connection() as conn:
             return await store.list_kept(conn, where, after_id=after, limit=limit)
     except store.DATABASE_AWAY as exc:
-        raise DatabaseUnavailable(f"database unavailable: {type(exc).__name__}") from exc
+        raise DatabaseUnavailable.caused_by(exc) from exc
 
 
 async def revalidate(

@@ -7,8 +7,8 @@ and applies it (`store.apply_stamps_due`), one pass at a time across instances. 
 commits a batch's Kafka offsets only once a pass that began after the batch's transaction has
 ended, so offsets at the end of the topics mean the accounts are stamped too. Stamps left due by
 an instance that stopped before its pass are applied by the next pass of any instance: every
-instance runs one before it places partitions it was given, and every few seconds. (A replay
-stamps its few accounts in its own transaction: pipeline.Replay.)
+instance runs one before it places partitions it was given (those of an instance that stopped
+among them). (A replay stamps its few accounts in its own transaction: pipeline.Replay.)
 
 Stamping inside each batch's transaction locked the same account rows in every batch: with four
 batches in flight (two instances) they waited for each other, and PostgreSQL spent a fifth to a
@@ -55,6 +55,6 @@ class Stamping:
                 async with self._pool.connection() as conn, conn.transaction():
                     await store.apply_stamps_due(conn)
             except store.DATABASE_AWAY as exc:
-                raise DatabaseUnavailable(f"database unavailable: {type(exc).__name__}") from exc
+                raise DatabaseUnavailable.caused_by(exc) from exc
             STAMP_PASSES.inc()
             self._covered = began

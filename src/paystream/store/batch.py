@@ -136,18 +136,16 @@ async def leave_stamps_due(conn: Conn, latest: Mapping[int, datetime]) -> None:
 _STAMPING = 0x7061_7374  # "past": the advisory lock of stamping passes
 
 
-async def apply_stamps_due(conn: Conn) -> int:
-    """A stamping pass: take every stamp left due by a committed batch and apply it. Returns
-    how many accounts it stamped. In the caller's transaction, which must end soon: it holds the
-    lock that lets one pass run at a time, across instances.
+async def apply_stamps_due(conn: Conn) -> None:
+    """A stamping pass: take every stamp left due by a committed batch and apply it. In the
+    caller's transaction, which must end soon: it holds the lock that lets one pass run at a
+    time, across instances.
 
     last_payment_date only moves forward, to the newest stored payment's created_on.
     """
     await conn.execute(query("stamping_pass"), {"key": _STAMPING})
     cursor = await conn.execute(query("take_stamps_due"))
-    latest: dict[int, datetime] = dict(await cursor.fetchall())
-    await stamp_accounts(conn, latest)
-    return len(latest)
+    await stamp_accounts(conn, dict(await cursor.fetchall()))
 
 
 async def stamp_accounts(conn: Conn, latest: Mapping[int, datetime]) -> None:

@@ -27,11 +27,9 @@ ON CONFLICT (topic, "partition") DO UPDATE SET writer = EXCLUDED.writer, since =
 SELECT o.topic, o."partition", o."offset", o.kafka_ts AS timestamp_ms
 FROM json_to_recordset(%(stored)s::json) AS b(
     payment_id text, topic text, "partition" int, "offset" bigint, kafka_ts bigint)
-JOIN LATERAL (
-    SELECT * FROM paystream.payment_origins AS o WHERE o.payment_id = b.payment_id
-    ORDER BY o.stored_at DESC LIMIT 1
-) AS o ON (o.topic, o."partition", o."offset", o.kafka_ts)
-    = (b.topic, b."partition", b."offset", b.kafka_ts)
+JOIN LATERAL paystream.origin_of(b.payment_id) AS o
+    ON (o.topic, o."partition", o."offset", o.kafka_ts)
+        = (b.topic, b."partition", b."offset", b.kafka_ts)
 UNION ALL
 SELECT k.topic, k."partition", k."offset", k.kafka_ts AS timestamp_ms
 FROM json_to_recordset(%(kept)s::json) AS r(
@@ -109,10 +107,7 @@ WHERE a.account_id = s.account_id;
 -- Stored payments and the record each came from (none if it was not stored by paystream).
 SELECT p.payment_id, p.account_id, p.payment_type, p.credit_card, p.amount,
        o.topic, o."partition", o."offset", o.kafka_ts
-FROM payments AS p LEFT JOIN LATERAL (
-    SELECT * FROM paystream.payment_origins AS o WHERE o.payment_id = p.payment_id
-    ORDER BY o.stored_at DESC LIMIT 1
-) AS o ON true
+FROM payments AS p LEFT JOIN LATERAL paystream.origin_of(p.payment_id) AS o ON true
 WHERE p.payment_id = ANY(ARRAY(SELECT value::varchar FROM json_array_elements_text(%(ids)s::json)));
 
 -- insert_kept --

@@ -43,10 +43,7 @@ ORDER BY kept DESC;
 -- A stored payment without its card number, and the record it came from.
 SELECT p.payment_id, p.account_id, p.payment_type, p.amount, p.created_on,
     o.topic, o."partition", o."offset", o.kafka_ts, o.stored_at
-FROM payments AS p LEFT JOIN LATERAL (
-    SELECT * FROM paystream.payment_origins AS o WHERE o.payment_id = p.payment_id
-    ORDER BY o.stored_at DESC LIMIT 1
-) AS o ON true
+FROM payments AS p LEFT JOIN LATERAL paystream.origin_of(p.payment_id) AS o ON true
 WHERE p.payment_id = %(pid)s;
 
 -- replays_of --
