@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
+
 import orjson
 import pytest
-from hypothesis import given
+from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
+from paystream import codec
 from paystream.codec import DecodeError, decode
 from paystream.model import Payment, PaymentType, Reason
 from paystream.text import control_at
@@ -172,3 +175,85 @@ def test_any_document_decodes_or_is_rejected_without_card_data(document: dict[st
 def test_arbitrary_bytes_never_raise(value: bytes) -> None:
     """Random bytes are a payment or a decode error, never an exception."""
     assert isinstance(decode(value, PaymentType.OFFLINE), Payment | DecodeError)
+
+
+_EDGES = st.sampled_from([0, -1, 2**31 - 1, 2**31, 10**15, 10**15 + 1, 2**63, 2**64, True, ""])
+_TOKENS = st.sampled_from(
+    [b"1e400", b"1.0", b"-0", b"1E2", b"1" * 30, b'"\\ud800"', b'"\\udc00x"', b'"\\u0041"', b"[]"]
+)
+"""Values as only bytes can give them: beyond a double, written as a float, escaped."""
+_PLAIN = st.text(st.sampled_from("ab-9 \u00e9\u20ac"), max_size=3)
+_TEXT = st.text(
+    st.sampled_from("ab-9 \x00\x1f\x7f\x85\xa0\u00e9\u2028\ud800"), min_size=0, max_size=3
+)
+
+
+def _written(value: object) -> bytes:
+    """As a JSON writer writes it, any integer and any text included (a lone surrogate becomes
+    bytes that are not UTF-8)."""
+    return json.dumps(value, ensure_ascii=False).encode("utf-8", "surrogatepass")
+
+
+def _mostly(
+    valid: st.SearchStrategy[object], *near: st.SearchStrategy[object]
+) -> st.SearchStrategy[bytes]:
+    """A field's value as written: valid seven times in eight, else a near miss, else anything."""
+    far = st.one_of(_EDGES, json_values).map(_written) | _TOKENS
+    missed = st.one_of(*near).map(_written) | _TOKENS if near else far
+    return st.integers(0, 15).flatmap(
+        lambda dice: far if dice == 0 else missed if dice == 1 else valid.map(_written)
+    )
+
+
+_FIELDS = {
+    "payment_id": _mostly(
+        st.builds(lambda head, tail: head + tail, st.sampled_from(["p-1", "x" * 98]), _PLAIN),
+        _TEXT,
+        st.just("y" * 101),
+    ),
+    "account_id": _mostly(
+        st.integers(min_value=1, max_value=2000), st.sampled_from([0, -1, 2**31 - 1, 2**31])
+    ),
+    "payment_type": _mostly(st.sampled_from(PaymentType)),
+    "credit_card": _mostly(
+        st.sampled_from([CARD, "", None]), _TEXT.map(lambda t: CARD + t), st.just("9" * 101)
+    ),
+    "amount": _mostly(
+        st.integers(min_value=1, max_value=10**6), st.sampled_from([0, -1, 10**15, 10**15 + 1])
+    ),
+    "delay": _mostly(st.integers(min_value=0, max_value=1000), st.sampled_from([-1, 0.5, 2**64])),
+    "note": _mostly(json_values),
+}
+
+
+@st.composite
+def _near_payments(draw: st.DrawFn, topic: PaymentType) -> bytes:
+    """JSON objects near a payment of `topic`, written pair by pair: a field may be missing, come
+    twice or be unknown, and the text is sometimes spliced with bytes no JSON writer emits."""
+    fields = _FIELDS | {
+        "payment_type": _mostly(
+            st.just(topic.value), st.sampled_from([*PaymentType, topic.title(), f"{topic} "])
+        )
+    }
+    keys = [name for name in fields if name != "note" and draw(st.integers(0, 15))]
+    keys += draw(st.lists(st.sampled_from(sorted(fields)), max_size=2))
+    pairs = [orjson.dumps(key) + b":" + draw(fields[key]) for key in draw(st.permutations(keys))]
+    text = draw(st.sampled_from([b"", b" ", b"\n"])) + b"{" + b",".join(pairs) + b"}"
+    if not draw(st.integers(0, 15)):
+        at = draw(st.integers(min_value=0, max_value=len(text)))
+        text = text[:at] + draw(st.binary(max_size=4)) + text[at:]
+    return text
+
+
+@settings(max_examples=1000)
+@given(st.data(), st.sampled_from(PaymentType))
+def test_the_typed_reading_answers_as_the_precise_one(
+    data: st.DataObject, topic: PaymentType
+) -> None:
+    """The usual shape is typed straight from the bytes; whatever the bytes, the answer is the
+    one the field-by-field reading gives: the same payment, or the same reason in the same
+    words."""
+    value = data.draw(_near_payments(topic))
+    answer = decode(value, topic)
+    assert codec._precisely(value, topic) == answer
+    event("a payment" if isinstance(answer, Payment) else answer.reason)

@@ -115,13 +115,13 @@ def triage(
         if isinstance(payment, DecodeError):
             triaged.kept.append(undecodable(record, payment))
         elif payment.payment_type is PaymentType.OFFLINE:
-            triaged.candidates.append(Candidate(record=record, payment=payment, validated=True))
+            triaged.candidates.append(Candidate(record, payment, True))
         elif record.id in done:
             triaged.redelivered += 1
         elif payment.payment_id in stored:
-            triaged.candidates.append(Candidate(record=record, payment=payment, validated=False))
+            triaged.candidates.append(Candidate(record, payment, False))
         elif isinstance(verdict := verdicts[payment], Approved):
-            triaged.candidates.append(Candidate(record=record, payment=payment, validated=True))
+            triaged.candidates.append(Candidate(record, payment, True))
         else:
             triaged.kept.append(judged(record, payment, verdict))
     return triaged
