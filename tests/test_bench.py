@@ -60,6 +60,7 @@ def test_bench_quick_reports_every_workload(tmp_path: Path) -> None:
         "littles_law_20ms_per_s",
         "log_capacity_per_s",
         "bare_insert_per_s",
+        "stamped_insert_per_s",
         "raw_copy_per_s",
     } <= set(report["ceilings"])
     # The rolling restart's row and its quiet twin, each with its longest stretch unstored.
@@ -73,6 +74,9 @@ def test_bench_quick_reports_every_workload(tmp_path: Path) -> None:
     assert offline["ceiling_per_s"] == min(
         ceilings["bare_insert_per_s"], ceilings["consumer_read_per_s"]
     )
-    assert {"processor's statements", "bare idempotent insert", "raw COPY"} == set(
-        offline["ratios"]
-    )
+    assert {
+        "processor's statements",
+        "bare insert and stamps",
+        "bare idempotent insert",
+        "raw COPY",
+    } == set(offline["ratios"])

@@ -60,8 +60,9 @@ class PaymentRow(msgspec.Struct, gc=False):
 
 class StampRow(TypedDict):
     account_id: int
-    latest: str
-    """The newest created_on stored for the account, ISO 8601."""
+    latest: datetime
+    """The newest created_on stored for the account, which orjson writes in ISO 8601 (in C: an
+    isoformat() per account was 4 % of the processor's time in an offline drain)."""
 
 
 class KeptRecordRow(RecordRow):
@@ -166,7 +167,7 @@ def payments(stored: Sequence[Payment], origins: Sequence[RecordId]) -> str:
 
 def stamps(latest: Mapping[int, datetime]) -> str:
     rows: list[StampRow] = [
-        {"account_id": account, "latest": newest.isoformat()} for account, newest in latest.items()
+        {"account_id": account, "latest": newest} for account, newest in latest.items()
     ]
     return json(rows)
 

@@ -20,6 +20,7 @@ from paystream_tooling.ceilings import (
     consumer_ceiling,
     database_ceiling,
     raw_copy_ceiling,
+    stamped_insert_ceiling,
     third_party_ceiling,
 )
 from paystream_tooling.devenv.kafka import KafkaCluster
@@ -114,14 +115,20 @@ def offline(run: Run) -> list[Workload]:
     bench.backlog(settings, "offline", sizes.offline, run.rng)
     consumer = consumer_ceiling(settings, sizes.offline)
     shape = (sizes.offline, defaults.batch_size, defaults.batches_in_flight)
-    database, bare, copy = (
+    database, stamped, bare, copy = (
         asyncio.run(ceiling(bench.fresh().database_url, *shape))
-        for ceiling in (database_ceiling, bare_insert_ceiling, raw_copy_ceiling)
+        for ceiling in (
+            database_ceiling,
+            stamped_insert_ceiling,
+            bare_insert_ceiling,
+            raw_copy_ceiling,
+        )
     )
     run.ceilings = replace(
         run.ceilings,
         consumer_read_per_s=consumer,
         database_insert_per_s=database,
+        stamped_insert_per_s=stamped,
         bare_insert_per_s=bare,
         raw_copy_per_s=copy,
     )
