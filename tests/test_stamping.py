@@ -8,6 +8,7 @@ import itertools
 from typing import Any
 
 import orjson
+from confluent_kafka import Producer
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from prometheus_client import REGISTRY
@@ -17,7 +18,7 @@ from paystream.gateway import Gateway
 from paystream.model import Record, RecordId
 from paystream.pipeline import Pipeline
 from paystream.thirdparty import third_party_client
-from tests.conftest import Env
+from tests.conftest import Env, async_wait_for, caught_up, processor
 
 _WRONG_DATES = (
     "SELECT count(*) FROM accounts a WHERE last_payment_date IS DISTINCT FROM"
@@ -86,6 +87,36 @@ async def test_calls_waiting_for_a_pass_share_the_next_one(env: Env) -> None:
         before = _passes()
         await asyncio.gather(*(pipeline.stamps.applied() for _ in range(20)))
         assert _passes() - before == 2
+
+
+async def test_a_pass_wanted_at_once_cuts_the_wait_short(env: Env) -> None:
+    """A pass waits out the interval for other batches to share it, unless a call wants it at
+    once (the consumer has no other batch on its way): it begins then, covering the waiter."""
+    async with open_pool(env.settings()) as pool, third_party_client(2) as client:
+        gateway = _gateway(client)
+        pipeline = Pipeline(pool, gateway, topic_types(env.settings()), stamp_interval_s=3600)
+        before = _passes()
+        await pipeline.stamps.applied()  # the first pass has no interval to wait out
+        await asyncio.wait_for(
+            asyncio.gather(pipeline.stamps.applied(), pipeline.stamps.applied(at_once=True)),
+            timeout=30,
+        )
+        assert _passes() - before == 2
+
+
+async def test_an_idle_consumer_commits_without_waiting_out_the_interval(env: Env) -> None:
+    """The processor's last batch (none other in flight) is stamped and its offsets committed
+    at once, though a pass began just before (placing the partitions) and the interval is a
+    minute: the accounts do not stay unstamped, nor the offsets uncommitted, for want of
+    batches to share the pass with."""
+    settings_ = env.settings(stamp_interval_s=60)
+    producer = Producer({"bootstrap.servers": env.bootstrap})
+    for record in _records(env, [7, 8, 9], _OFFSETS):
+        producer.produce(env.offline_topic, record.value, partition=0)
+    assert 0 == producer.flush(10)
+    async with processor(settings_):
+        await async_wait_for(lambda: caught_up(env, settings_), 30, "offsets at the end")
+    assert env.query(_WRONG_DATES) == [(0,)]
 
 
 @settings(

@@ -203,6 +203,7 @@ class BatchConsumer:
         self._pipeline = pipeline
         self._batch_size = batch_size
         self._slots = asyncio.Semaphore(batches_in_flight)
+        self._processing = 0  # batches not yet durable
         self._db_retry_max_s = db_retry_max_s
         self._report_database_error = report_database_error
         self._on_batch = on_batch
@@ -238,6 +239,7 @@ class BatchConsumer:
                 if not batch.spans:
                     self._slots.release()
                     continue
+                self._processing += 1
                 group.create_task(self._run_batch(self._progress.begin(batch.epochs), batch, stop))
             await placing
         if self._committer is not None:
@@ -287,6 +289,7 @@ class BatchConsumer:
             # Durable (or given up on): the slot is free for the next batch while the accounts
             # are stamped and offsets committed in the background.
             self._slots.release()
+            self._processing -= 1
         if result is None:
             return  # stopping: left uncommitted, so it is redelivered
         BATCH_SECONDS.observe(time.perf_counter() - started)
@@ -324,8 +327,9 @@ class BatchConsumer:
         )
 
     async def _stamped(self) -> bool:
-        """A stamping pass after the batch (paystream.stamping)."""
-        await self._pipeline.stamps.applied()
+        """A stamping pass after the batch (paystream.stamping); at once if no other batch is
+        being processed or waits to be, none could share it."""
+        await self._pipeline.stamps.applied(at_once=not self._processing and not self._pending)
         return True
 
     @staticmethod
@@ -363,7 +367,7 @@ class BatchConsumer:
                 if membership.unplaced:
                     # Their last reader may have stopped before its stamping pass: its stamps
                     # are applied before the positions placed here are committed.
-                    await self._pipeline.stamps.applied()
+                    await self._pipeline.stamps.applied(at_once=True)
                     await self._place(set(membership.unplaced), membership.generation)
                 elif time.monotonic() - checked >= _CHECK_POSITIONS_S:
                     checked = time.monotonic()

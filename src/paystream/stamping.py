@@ -8,7 +8,9 @@ commits a batch's Kafka offsets only once a pass that began after the batch's tr
 ended, so offsets at the end of the topics mean the accounts are stamped too. Stamps left due by
 an instance that stopped before its pass are applied by the next pass of any instance: every
 instance runs one before it places partitions it was given (those of an instance that stopped
-among them). (A replay stamps its few accounts in its own transaction: pipeline.Replay.)
+among them). (A replay stamps its few accounts in its own transaction: pipeline.Replay.) A pass
+waits out the interval only while other batches may share it: the consumer's last batch in
+flight, and the pass before placing partitions, have it begin at once.
 
 Stamping inside each batch's transaction locked the same account rows in every batch: with four
 batches in flight (two instances) they waited for each other, and PostgreSQL spent a fifth to a
@@ -18,6 +20,7 @@ third more per payment than with one instance (BENCHMARKS.md, round 13).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 
 import psycopg_pool
@@ -29,7 +32,8 @@ from paystream.metrics import STAMP_PASSES
 
 class Stamping:
     """The passes of one process: at most one at a time, and at most one every `interval_s`,
-    so that the batches finishing meanwhile share the next one."""
+    so that the batches finishing meanwhile share the next one, unless nothing else is on its
+    way to share it."""
 
     def __init__(self, pool: psycopg_pool.AsyncConnectionPool, interval_s: float) -> None:
         self._pool = pool
@@ -38,18 +42,29 @@ class Stamping:
         self._asked = 0  # calls of `applied` so far
         self._covered = 0  # every call up to this one has seen a pass begin after it
         self._last_began = -float("inf")
+        self._at_once = asyncio.Event()  # a call asked for a pass at once: no more waiting
 
-    async def applied(self) -> None:
+    async def applied(self, *, at_once: bool = False) -> None:
         """Return once a pass that began after this call has ended: every stamp left due by a
-        transaction that committed before the call is applied. Raises DatabaseUnavailable."""
+        transaction that committed before the call is applied. Raises DatabaseUnavailable.
+
+        `at_once`: the caller gains nothing by waiting out the interval (no other batch is on
+        its way to share the pass, or partitions wait to be read until it ends); the pass
+        begins at once, cutting short a wait under way, rather than hold the accounts unstamped
+        and the offsets uncommitted."""
         self._asked += 1
         ticket = self._asked
+        if at_once:
+            self._at_once.set()
         async with self._lock:  # waiters take turns in the order they came
             if self._covered >= ticket:
                 return
             wait_s = self._last_began + self._interval_s - time.monotonic()
             if wait_s > 0:
-                await asyncio.sleep(wait_s)  # the batches finishing meanwhile join this pass
+                # The batches finishing meanwhile join this pass.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._at_once.wait(), wait_s)
+            self._at_once.clear()  # spent on this pass; a later call at once sets it again
             began, self._last_began = self._asked, time.monotonic()
             try:
                 async with self._pool.connection() as conn, conn.transaction():
