@@ -218,9 +218,11 @@ async def stamped_insert_ceiling(
 
     async def write(conn: store.Conn, start: int, end: int) -> None:
         cursor = await conn.execute(
-            queries.query("bare_insert_stamps_due"), {"rows": documents[start // batch]}
+            queries.query("bare_insert"), {"rows": documents[start // batch]}
         )
-        await store.leave_stamps_due(conn, dict(await cursor.fetchall()))
+        # One created_on a transaction (now()): each account's newest is that of any of its rows.
+        latest = {account: created for _, account, created in await cursor.fetchall()}
+        await store.leave_stamps_due(conn, latest)
         if start // batch % BATCHES_PER_STAMPING_PASS == BATCHES_PER_STAMPING_PASS - 1:
             await store.apply_stamps_due(conn)
 

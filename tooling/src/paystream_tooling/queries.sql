@@ -81,20 +81,6 @@ ORDER BY 1
 ON CONFLICT (payment_id) DO NOTHING
 RETURNING payment_id, account_id, created_on;
 
--- bare_insert_stamps_due --
--- The bare insert, answering per account its newest payment: the stamps a batch leaves due.
-WITH inserted AS (
-    INSERT INTO payments (payment_id, account_id, payment_type, credit_card, amount)
-    SELECT payment_id, account_id, payment_type, credit_card, amount
-    FROM json_to_recordset(%(rows)s::json) AS r(
-        payment_id varchar, account_id int, payment_type varchar, credit_card varchar,
-        amount numeric)
-    ORDER BY 1
-    ON CONFLICT (payment_id) DO NOTHING
-    RETURNING account_id, created_on
-)
-SELECT account_id, max(created_on) FROM inserted GROUP BY account_id;
-
 -- copy_target --
 -- The raw COPY ceiling's table: shaped like payments (columns, defaults, key, indexes).
 CREATE TABLE IF NOT EXISTS copy_target (LIKE payments INCLUDING ALL);
