@@ -257,3 +257,48 @@ def test_the_typed_reading_answers_as_the_precise_one(
     answer = decode(value, topic)
     assert codec._precisely(value, topic) == answer
     event("a payment" if isinstance(answer, Payment) else answer.reason)
+
+
+def _offline_with(**fields: bytes) -> bytes:
+    """An offline payment's JSON with these fields' values written as given (raw bytes)."""
+    written = {
+        "payment_id": b'"p-1"',
+        "account_id": b"1",
+        "payment_type": b'"offline"',
+        "amount": b"5",
+        **fields,
+    }
+    return b"{" + b",".join(b'"%s":%s' % (k.encode(), v) for k, v in written.items()) + b"}"
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        _offline_with(delay=b"[" * 100_000 + b"]" * 100_000),
+        _offline_with(note=b"{" + b'"a":{' * 5_000 + b"}" * 5_001),
+        _offline_with(amount=b"9" * 100_000),
+        _offline_with(delay=b"9" * 300),
+        _offline_with(delay=b"9" * 5_000),
+        _offline_with(delay=b"1e99999999999"),
+        _offline_with(payment_id=b'"' + b"p" * 10_000_000 + b'"'),
+        _offline_with(payment_id=b'"p\\u0000"'),
+        _offline_with(credit_card=b'"4\\u0000"'),
+        _offline_with() + b" " * 100_000,
+    ],
+    ids=[
+        "nested 100 000 deep",
+        "an unknown object 5 000 deep",
+        "an amount of 100 000 digits",
+        "a delay of 300 digits",
+        "a delay of 5 000 digits",
+        "a delay beyond any double",
+        "a payment_id of 10 MB",
+        "a NUL in the payment_id",
+        "a NUL in the card",
+        "100 000 spaces after the object",
+    ],
+)
+def test_the_two_readings_answer_alike_at_the_extremes(value: bytes) -> None:
+    """What a hostile producer sends at the limits of nesting, number size and length, through
+    both readings: the same answer, and no exception from either."""
+    assert codec._precisely(value, PaymentType.OFFLINE) == decode(value, PaymentType.OFFLINE)

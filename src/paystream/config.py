@@ -116,8 +116,9 @@ class Settings(BaseSettings):
     outbox_idle_s: float = Field(default=1.0, gt=0)
     db_retry_max_s: float = Field(default=5.0, gt=0)
     # Accounts are stamped by passes that apply what several batches left due (paystream.stamping):
-    # at most one pass this often, so last_payment_date trails a stored payment by about this
-    # long, and a batch's offsets are committed after its pass.
+    # at most one pass this often while batches follow each other (at once when none else is in
+    # flight), so last_payment_date trails a stored payment by up to this long, and a batch's
+    # offsets are committed after its pass.
     stamp_interval_s: float = Field(default=0.25, ge=0, le=60)
     revalidate_every_s: float = Field(default=30.0, gt=0)
     revalidate_max_attempts: int = Field(default=10, ge=0)

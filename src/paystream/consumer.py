@@ -55,8 +55,8 @@ every online batch (1-2 s of gateway calls) paused it, and the next batch came 0
 slot freed instead of at once."""
 
 Reporter = Callable[[str], Awaitable[None]]
-_T = TypeVar("_T")
 """Sends a best-effort error report that does not depend on the database."""
+_T = TypeVar("_T")
 
 
 _DB_RETRY_FIRST_S = 0.2

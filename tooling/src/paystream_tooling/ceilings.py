@@ -9,9 +9,9 @@ import contextlib
 import random
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import asdict, dataclass, replace
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 import psycopg
 from confluent_kafka import Consumer
@@ -172,6 +172,14 @@ BATCHES_PER_STAMPING_PASS = 5
 processor's passes (every stamp_interval_s, 0.25 s) cover at the rates of an offline drain."""
 
 
+async def _stamp(conn: store.Conn, latest: Mapping[int, datetime], nth_batch: int) -> None:
+    """A ceiling's batch leaves its stamps due, as the processor's do; every few batches
+    (BATCHES_PER_STAMPING_PASS) a stamping pass follows, in the same transaction."""
+    await store.leave_stamps_due(conn, latest)
+    if nth_batch % BATCHES_PER_STAMPING_PASS == BATCHES_PER_STAMPING_PASS - 1:
+        await store.apply_stamps_due(conn)
+
+
 async def database_ceiling(database_url: str, records: int, batch: int, clients: int) -> float:
     """How fast the database takes the same rows through the same statements as the processor,
     `batch` rows a transaction and `clients` transactions at a time, as the processor sends them
@@ -183,9 +191,7 @@ async def database_ceiling(database_url: str, records: int, batch: int, clients:
         chunk = payments[start:end]
         await store.existing_accounts(conn, [p.account_id for p in chunk])
         inserted = await store.insert_payments(conn, chunk, origins[start:end])
-        await store.leave_stamps_due(conn, inserted.latest)
-        if start // batch % BATCHES_PER_STAMPING_PASS == BATCHES_PER_STAMPING_PASS - 1:
-            await store.apply_stamps_due(conn)
+        await _stamp(conn, inserted.latest, start // batch)
 
     async with await psycopg.AsyncConnection.connect(database_url) as conn:
         await migrate(conn)  # the table of origins
@@ -222,9 +228,7 @@ async def stamped_insert_ceiling(
         )
         # One created_on a transaction (now()): each account's newest is that of any of its rows.
         latest = {account: created for _, account, created in await cursor.fetchall()}
-        await store.leave_stamps_due(conn, latest)
-        if start // batch % BATCHES_PER_STAMPING_PASS == BATCHES_PER_STAMPING_PASS - 1:
-            await store.apply_stamps_due(conn)
+        await _stamp(conn, latest, start // batch)
 
     async with await psycopg.AsyncConnection.connect(database_url) as conn:
         await migrate(conn)  # the table of stamps due
