@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import orjson
@@ -10,9 +11,9 @@ from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
 from paystream import codec
-from paystream.codec import DecodeError, decode
+from paystream.codec import MAX_KEPT_ID_BYTES, DecodeError, decode, kept_id
 from paystream.model import Payment, PaymentType, Reason
-from paystream.text import control_at
+from paystream.text import control_at, visible
 
 CARD = "4847171163467501036"
 
@@ -56,7 +57,7 @@ def test_original_message_decodes() -> None:
         (_doc(account_id="12"), Reason.INVALID, "account_id must be an integer, got a string"),
         (_doc(account_id=2**40), Reason.INVALID, "out of range"),
         (_doc(payment_id=""), Reason.INVALID, "payment_id is missing"),
-        (_doc(payment_id="x" * 101), Reason.INVALID, "longer than 100"),
+        (_doc(payment_id="x" * 101), Reason.INVALID, "payment_id is 101 characters"),
         (_doc(payment_type="crypto"), Reason.INVALID, "payment_type must be"),
         (_doc(payment_type="offline", credit_card=""), Reason.WRONG_TOPIC, "arrived on the online"),
         (_doc(credit_card=123), Reason.INVALID, "credit_card must be a string"),
@@ -123,15 +124,40 @@ def test_readable_payment_id_is_kept_with_the_error() -> None:
 
 
 def test_an_over_long_payment_id_travels_with_its_error_as_it_arrived() -> None:
-    """An id longer than the schema's 100 characters is invalid but reported whole, so the log
-    service can find the record; only beyond 1 000 characters is it cut."""
+    """An id longer than the schema's 100 characters is invalid but kept and reported as it
+    arrived while it fits MAX_KEPT_ID_BYTES, so the log service can find the record; the
+    description gives its size in characters and bytes."""
     long_id = "ab" * 75
     result = decode(_doc(payment_id=long_id), PaymentType.ONLINE)
     assert isinstance(result, DecodeError)
     assert long_id == result.payment_id
-    huge = decode(_doc(payment_id="z" * 5000), PaymentType.ONLINE)
-    assert isinstance(huge, DecodeError)
-    assert "z" * 1000 == huge.payment_id
+    assert "payment_id is 150 characters (150 bytes of UTF-8)" in result.description
+
+
+@given(st.text(min_size=1, max_size=3000))
+def test_a_kept_id_fits_its_bound_and_tells_ids_apart(payment_id: str) -> None:
+    """Any id, of any width, is kept in at most MAX_KEPT_ID_BYTES of UTF-8; an id that fits is
+    kept as itself (escaped), and two ids that differ give two kept ids."""
+    kept = kept_id(payment_id)
+    assert len(kept.encode("utf-8", "surrogatepass")) <= MAX_KEPT_ID_BYTES
+    if len(visible(payment_id).encode("utf-8", "surrogatepass")) <= MAX_KEPT_ID_BYTES:
+        assert visible(payment_id) == kept
+    assert kept != kept_id(payment_id + "x")
+    assert kept == kept_id(payment_id)
+
+
+def test_a_wide_payment_id_is_refused_with_its_size_and_kept_by_a_digest() -> None:
+    """1 500 characters from the CJK Extension B block (6 000 bytes) are invalid, the
+    description says how wide, and the id kept is a prefix of it with a digest of the whole."""
+    wide = "\U00020000" * 1500
+    result = decode(_doc(payment_id=wide), PaymentType.OFFLINE)
+    assert isinstance(result, DecodeError)
+    assert Reason.INVALID == result.reason
+    assert "payment_id is 1500 characters (6000 bytes of UTF-8)" in result.description
+    assert result.payment_id is not None
+    assert result.payment_id.startswith("\U00020000" * 10)
+    assert result.payment_id.endswith(hashlib.sha256(wide.encode()).hexdigest()[:32])
+    assert kept_id(wide) == result.payment_id
 
 
 json_values = st.recursive(

@@ -188,9 +188,36 @@ def test_a_record_the_database_refuses_is_kept_as_rejected_whatever_it_was() -> 
     candidate = rules.Candidate(record=_record(0), payment=_payment(), validated=True)
     declined = Kept.of(_record(1), _payment(), Reason.DECLINED, "gateway declined")
     for item in (candidate, declined):
-        kept = rules.rejected(item, "NumericValueOutOfRange", "22003")
+        kept = rules.rejected(item, "NumericValueOutOfRange 22003: numeric field overflow")
         assert (Reason.DATABASE_REJECTED, item.record) == (kept.reason, kept.record)
-        assert "NumericValueOutOfRange, SQLSTATE 22003" in kept.description
+        assert "NumericValueOutOfRange 22003: numeric field overflow" in kept.description
+
+
+def test_a_canary_is_like_its_record_but_holds_nothing_of_its_own() -> None:
+    """A probe's record: the same topic, partition, account and type; a fresh payment_id, an
+    amount of 1, no card, no raw bytes, an offset no record has; a kept one, no payment_id."""
+    candidate = rules.Candidate(record=_record(7), payment=_payment(), validated=True)
+    probe = rules.canary(candidate)
+    assert isinstance(probe, rules.Candidate)
+    assert (candidate.record.id.topic, candidate.record.id.partition, -1, b"") == (
+        probe.record.id.topic,
+        probe.record.id.partition,
+        probe.record.id.offset,
+        probe.record.value,
+    )
+    assert probe.payment.payment_id.startswith(rules.CANARY_PREFIX)
+    assert (candidate.payment.account_id, None, 1) == (
+        probe.payment.account_id,
+        probe.payment.credit_card,
+        probe.payment.amount,
+    )
+    again = rules.canary(candidate)
+    assert isinstance(again, rules.Candidate)
+    assert probe.payment.payment_id != again.payment.payment_id
+    declined = Kept.of(_record(1), _payment(), Reason.DECLINED, "gateway declined")
+    kept = rules.canary(declined)
+    assert isinstance(kept, Kept)
+    assert (None, -1, b"") == (kept.payment_id, kept.record.id.offset, kept.record.value)
 
 
 # --- every combination ------------------------------------------------------------------------

@@ -31,6 +31,7 @@ from paystream.outbox import REPORTS_IN_FLIGHT, LogClient, OutboxRelay
 from paystream.pipeline import BatchResult, Pipeline
 from paystream.replay import replay, revalidate
 from paystream.sealing import KeptCipher
+from paystream.stalls import Stalls
 from paystream.thirdparty import third_party_client
 from paystream.web import make_app
 
@@ -211,13 +212,14 @@ async def run_processor(
             except ReportFailed as exc:
                 log.warning("direct database-error report failed: %s", exc)
 
+        stalls = Stalls(settings.stall_after_s)
         kafka_client = settings.kafka_client()
         await asyncio.gather(
             asyncio.to_thread(check_access, kafka_client), gateway.check_credentials()
         )
         membership = Membership()
         monitor, dashboard = watch(
-            settings, kafka_client, pool, watch_pool, pipeline, gateway, membership
+            settings, kafka_client, pool, watch_pool, pipeline, gateway, membership, stalls
         )
         kafka = await kafka_consumer(settings, kafka_client, membership)
         consumer = BatchConsumer(
@@ -229,6 +231,7 @@ async def run_processor(
             batches_in_flight=settings.batches_in_flight,
             db_retry_max_s=settings.db_retry_max_s,
             report_database_error=report_database_error,
+            stalls=stalls,
             on_batch=totals.add,
         )
         await kafka.start()
@@ -287,12 +290,18 @@ def watch(
     pipeline: Pipeline,
     gateway: Gateway,
     membership: Membership,
+    stalls: Stalls,
 ) -> tuple[Monitor, Dashboard]:
     """The monitor (on `watch_pool`), and the dashboard: the monitor's snapshot and the replay
-    its button runs."""
+    its button runs. Readiness says not ready while the database or every broker is away, and
+    while intake at a partition is stalled."""
 
     async def ready() -> dict[str, bool]:
-        return {"database": await database_answers(pool), "broker": membership.broker_up}
+        return {
+            "database": await database_answers(pool),
+            "broker": membership.broker_up,
+            "intake": not stalls.stalled(),
+        }
 
     async def replay_one(kept_id: int) -> dict[str, int]:
         where = store.KeptFilter(ids=[kept_id])
@@ -307,6 +316,7 @@ def watch(
         tally=pipeline.tally,
         checks=ready,
         circuit=lambda: gateway.breaker.state,
+        stalls=stalls,
         can_replay=settings.operator_token is not None,
         instruments=Instruments.of_process(),
     )

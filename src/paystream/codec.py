@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from dataclasses import dataclass
@@ -17,9 +18,11 @@ MAX_ID_CHARS = 100  # payments.payment_id varchar(100)
 MAX_CARD_CHARS = 100  # payments.credit_card varchar(100)
 MAX_ACCOUNT_ID = 2**31 - 1  # accounts.account_id integer
 MAX_AMOUNT = 10**15  # far above any real payment; keeps numbers sane in reports and sums
-MAX_REPORTED_ID_CHARS = 1000
-"""An over-long payment_id is kept and reported as it arrived, so the log service can find the
-record it is told about; only beyond this (a bound for the log service) is it cut."""
+MAX_KEPT_ID_BYTES = 400
+"""A kept record's payment_id, as written, listed, reported and looked up, is at most this many
+bytes of UTF-8: it is indexed, and an index entry holds at most about 2 700 bytes. Every id the
+payments table holds (100 characters of at most 4 bytes) fits whole."""
+_DIGEST_CHARS = 32  # hex digits of SHA-256 ending a cut id: 128 bits, no two ids collide
 _MAX_PARSER_WORDS = 120  # the parser's own account of what is wrong, cut to a readable line
 _UTF8_BOM = b"\xef\xbb\xbf"
 
@@ -36,13 +39,37 @@ def _is_int(value: Any) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def kept_id(payment_id: str) -> str:
+    """The payment_id as a kept record carries it (written, listed, reported, looked up): control
+    characters escaped (`visible`), so that a valid id reads as itself and any other can be
+    stored and sent; and, past MAX_KEPT_ID_BYTES, cut to a prefix ending in `…` and a digest of
+    the whole id, so that the same id always finds its rows and no value can make the write
+    fail. The id as it arrived is in the record's raw bytes, kept with it."""
+    shown = visible(payment_id)
+    encoded = shown.encode("utf-8", "surrogatepass")
+    if len(encoded) <= MAX_KEPT_ID_BYTES:
+        return shown
+    digest = "…sha256:" + hashlib.sha256(encoded).hexdigest()[:_DIGEST_CHARS]
+    room = MAX_KEPT_ID_BYTES - len(digest.encode())
+    prefix = encoded[:room].decode("utf-8", "ignore")  # a character cut in two is dropped
+    return prefix + digest
+
+
 def _readable_id(document: dict[str, Any]) -> str | None:
-    """The payment_id as kept and reported: control characters escaped (`visible`), so that a
-    valid id reads as itself and any other can be stored, listed and sent."""
+    """The payment_id of a refused record, as kept (`kept_id`), if it is a non-empty string."""
     value = document.get("payment_id")
     if isinstance(value, str) and value:
-        return visible(value)[:MAX_REPORTED_ID_CHARS]
+        return kept_id(value)
     return None
+
+
+def _too_long(field: str, value: str, limit: int) -> str:
+    """Why a text field over its column's length is refused: its size, never its content."""
+    size = len(value.encode("utf-8", "surrogatepass"))
+    return (
+        f"{field} is {len(value)} characters ({size} bytes of UTF-8); the payments table holds"
+        f" at most {limit} characters"
+    )
 
 
 def _unreadable(value: bytes, exc: orjson.JSONDecodeError) -> DecodeError:
@@ -181,7 +208,7 @@ def _precisely(value: bytes | None, topic_type: PaymentType) -> Payment | Decode
     if not isinstance(raw_id, str) or not raw_id.strip():
         return invalid("payment_id is missing or not a non-empty string")
     if len(raw_id) > MAX_ID_CHARS:
-        return invalid(f"payment_id is longer than {MAX_ID_CHARS} characters")
+        return invalid(_too_long("payment_id", raw_id, MAX_ID_CHARS))
     # An id is printable text: a control character in one is a producer's fault, and U+0000
     # cannot be stored at all. Refused here, before the database is ever asked.
     if refused := _has_control("payment_id", raw_id):
@@ -207,7 +234,7 @@ def _precisely(value: bytes | None, topic_type: PaymentType) -> Payment | Decode
     if card is not None and not isinstance(card, str):
         return invalid(f"credit_card must be a string, got {_json_type(card)}")
     if card is not None and len(card) > MAX_CARD_CHARS:
-        return invalid(f"credit_card is longer than {MAX_CARD_CHARS} characters")
+        return invalid(_too_long("credit_card", card, MAX_CARD_CHARS))
     if card is not None and (refused := _has_control("credit_card", card)):
         return invalid(refused)  # a position and a code point: nothing of the number
 

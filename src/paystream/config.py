@@ -120,6 +120,9 @@ class Settings(BaseSettings):
     # flight), so last_payment_date trails a stored payment by up to this long, and a batch's
     # offsets are committed after its pass.
     stamp_interval_s: float = Field(default=0.25, ge=0, le=60)
+    # A partition whose batch has failed to become durable for this long counts as stalled:
+    # alarmed in its metric, readiness, the dashboard and `paystream status` (paystream.stalls).
+    stall_after_s: float = Field(default=60.0, gt=0, le=86_400)
     revalidate_every_s: float = Field(default=30.0, gt=0)
     revalidate_max_attempts: int = Field(default=10, ge=0)
 

@@ -24,7 +24,7 @@ from confluent_kafka import KafkaException
 
 from paystream import position, store, tracing
 from paystream.backoff import Backoff, pause
-from paystream.errors import DatabaseUnavailable
+from paystream.errors import DatabaseRefusing, DatabaseUnavailable
 from paystream.kafka import (
     Assigned,
     BrokerReachable,
@@ -45,6 +45,7 @@ from paystream.metrics import (
 )
 from paystream.model import PartitionId, Record
 from paystream.pipeline import BatchResult, Pipeline
+from paystream.stalls import Stalls
 
 log = logging.getLogger(__name__)
 
@@ -196,8 +197,10 @@ class BatchConsumer:
         batches_in_flight: int,
         db_retry_max_s: float,
         report_database_error: Reporter,
+        stalls: Stalls,
         on_batch: Callable[[BatchResult], None] = lambda _: None,
     ) -> None:
+        """`stalls` hears of every batch that fails and of each once it is durable."""
         self._kafka = kafka
         self._membership = membership
         self._pipeline = pipeline
@@ -207,6 +210,7 @@ class BatchConsumer:
         self._db_retry_max_s = db_retry_max_s
         self._report_database_error = report_database_error
         self._on_batch = on_batch
+        self._stalls = stalls
         self._pool = pool
         self._progress = position.Progress()
         self._fetched_to: Offsets = {}  # where each partition's next fetch starts
@@ -278,13 +282,16 @@ class BatchConsumer:
             links_to=[r.traceparent for r in records] if tracing.enabled() else (),
             attributes={"paystream.records": len(records)},
         ):
-            await self._run_traced(seq, batch, stop)
+            try:
+                await self._run_traced(seq, batch, stop)
+            finally:
+                self._stalls.cleared(seq)
 
     async def _run_traced(self, seq: int, batch: Batch, stop: asyncio.Event) -> None:
         records = batch.records
         try:
             started = time.perf_counter()
-            result = await self._process_until_durable(batch, stop)
+            result = await self._process_until_durable(seq, batch, stop)
         finally:
             # Durable (or given up on): the slot is free for the next batch while the accounts
             # are stamped and offsets committed in the background.
@@ -297,21 +304,27 @@ class BatchConsumer:
         for topic, count in Counter(r.id.topic for r in records).items():
             RECORDS.labels(topic=topic).inc(count)
         self._on_batch(result)
-        if await self._until_done(self._stamped, stop, self._stamping_failed) is None:
+        stamping_failed = self._failed(seq, batch, "stamping the accounts")
+        if await self._until_done(self._stamped, stop, stamping_failed) is None:
             return  # stopping: durable, its stamps due; the next pass of any instance applies them
         self._progress.finish(
             seq, {key: end for key, (_, end) in batch.spans.items()}, batch.epochs
         )
         self._commit_soon()
 
-    async def _process_until_durable(self, batch: Batch, stop: asyncio.Event) -> BatchResult | None:
+    async def _process_until_durable(
+        self, seq: int, batch: Batch, stop: asyncio.Event
+    ) -> BatchResult | None:
+        """Prepare the batch once (the gateway is asked once per payment), then write it until
+        the database takes it; None if stopping meanwhile."""
         records = batch.records
+        failed = self._failed(seq, batch, f"batch of {len(records)}")
         reported = False
 
-        async def failed(exc: DatabaseUnavailable) -> None:
+        async def failed_and_reported(exc: DatabaseUnavailable) -> None:
             nonlocal reported
             DB_FAILURES.inc()
-            log.warning("%s; batch of %d waits and retries", exc, len(records))
+            await failed(exc)
             if not reported:
                 reported = True
                 first = records[0].id
@@ -320,21 +333,39 @@ class BatchConsumer:
                     f"@{first.offset} wait uncommitted and will be processed when it is back"
                 )
 
-        return await self._until_done(
-            lambda: self._pipeline.process(records, writer=batch.writer, spans=batch.spans),
-            stop,
-            failed,
+        pipeline = self._pipeline
+        prepared = await self._until_done(
+            lambda: pipeline.prepare(records), stop, failed_and_reported
         )
+        if prepared is None:
+            return None
+        return await self._until_done(
+            lambda: pipeline.write(prepared, writer=batch.writer, spans=batch.spans),
+            stop,
+            failed_and_reported,
+        )
+
+    def _failed(
+        self, seq: int, batch: Batch, what: str
+    ) -> Callable[[DatabaseUnavailable], Awaitable[None]]:
+        """What a failure of the batch's `what` does: said in the log, and its partitions
+        counted as failing (paystream.stalls) until it is durable."""
+
+        async def failed(exc: DatabaseUnavailable) -> None:
+            log.warning("%s; %s waits and retries", exc, what)
+            blocked = {key: first for key, (first, _) in batch.spans.items()}
+            record = exc.record if isinstance(exc, DatabaseRefusing) else None
+            if record is not None:
+                blocked[(record.topic, record.partition)] = record.offset
+            self._stalls.failing(seq, blocked, str(exc), exc.cause)
+
+        return failed
 
     async def _stamped(self) -> bool:
         """A stamping pass after the batch (paystream.stamping); at once if no other batch is
         being processed or waits to be, none could share it."""
         await self._pipeline.stamps.applied(at_once=not self._processing and not self._pending)
         return True
-
-    @staticmethod
-    async def _stamping_failed(exc: DatabaseUnavailable) -> None:
-        log.warning("%s; stamping the accounts waits and retries", exc)
 
     async def _until_done(
         self,
@@ -372,7 +403,7 @@ class BatchConsumer:
                 elif time.monotonic() - checked >= _CHECK_POSITIONS_S:
                     checked = time.monotonic()
                     await self._check_positions(membership.generation)
-            except (*store.DATABASE_AWAY, DatabaseUnavailable, KafkaException) as exc:
+            except (*store.DATABASE_ERRORS, DatabaseUnavailable, KafkaException) as exc:
                 log.warning("placing partitions: %s (%s); trying again", type(exc).__name__, exc)
                 await pause(backoff.next_s(), stop)
                 continue

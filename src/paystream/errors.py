@@ -15,9 +15,12 @@ PaystreamError
 ├── ReportFailed            the log service did not take a report: the outbox sends it again
 │   └── ReportRefused       it refused this one report: sent again, alone, a few times at most
 └── DatabaseUnavailable     the database cannot be reached or failed transiently: retry the batch
+    └── DatabaseRefusing    it answers, but refuses what no record's data explains: wait, alarmed
 """
 
 from __future__ import annotations
+
+from paystream.model import RecordId
 
 
 class PaystreamError(Exception):
@@ -93,8 +96,31 @@ class ReportRefused(ReportFailed):
 class DatabaseUnavailable(PaystreamError):
     """The database is unreachable or failed transiently. Commit nothing; retry the batch."""
 
+    def __init__(self, message: str, *, cause: str = "") -> None:
+        super().__init__(message)
+        self.cause = cause
+        """The driver's error, as `named` calls it: a label with few values."""
+
     @classmethod
     def caused_by(cls, exc: BaseException) -> DatabaseUnavailable:
-        """The error for a driver's exception (one of store.DATABASE_AWAY): named by its class,
-        never by its message, which may quote the statement's values."""
-        return cls(f"database unavailable: {type(exc).__name__}")
+        """The error for a driver's exception (one of store.DATABASE_ERRORS): named by its class
+        and SQLSTATE, never by its message, which may quote the statement's values."""
+        return cls(f"database unavailable: {named(exc)}", cause=named(exc))
+
+
+class DatabaseRefusing(DatabaseUnavailable):
+    """The database answers but refuses a write that no record's own data explains: it refuses
+    records like these too (read-only, a permission revoked, a trigger on every payment, a full
+    disk), or refuses even the bare keep of one record (`record`). Nothing is kept or skipped:
+    the batch waits and is retried, and its partitions count as stalled (paystream.stalls)."""
+
+    def __init__(self, message: str, *, cause: str, record: RecordId | None = None) -> None:
+        super().__init__(message, cause=cause)
+        self.record = record
+        """The record that blocks intake at its partition, when one record does."""
+
+
+def named(exc: BaseException) -> str:
+    """A driver's error by its class and SQLSTATE (`InsufficientPrivilege 42501`)."""
+    state = getattr(exc, "sqlstate", None)
+    return f"{type(exc).__name__} {state}" if state else type(exc).__name__

@@ -60,6 +60,13 @@ BROKER_UP = Gauge(
     "0 while the Kafka client reports every broker down (a timed-out request, a refused "
     "connection), else 1",
 )
+PARTITION_STALLED = Gauge(
+    "paystream_partition_stalled_seconds",
+    "How long intake at the partition has been stalled: a batch of its records has failed to "
+    "become durable for longer than PAYSTREAM_STALL_AFTER_S. Labelled with the record that "
+    "blocks it (offset) and the database's error; absent while the partition is not stalled",
+    ["topic", "partition", "offset", "error"],
+)
 CIRCUIT_OPEN = Gauge(
     "paystream_gateway_circuit_open",
     "1 while the gateway circuit breaker is open (0 once its cool-down has passed)",

@@ -35,6 +35,7 @@ from paystream.backoff import pause
 from paystream.lag import GroupLag
 from paystream.model import Reason
 from paystream.pipeline import BatchResult
+from paystream.stalls import Stalls
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +72,7 @@ class Instruments:
     gateway_seconds: Histogram
     reports: Counter
     database_failures: Counter
+    partition_stalled: Gauge
 
     @classmethod
     def of_process(cls) -> Instruments:
@@ -88,6 +90,7 @@ class Instruments:
             gateway_seconds=metrics.GATEWAY_SECONDS,
             reports=metrics.REPORTS,
             database_failures=metrics.DB_FAILURES,
+            partition_stalled=metrics.PARTITION_STALLED,
         )
 
 
@@ -131,6 +134,7 @@ class Monitor:
         tally: BatchResult,
         checks: Checks,
         circuit: Callable[[], str],
+        stalls: Stalls,
         can_replay: bool,
         instruments: Instruments,
         clock: Callable[[], float] = time.time,
@@ -144,6 +148,7 @@ class Monitor:
         self._pool = pool
         self.checks = checks
         self._circuit = circuit
+        self._stalls = stalls
         self._can_replay = can_replay
         self._m = instruments
         self._clock = clock
@@ -276,6 +281,7 @@ class Monitor:
 
     async def _make_snapshot(self) -> dict[str, Any]:
         now = self._clock()
+        self._stalls.export(self._m.partition_stalled)
         tally = self._tally
         processed = tally.stored + tally.kept + tally.redelivered
         self._history.append(
@@ -302,6 +308,7 @@ class Monitor:
                 "latency_ms": _latency_ms(self._m.gateway_seconds),
             },
             "lag": self._lag,
+            "stalls": self._stalls.as_json(),
             "database": self._database,
             "can_replay": self._can_replay,
         }

@@ -139,8 +139,13 @@ class OutboxRelay:
         while not stop.is_set():
             try:
                 done = await self.relay_once()
-            except store.DATABASE_AWAY as exc:
-                log.warning("outbox: database unavailable (%s)", type(exc).__name__)
+            except store.DATABASE_ERRORS as exc:
+                # Away, or refusing the outbox's own statements: the reports stay due either way.
+                log.warning(
+                    "outbox: database unavailable (%s, SQLSTATE %s)",
+                    type(exc).__name__,
+                    getattr(exc, "sqlstate", None),
+                )
                 done = RelayRound(failed=1)
             if not done.failed:
                 backoff.reset()

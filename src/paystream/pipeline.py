@@ -28,7 +28,7 @@ import psycopg_pool
 
 from paystream import rules, store, tracing
 from paystream.codec import decode
-from paystream.errors import DatabaseUnavailable
+from paystream.errors import DatabaseRefusing, DatabaseUnavailable, named
 from paystream.gateway import Gateway
 from paystream.metrics import DATABASE_SECONDS, KEPT, REDELIVERED, STORED
 from paystream.model import Kept, PartitionId, Payment, PaymentType, Reason, Record, RecordId
@@ -36,9 +36,6 @@ from paystream.sealing import KeptCipher
 from paystream.stamping import Stamping
 
 log = logging.getLogger(__name__)
-
-# Raised by a statement because of the data in it: retrying the same data cannot succeed.
-_DATA_ERRORS = (psycopg.errors.DataError, psycopg.errors.IntegrityError)
 
 _LOAD_SECONDS = DATABASE_SECONDS.labels(step="load")
 _WRITE_SECONDS = DATABASE_SECONDS.labels(step="write")
@@ -105,6 +102,17 @@ class Replay:
         await store.stamp_accounts(conn, latest)
 
 
+class _Trial:
+    """One write of a batch: what the database had been seen to take when it began (a copy of
+    the pipeline's `_took`), and the kinds of record it was shown to take since."""
+
+    __slots__ = ("accepts", "took")
+
+    def __init__(self, took: Counter[str]) -> None:
+        self.took = took.copy()
+        self.accepts: set[str] = set()
+
+
 class Pipeline:
     def __init__(
         self,
@@ -131,6 +139,35 @@ class Pipeline:
         self._first_sight = FirstSight(cipher)
         self.tally = BatchResult()
         """Everything this pipeline decided since it was made: batches and replays."""
+        self._took: Counter[str] = Counter()
+        """Transactions that stored payments, and that kept records: what shows the database
+        takes records like a refused one (`_judge`)."""
+
+    async def prepare(self, records: Sequence[Record]) -> rules.Triaged:
+        """Decode the records and sort them out, the gateway asked about the online ones: what
+        `write` makes durable. Raises DatabaseUnavailable only before the gateway is asked.
+
+        A batch is prepared once and written until the database takes it: the gateway's
+        verdicts wait in the result, so that a database that refuses writes for a while never
+        has the third party asked again about the same payments."""
+        return await self._prepare(records, self._first_sight)
+
+    async def write(
+        self,
+        triaged: rules.Triaged,
+        *,
+        writer: UUID | None = None,
+        spans: Mapping[PartitionId, store.Span] | None = None,
+    ) -> BatchResult:
+        """Make every prepared record's outcome durable; the accounts' stamps are left due, for a
+        stamping pass (`stamps.applied()`). Raises DatabaseUnavailable (retry the write):
+        DatabaseRefusing when the database answers but refuses records like these too.
+
+        `writer` names who decides these records: the consumer passes one per assignment of its
+        partitions; without it, this pipeline's own is used. `spans`: the offsets the records
+        cover in each partition, recorded done with their outcomes (store.record_done).
+        """
+        return await self._written(triaged, writer or self._writer, self._first_sight, spans or {})
 
     async def process(
         self,
@@ -139,37 +176,42 @@ class Pipeline:
         writer: UUID | None = None,
         spans: Mapping[PartitionId, store.Span] | None = None,
     ) -> BatchResult:
-        """Make every record's outcome durable; the accounts' stamps are left due, for a
-        stamping pass (`stamps.applied()`). Raises DatabaseUnavailable (retry the batch).
-
-        `writer` names who decides these records: the consumer passes one per assignment of its
-        partitions; without it, this pipeline's own is used. `spans`: the offsets the records
-        cover in each partition, recorded done with their outcomes (store.record_done).
-        """
-        return await self._run(records, writer or self._writer, self._first_sight, spans or {})
+        """`prepare`, then `write`."""
+        return await self.write(await self.prepare(records), writer=writer, spans=spans)
 
     async def replay(self, records: Sequence[Record]) -> BatchResult:
         """Re-drive kept records: their kept rows are updated, or resolved when the payment is
         stored now, and the accounts stamped. Raises DatabaseUnavailable."""
-        return await self._run(records, self._writer, Replay(), {})
+        outcomes = Replay()
+        return await self._written(
+            await self._prepare(records, outcomes), self._writer, outcomes, {}
+        )
 
-    async def _run(
+    async def _prepare(self, records: Sequence[Record], outcomes: Outcomes) -> rules.Triaged:
+        with tracing.span("paystream.decode"):
+            decoded = [(r, decode(r.value, self._topic_types[r.id.topic])) for r in records]
+        return await self._triage(decoded, outcomes)
+
+    async def _written(
         self,
-        records: Sequence[Record],
+        triaged: rules.Triaged,
         writer: UUID,
         outcomes: Outcomes,
         spans: Mapping[PartitionId, store.Span],
     ) -> BatchResult:
+        started = time.perf_counter()
         try:
-            with tracing.span("paystream.decode"):
-                decoded = [(r, decode(r.value, self._topic_types[r.id.topic])) for r in records]
-            triaged = await self._triage(decoded, outcomes)
-            started = time.perf_counter()
             with tracing.span("paystream.transaction"):
-                result = await self._write(triaged, writer, outcomes, spans)
-            _WRITE_SECONDS.observe(time.perf_counter() - started)
-        except store.DATABASE_AWAY as exc:
-            raise DatabaseUnavailable.caused_by(exc) from exc
+                result = await self._write(triaged, writer, outcomes, spans, _Trial(self._took))
+        except store.DATABASE_ERRORS as exc:
+            if store.away(exc):
+                raise DatabaseUnavailable.caused_by(exc) from exc
+            # No record's write: recording the batch's spans done, once its parts were durable.
+            raise DatabaseRefusing(
+                f"the database refuses recording the batch done: {store.refusal(exc)}",
+                cause=named(exc),
+            ) from exc
+        _WRITE_SECONDS.observe(time.perf_counter() - started)
         result.redelivered += triaged.redelivered
         REDELIVERED.inc(result.redelivered)
         self.tally.add(result)
@@ -190,11 +232,18 @@ class Pipeline:
             started = time.perf_counter()
             try:
                 done, stored = await self._load(online, outcomes)
-            except _DATA_ERRORS as exc:
-                # Knowing nothing is safe: the gateway is asked again (same Idempotency-Key) and
-                # the transaction's own re-check still tells redeliveries apart; the record the
-                # database refuses is isolated there.
-                log.warning("reading what is done hit %s; validating the batch anew", exc.sqlstate)
+            except store.DATABASE_ERRORS as exc:
+                if store.away(exc):
+                    raise DatabaseUnavailable.caused_by(exc) from exc
+                # It answered, and refused the reading (a value it cannot compare, a policy, a
+                # lock): knowing nothing is safe. The gateway is asked again (same
+                # Idempotency-Key), the transaction's own re-check still tells redeliveries
+                # apart, and a record the database refuses is isolated there.
+                log.warning(
+                    "reading what is done hit %s (SQLSTATE %s); validating the batch anew",
+                    type(exc).__name__,
+                    getattr(exc, "sqlstate", None),
+                )
             _LOAD_SECONDS.observe(time.perf_counter() - started)
         # The connection went back to the pool before the (possibly slow) gateway calls.
         asks = rules.needs_gateway(decoded, done=done, stored=stored)
@@ -236,44 +285,112 @@ class Pipeline:
         writer: UUID,
         outcomes: Outcomes,
         spans: Mapping[PartitionId, store.Span],
+        trial: _Trial,
     ) -> BatchResult:
-        """One transaction, which records `spans` done too. On a data error, split the batch
-        until the bad record is isolated; the spans are recorded once every part is durable."""
+        """One transaction, which records `spans` done too. When the database refuses it, and
+        takes records like these (`_judge`), split the batch until the refused record is
+        isolated, and keep it; the spans are recorded once every part is durable."""
         try:
-            return await self._transaction(triaged, writer, outcomes, spans)
-        except _DATA_ERRORS as exc:
+            result = await self._transaction(triaged, writer, outcomes, spans)
+        except psycopg.Error as exc:
+            if store.away(exc):
+                raise
+            await self._judge(exc, triaged, trial)
             items = triaged.items()
             if len(items) == 1:
-                result = await self._keep_rejected(items[0], exc, writer, outcomes)
+                result = await self._keep_refused(items[0], exc, writer, outcomes)
             else:
-                log.warning("batch hit %s; isolating the record", type(exc).__name__)
+                log.warning(
+                    "batch of %d hit %s (SQLSTATE %s); isolating the record",
+                    len(items),
+                    type(exc).__name__,
+                    exc.sqlstate,
+                )
                 middle = len(items) // 2
                 result = BatchResult()
                 for part in (items[:middle], items[middle:]):
-                    result.add(await self._write(rules.Triaged.of(part), writer, outcomes, {}))
-        if spans:
-            async with self._pool.connection() as conn, conn.transaction():
-                await store.record_done(conn, spans)
+                    got = await self._write(rules.Triaged.of(part), writer, outcomes, {}, trial)
+                    result.add(got)
+            if spans:
+                async with self._pool.connection() as conn, conn.transaction():
+                    await store.record_done(conn, spans)
+            return result
+        self._took.update(payments=result.stored > 0, kept=result.kept > 0)
         return result
 
-    async def _keep_rejected(
+    async def _judge(self, exc: psycopg.Error, triaged: rules.Triaged, trial: _Trial) -> None:
+        """Return when the refusal is the data's: the database takes records like these, as
+        shown by other batches' writes since this one began (`_took`), or by a probe. Raise
+        DatabaseRefusing when it refuses them too: a read-only server, a permission revoked, a
+        trigger on every payment, a full disk. What the error is called decides nothing."""
+        for kind, items in (("payments", triaged.candidates), ("kept", triaged.kept)):
+            if not items or kind in trial.accepts:
+                continue
+            if self._took[kind] > trial.took[kind]:
+                trial.accepts.add(kind)
+                continue
+            failure = await self._probe(items[0], triaged)
+            if failure is not None:
+                raise DatabaseRefusing(
+                    f"the database refuses {kind} like this batch's: {store.refusal(failure)}",
+                    cause=named(failure),
+                ) from exc
+            trial.accepts.add(kind)
+
+    async def _probe(
+        self, like: rules.Candidate | Kept, triaged: rules.Triaged
+    ) -> psycopg.Error | None:
+        """Write, and roll back, a record like `like` whose own values can refuse nothing (a
+        fresh id, an amount of 1, no card, no raw bytes) through the batch's own statements:
+        the error the database gives it, or None if it takes it."""
+        canary = rules.canary(like)
+        partitions = {(r.topic, r.partition) for r in triaged.records()}
+        try:
+            async with (
+                self._pool.connection() as conn,
+                conn.transaction(force_rollback=True),
+            ):
+                await store.hold_partitions(conn, uuid4(), partitions)
+                await self._write_in(conn, rules.Triaged.of([canary]), self._first_sight, {})
+        except psycopg.Error as exc:
+            if store.away(exc):
+                raise
+            return exc
+        return None
+
+    async def _keep_refused(
         self, item: rules.Candidate | Kept, exc: psycopg.Error, writer: UUID, outcomes: Outcomes
     ) -> BatchResult:
-        """Keep a single record the database refused. Should keeping it fail on its data too
-        (the codec let through a value the database cannot hold), keep it bare: its coordinates,
-        its raw bytes and a fixed description, which no value can make fail."""
-        kept = rules.rejected(item, type(exc).__name__, exc.sqlstate or "unknown")
+        """Keep a single record the database refused, described by the database's own words.
+        Should keeping it be refused too, keep it bare: its coordinates, its raw bytes and a fixed
+        description. Should even that be refused, raise DatabaseRefusing: intake at its
+        partition stalls, with the alarm (paystream.stalls), and nothing is skipped."""
+        card = item.payment.credit_card if isinstance(item, rules.Candidate) else None
+        kept = rules.rejected(item, store.refusal(exc, card))
         try:
             return await self._transaction(rules.Triaged(kept=[kept]), writer, outcomes, {})
-        except _DATA_ERRORS as again:
+        except psycopg.Error as again:
+            if store.away(again):
+                raise
             log.error(
                 "the database refused keeping %s too (%s, SQLSTATE %s); keeping it bare",
                 kept.record.id,
                 type(again).__name__,
                 again.sqlstate,
             )
-            bare = rules.bare(kept)
+        bare = rules.bare(kept)
+        try:
             return await self._transaction(rules.Triaged(kept=[bare]), writer, outcomes, {})
+        except psycopg.Error as last:
+            if store.away(last):
+                raise
+            at = bare.record.id
+            raise DatabaseRefusing(
+                f"the database refuses even the bare keep of record "
+                f"{at.topic}/{at.partition}@{at.offset}: {store.refusal(last)}",
+                cause=named(last),
+                record=at,
+            ) from last
 
     async def _transaction(
         self,

@@ -60,7 +60,7 @@ async def _kept(
     try:
         async with pool.connection() as conn:
             return await store.list_kept(conn, where, after_id=after, limit=limit)
-    except store.DATABASE_AWAY as exc:
+    except store.DATABASE_ERRORS as exc:
         raise DatabaseUnavailable.caused_by(exc) from exc
 
 

@@ -15,6 +15,7 @@ The pipeline gathers the facts and writes what these functions decide, in three 
 from __future__ import annotations
 
 import dataclasses
+import uuid
 from collections.abc import Mapping, Sequence, Set
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -199,10 +200,10 @@ def settle(candidate: Candidate, existing: Existing | None) -> Kept | None:
     )
 
 
-def rejected(item: Candidate | Kept, error: str, sqlstate: str) -> Kept:
-    """A single record the database refused (`error`: the exception's class name): kept as a
-    database error, no values echoed."""
-    description = f"database rejected the record ({error}, SQLSTATE {sqlstate})"
+def rejected(item: Candidate | Kept, refusal: str) -> Kept:
+    """A single record the database refused, while it took records like it: kept as a database
+    error, described by what the database said (`refusal`: store.refusal, no card data)."""
+    description = f"database rejected the record: {refusal}"
     if isinstance(item, Candidate):
         return Kept.of(item.record, item.payment, Reason.DATABASE_REJECTED, description)
     return dataclasses.replace(item, reason=Reason.DATABASE_REJECTED, description=description)
@@ -222,6 +223,24 @@ def bare(kept: Kept) -> Kept:
         description=BARE_DESCRIPTION,
         amount=kept.amount,
     )
+
+
+CANARY_PREFIX = "paystream-probe-"
+"""How the payment_id of a probe's record begins (pipeline: written, then rolled back)."""
+
+
+def canary(like: Candidate | Kept) -> Candidate | Kept:
+    """A record like `like` that no value of its own can make the database refuse: a fresh
+    payment_id, an amount of 1, no card, no raw bytes, and an offset no record has (-1)."""
+    record = like.record
+    place = record.id._replace(offset=-1, timestamp_ms=-(uuid.uuid4().int % 2**62) - 1)
+    empty = Record(place, b"")
+    if isinstance(like, Candidate):
+        payment = like.payment._replace(
+            payment_id=f"{CANARY_PREFIX}{uuid.uuid4().hex}", credit_card=None, amount=1
+        )
+        return Candidate(empty, payment, True)
+    return Kept(record=empty, payment_id=None, reason=like.reason, description="a probe")
 
 
 def _difference(new: Payment, existing: Existing) -> str:

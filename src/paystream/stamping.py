@@ -69,7 +69,9 @@ class Stamping:
             try:
                 async with self._pool.connection() as conn, conn.transaction():
                     await store.apply_stamps_due(conn)
-            except store.DATABASE_AWAY as exc:
+            except store.DATABASE_ERRORS as exc:
+                # Away, or refusing the stamps (a read-only server, a lock, a trigger on
+                # accounts): either way the pass is tried again, and the batches wait for it.
                 raise DatabaseUnavailable.caused_by(exc) from exc
             STAMP_PASSES.inc()
             self._covered = began

@@ -8,8 +8,9 @@ import signal
 from typing import Annotated, Any
 
 import typer
+from rich.text import Text
 
-from paystream.cli.common import app, fail, read_settings
+from paystream.cli.common import app, console, fail, out, read_settings
 from paystream.errors import PaystreamError
 
 
@@ -109,3 +110,62 @@ def rebuild(
 
     with_pool(settings, work)
     out.print(f"{len(starts)} partitions will be read again from their start ({records:,} records)")
+
+
+_STATUS_TIMEOUT_S = 5.0
+
+
+@app.command(rich_help_panel="Processor")
+def status() -> None:
+    """What the processor running with these settings says of itself: ready or not and why,
+    its lag, and each partition whose intake has stalled, with the record that blocks it, the
+    database's error and how long it has lasted.
+
+    Asks its web server (PAYSTREAM_WEB_HOST, PAYSTREAM_WEB_PORT). Exits 0 when it is ready, 1
+    when it is not, 2 when it does not answer.
+    """
+    settings = read_settings()
+    host = settings.web_host
+    if host in ("0.0.0.0", "::", ""):  # listening everywhere: reached on this machine's loopback
+        host = "127.0.0.1"
+    base = f"http://{f'[{host}]' if ':' in host else host}:{settings.web_port}"
+    headers = {}
+    if settings.operator_token is not None:
+        headers["X-Paystream-Token"] = settings.operator_token.get_secret_value()
+    try:
+        ready = _get_json(base + "/health/ready", headers)
+        state = _get_json(base + "/api/state", headers)
+    except (OSError, ValueError) as exc:
+        console.print(f"[bold red]error:[/] no processor answers at {base} ({exc})", soft_wrap=True)
+        raise typer.Exit(2) from exc
+    checks = ready.get("checks", {})
+    failing = [name for name, ok in checks.items() if not ok]
+    if ready.get("ready"):
+        out.print("[green]ready[/]")
+    else:
+        out.print(f"[red]not ready[/]: {', '.join(failing) or 'starting'}")
+    lag = state.get("lag") or {}
+    out.print(f"lag: {sum(lag.values())} records behind ({len(lag)} partitions)")
+    stalls = state.get("stalls") or []
+    for stall in stalls:
+        # The error is the database's words: printed as text, never read as markup.
+        said = f" {stall['partition']} for {stall['seconds']:.0f} s at record {stall['record']}"
+        out.print(Text.assemble(("stalled", "red"), said, ": ", str(stall["error"])))
+    if not stalls:
+        out.print("no partition is stalled")
+    raise typer.Exit(0 if ready.get("ready") else 1)
+
+
+def _get_json(url: str, headers: dict[str, str]) -> Any:
+    """A JSON answer of the processor's own web server, whatever its status (readiness answers
+    503 with its checks)."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(url, headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=_STATUS_TIMEOUT_S) as response:
+            return json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return json.loads(exc.read())

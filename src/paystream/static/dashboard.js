@@ -72,6 +72,15 @@ function render(s) {
   }
   badge("circuit", s.circuit === "closed" ? true : s.circuit === "open" ? false : null,
         "gateway circuit " + s.circuit);
+  // Partitions whose intake has stalled: the record that blocks each, the error, how long.
+  const stalls = $("stalls");
+  stalls.hidden = !(s.stalls && s.stalls.length);
+  stalls.replaceChildren(...(s.stalls || []).map((st) => {
+    const line = document.createElement("div");
+    line.textContent = "intake stalled at " + st.partition + " for " + age(st.seconds) +
+      ", blocked by record " + st.record + ": " + st.error;
+    return line;
+  }));
   const processed = s.processed, stored = s.stored, kept = sum(s.kept);
   const lag = sum(s.lag);
   text("t-records", fmt(processed));

@@ -41,7 +41,7 @@ from paystream.store.positions import (
     record_done,
     start_positions,
 )
-from paystream.store.queries import DATABASE_AWAY, Conn, json, query
+from paystream.store.queries import DATABASE_ERRORS, Conn, away, json, query, refusal
 from paystream.store.reports import (
     Report,
     claim_reports,
@@ -54,7 +54,7 @@ from paystream.store.reports import (
 )
 
 __all__ = [
-    "DATABASE_AWAY",
+    "DATABASE_ERRORS",
     "Conn",
     "Inserted",
     "KeptFilter",
@@ -65,6 +65,7 @@ __all__ = [
     "Span",
     "StoredPayment",
     "apply_stamps_due",
+    "away",
     "claim_reports",
     "count_kept",
     "existing_accounts",
@@ -88,6 +89,7 @@ __all__ = [
     "processed_records",
     "query",
     "record_done",
+    "refusal",
     "replays_of",
     "resolve_kept",
     "stamp_accounts",

@@ -12,6 +12,7 @@ from enum import StrEnum
 
 from psycopg.rows import scalar_row
 
+from paystream.codec import kept_id
 from paystream.model import ErrorType, PaymentType, Reason, Record, RecordId
 from paystream.sealing import KeptCipher, open_raw
 from paystream.store.queries import Conn, fetch_all, fetch_one, typed_row
@@ -98,7 +99,8 @@ class KeptFilter:
 
     def params(self) -> dict[str, object]:
         return {
-            "pid": self.payment_id,
+            # As kept records carry it: a wide id is found by its prefix and digest.
+            "pid": None if self.payment_id is None else kept_id(self.payment_id),
             "etype": None if self.error_type is None else self.error_type.value,
             "reason": None if self.reason is None else self.reason.value,
             "topic": self.topic,

@@ -20,9 +20,51 @@ import psycopg_pool
 from psycopg import AsyncConnection
 from psycopg.rows import AsyncRowFactory, RowMaker, TupleRow
 
-DATABASE_AWAY = (psycopg.OperationalError, psycopg_pool.PoolTimeout)
-"""What a call raises when the database is away (unreachable, restarting, timed out, the pool
-empty), as against a statement it refused: retry later, commit nothing."""
+from paystream.errors import named
+from paystream.text import visible
+
+DATABASE_ERRORS = (psycopg.Error, psycopg_pool.PoolTimeout)
+"""Whatever a call to the database raises. What one means is told by what the database does
+(`away`, and the batch's write in paystream.pipeline), never by its class: psycopg raises a
+value too wide for an index as an OperationalError and a read-only server as an InternalError.
+Where no record is being written (positions, stamps, reports, watching), each means: not now,
+retry later."""
+
+_AWAY_STATES = ("08", "57P01", "57P02", "57P03", "53300")
+"""SQLSTATEs (classes or codes) said only of a connection: it failed, the server is shutting
+down, starting or crashed, or it has no connection slot left."""
+
+
+def away(exc: BaseException) -> bool:
+    """Whether the database, rather than the statement, failed: no connection came from the
+    pool, the connection broke (psycopg raises that with no SQLSTATE), or the server said so of
+    the connection itself. Any other error came from a server that answered."""
+    if isinstance(exc, psycopg_pool.PoolTimeout):
+        return True
+    if not isinstance(exc, psycopg.Error):
+        return False
+    state = exc.sqlstate
+    if state is None:
+        # A value the driver refuses to send (a NUL in text) is a DataError with no SQLSTATE
+        # either; a lost connection is an OperationalError or an InterfaceError.
+        return isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError)
+    return state.startswith(_AWAY_STATES)
+
+
+_REFUSAL_CHARS = 300
+"""The server's message in a description is cut to this: a trigger's may be of any length."""
+
+
+def refusal(exc: psycopg.Error, conceal: str | None = None) -> str:
+    """What the server said when it refused a statement, in words safe to keep and send: the
+    error's class and SQLSTATE (`errors.named`) and the server's primary message, escaped, cut
+    to a line, and with `conceal` (a card number the statement carried) written as `[card]`."""
+    message = exc.diag.message_primary or str(exc).strip().partition("\n")[0]
+    if conceal:
+        message = message.replace(conceal, "[card]")
+    words = visible(message)[:_REFUSAL_CHARS]
+    return f"{named(exc)}: {words}"
+
 
 Conn = AsyncConnection[TupleRow]
 Row = TypeVar("Row")

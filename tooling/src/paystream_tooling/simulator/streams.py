@@ -15,6 +15,7 @@ from typing import Any
 
 import orjson
 
+from paystream.codec import kept_id
 from paystream.text import visible
 
 ORIGINAL_RECORDS = 1038
@@ -153,6 +154,11 @@ def _hostile_one(rng: random.Random, decline_rate: float) -> Planned:
         case 11:
             doc["account_id"] = 2**40
             return bad("overflowing-account", _encode(doc))
+        case 12:
+            # 1 400 characters of 4 bytes before the id: over its column, and over an index entry's
+            # limit if it were kept whole; kept by a prefix and a digest (codec.kept_id).
+            doc["payment_id"] = "\U00020000" * 1400 + pid
+            return bad("wide-id", _encode(doc), kept_id(doc["payment_id"]))
         case 13:
             doc["payment_id"] = pid[:8] + "\x00" + pid[8:]  # PostgreSQL text cannot hold it
             return bad("nul-in-id", _encode(doc), visible(doc["payment_id"]))
