@@ -28,6 +28,7 @@ from rich.console import Console
 from paystream import rules, store
 from paystream.app import open_pool, topic_types
 from paystream.cli.kept import _kept_table
+from paystream.codec import MAX_KEPT_ID_BYTES
 from paystream.gateway import Gateway
 from paystream.kafka import record_of
 from paystream.model import Record, RecordId
@@ -250,6 +251,66 @@ def test_every_record_ends_stored_or_kept_and_listed(
     console = Console(file=None, record=True, width=200)
     rows = [k.as_json() for k in by_place.values()]
     console.print(_kept_table(rows, len(rows), len(rows)))
+
+
+# Text of every width: one unit (ASCII; 2-, 3- and 4-byte UTF-8; a combining mark; Unicode's
+# noncharacters) repeated to a size in bytes from nothing to a megabyte.
+_UNITS = ["a", "é", "€", "\U00020000", "e\u0301", "\ufdd0", "\uffff", "\U0010fffe"]
+_SIZES = [0, 1, 99, 100, 101, 400, 401, 2_700, 8_200, 1_000_000]
+_AMOUNTS = [0, 1, 10**15, 10**15 + 1, 2**31, 2**53 + 1, 2**63 - 1, 2**63, 2**64, -(2**63), 10**1000]
+
+
+@st.composite
+def wide_text(draw: st.DrawFn) -> str:
+    unit = draw(st.sampled_from(_UNITS))
+    return unit * (draw(st.sampled_from(_SIZES)) // len(unit.encode()))
+
+
+@st.composite
+def sized_records(draw: st.DrawFn) -> tuple[bytes, bytes | None, bool]:
+    """An ordinary payment but for one field (payment_id, account_id as text, payment_type,
+    credit_card) or its header, drawn at a width from 0 to 1 MB, or its amount at an edge of
+    64 bits or of NUMERIC."""
+    online = draw(st.booleans())
+    fields: dict[str, object] = {
+        "payment_id": f"sized-{draw(st.uuids())}",
+        "account_id": 1,
+        "payment_type": "online" if online else "offline",
+        "credit_card": CARD,
+    }
+    header = None
+    where = draw(st.sampled_from([*fields, "header", "amount"]))
+    if where == "header":
+        header = draw(wide_text()).encode()
+    elif where != "amount":
+        fields[where] = draw(wide_text())
+    amount = draw(st.sampled_from(_AMOUNTS)) if where == "amount" else 7
+    # orjson writes no integer beyond 64 bits: the amount is spliced in as the JSON number.
+    value = orjson.dumps(fields)[:-1] + b',"amount":' + str(amount).encode() + b"}"
+    return value, header, online
+
+
+@settings(max_examples=40)
+@given(st.lists(sized_records(), min_size=1, max_size=3))
+def test_a_field_of_any_width_ends_stored_or_kept_and_stops_nothing(
+    world: World, produced: list[tuple[bytes, bytes | None, bool]]
+) -> None:
+    """Each field and header, at any width in bytes and in any plane, and amounts at the edges of
+    64 bits and NUMERIC, through the real write path: each record ends stored or kept (by the
+    codec, never refused by the database), a kept one listed under an id of at most
+    MAX_KEPT_ID_BYTES, and an ordinary payment after them is stored."""
+    records = [_message(world, value, header, online) for value, header, online in produced]
+    records.append(_ordinary(world))
+    result = world.runner.run(world.pipeline.process(records))
+
+    assert len(records) == result.stored + result.kept + result.redelivered
+    outcomes = _outcomes(world.env, records)
+    assert {_place(r) for r in records} == outcomes.keys()
+    assert "stored" == outcomes[_place(records[-1])]
+    # The codec refuses what the schema cannot hold: the database never has to.
+    assert "database_rejected" not in outcomes.values()
+    widths = world.env.query("SELECT max(octet_length(payment_id)) FROM paystream.kept_records")
+    assert (widths[0][0] or 0) <= MAX_KEPT_ID_BYTES
 
 
 def test_a_corpus_of_hostile_records_amid_a_stream_stops_nothing(

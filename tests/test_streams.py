@@ -70,6 +70,7 @@ def test_hostile_profile_covers_every_kind() -> None:
         "unknown-payment-type",
         "not-an-object",
         "overflowing-account",
+        "wide-id",
     ):
         assert kinds[kind] == Expect.OTHER, kind
     assert "unknown-account" in kinds

@@ -116,7 +116,7 @@ def _hostile_one(rng: random.Random, decline_rate: float) -> Planned:
             topic_type=on, value=value, payment_id=payment_id, expect=Expect.OTHER, kind=kind
         )
 
-    match rng.randrange(19):
+    match rng.randrange(20):
         case 0:
             return bad("malformed-json", _encode(doc)[:-7], None)
         case 1:
