@@ -237,3 +237,14 @@ def test_a_stamp_interval_with_a_nul_in_the_env_file_is_refused(tmp_path: Path) 
 
 def test_a_stamp_interval_of_zero_stamps_after_every_batch(monkeypatch: pytest.MonkeyPatch) -> None:
     assert 0 == _settings(monkeypatch, PAYSTREAM_STAMP_INTERVAL_S="0").stamp_interval_s
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "nan", "inf", "1e400", "86401", "a minute", ""])
+def test_a_stall_threshold_out_of_range_or_not_a_number_is_refused(
+    monkeypatch: pytest.MonkeyPatch, value: str
+) -> None:
+    """PAYSTREAM_STALL_AFTER_S is a positive number of seconds up to a day: zero, negative,
+    NaN, infinite or huge would raise the stall alarm on every retry, or never, and is refused
+    at start."""
+    with pytest.raises(ValidationError, match="stall_after_s"):
+        _settings(monkeypatch, PAYSTREAM_STALL_AFTER_S=value)

@@ -13,6 +13,7 @@ from typing import Any
 
 import aiohttp
 import orjson
+import pytest
 from confluent_kafka import Producer
 
 from paystream import rules
@@ -69,7 +70,7 @@ END $$;
 _REFUSE_ALL = """
 CREATE FUNCTION refuse_all() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
-    RAISE EXCEPTION 'payments are closed' USING ERRCODE = '42501';
+    RAISE EXCEPTION 'payments are closed' USING ERRCODE = '{code}';
 END $$;
 CREATE TRIGGER refuse_all BEFORE INSERT ON payments FOR EACH ROW EXECUTE FUNCTION refuse_all();
 """
@@ -182,15 +183,20 @@ async def _json(base: str, path: str) -> Any:
         return await response.json()
 
 
+@pytest.mark.parametrize(
+    ("code", "error"),
+    [("42501", "InsufficientPrivilege 42501"), ("25006", "ReadOnlySqlTransaction 25006")],
+    ids=["permission-revoked", "read-only"],
+)
 async def test_a_database_that_refuses_every_payment_stalls_intake_with_the_alarm(
-    env: Env, simulator: SimulatorClient
+    env: Env, simulator: SimulatorClient, code: str, error: str
 ) -> None:
-    """With every payment refused (a permission revoked, as a trigger says it), nothing is kept
-    or skipped: the stall alarm is raised in the metric, readiness, the dashboard's state and
-    `paystream status`, naming the record and the error; once the refusal ends, every payment
-    is stored and the alarm clears. The gateway was asked once per online payment, however
-    often the write was retried."""
-    env.execute(_REFUSE_ALL)
+    """With every payment refused (a permission revoked, or a server turned read-only, as a
+    trigger says them), nothing is kept or skipped: the stall alarm is raised in the metric,
+    readiness, the dashboard's state and `paystream status`, naming the record and the error;
+    once the refusal ends, every payment is stored and the alarm clears. The gateway was asked
+    once per online payment, however often the write was retried."""
+    env.execute(_REFUSE_ALL.replace("{code}", code))
     online = [f"online-{i}" for i in range(40)]
     values = [
         (env.online_topic, _payment(pid, 11 + i, online=True)) for i, pid in enumerate(online)
@@ -213,10 +219,10 @@ async def test_a_database_that_refuses_every_payment_stalls_intake_with_the_alar
         state = await _json(base, "/api/state")
         assert state["stalls"]
         for stall in state["stalls"]:
-            assert "42501" in stall["error"]
+            assert error in stall["error"]
             assert stall["record"].startswith(stall["partition"] + "@")
         assert any(
-            'error="InsufficientPrivilege 42501"' in line
+            f'error="{error}"' in line
             for line in await _metric(base, "paystream_partition_stalled_seconds")
         )
         # In a thread: the processor answering it runs in this event loop.
@@ -225,7 +231,7 @@ async def test_a_database_that_refuses_every_payment_stalls_intake_with_the_alar
         said = " ".join(status.stdout.split())
         assert "not ready: intake" in said
         assert "stalled" in said
-        assert "InsufficientPrivilege 42501" in said
+        assert error in said
 
         failures = _failures(await _all_metrics(base))
 

@@ -329,7 +329,7 @@ class Pipeline:
             if self._took[kind] > trial.took[kind]:
                 trial.accepts.add(kind)
                 continue
-            failure = await self._probe(items[0], triaged)
+            failure = await self._probe(items, triaged)
             if failure is not None:
                 raise DatabaseRefusing(
                     f"the database refuses {kind} like this batch's: {store.refusal(failure)}",
@@ -338,20 +338,31 @@ class Pipeline:
             trial.accepts.add(kind)
 
     async def _probe(
-        self, like: rules.Candidate | Kept, triaged: rules.Triaged
+        self, items: Sequence[rules.Candidate] | Sequence[Kept], triaged: rules.Triaged
     ) -> psycopg.Error | None:
-        """Write, and roll back, a record like `like` whose own values can refuse nothing (a
-        fresh id, an amount of 1, no card, no raw bytes) through the batch's own statements:
-        the error the database gives it, or None if it takes it."""
-        canary = rules.canary(like)
+        """Write, and roll back, a record like the first of `items` whose own values can refuse
+        nothing (a fresh id, an amount of 1, no card, no raw bytes; for a payment, one of an
+        account that exists, so that it is stored rather than kept) through the batch's own
+        statements: the error the database gives it, or None if it takes it."""
         partitions = {(r.topic, r.partition) for r in triaged.records()}
         try:
             async with (
                 self._pool.connection() as conn,
                 conn.transaction(force_rollback=True),
             ):
+                like: rules.Candidate | Kept | None = items[0]
+                if isinstance(like, rules.Candidate):
+                    known = await store.existing_accounts(
+                        conn, [c.payment.account_id for c in triaged.candidates]
+                    )
+                    like = next(
+                        (c for c in triaged.candidates if c.payment.account_id in known), None
+                    )
+                if like is None:
+                    return None  # no payment of the batch can be stored: none is refused for it
                 await store.hold_partitions(conn, uuid4(), partitions)
-                await self._write_in(conn, rules.Triaged.of([canary]), self._first_sight, {})
+                canary = rules.Triaged.of([rules.canary(like)])
+                await self._write_in(conn, canary, self._first_sight, {})
         except psycopg.Error as exc:
             if store.away(exc):
                 raise
