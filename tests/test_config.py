@@ -13,7 +13,7 @@ from pydantic import ValidationError
 from paystream.config import Settings
 from paystream.errors import ConfigurationError
 
-SECRET = "s3cr3t-Pa55"
+SECRET = "s3cr3t-Pa55-0f-the-test"
 
 
 def _settings(monkeypatch: pytest.MonkeyPatch, **variables: str) -> Settings:
@@ -248,3 +248,74 @@ def test_a_stall_threshold_out_of_range_or_not_a_number_is_refused(
     at start."""
     with pytest.raises(ValidationError, match="stall_after_s"):
         _settings(monkeypatch, PAYSTREAM_STALL_AFTER_S=value)
+
+
+@pytest.mark.parametrize("value", ["", " ", "\t\n", "\n"])
+def test_a_blank_secret_is_no_secret(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, value: str
+) -> None:
+    """An empty or blank secret, from a variable (compose's `${VAR:-}`) or from a file holding
+    only a newline, counts as unset: no operator token, no gateway token, no database password,
+    the default database URL."""
+    secret_file = tmp_path / "secret"
+    secret_file.write_text(value)
+    from_variables = _settings(
+        monkeypatch,
+        PAYSTREAM_OPERATOR_TOKEN=value,
+        PAYSTREAM_GATEWAY_TOKEN=value,
+        PAYSTREAM_DATABASE_PASSWORD_FILE=str(secret_file),
+        PAYSTREAM_DATABASE_URL=value,
+    )
+    assert (None, None, None) == (
+        from_variables.operator_token,
+        from_variables.gateway_token,
+        from_variables.database_password,
+    )
+    assert {} == from_variables.third_party_headers()
+    assert Settings.model_fields["database_url"].default == from_variables.database_url
+    monkeypatch.delenv("PAYSTREAM_OPERATOR_TOKEN")
+    from_file = _settings(monkeypatch, PAYSTREAM_OPERATOR_TOKEN_FILE=str(secret_file))
+    assert from_file.operator_token is None
+
+
+def test_a_short_operator_token_is_refused_without_showing_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An operator token under 24 characters guards too little: refused at start, in an error
+    that does not print it."""
+    with pytest.raises(ValidationError, match="at least 24 characters") as refused:
+        _settings(monkeypatch, PAYSTREAM_OPERATOR_TOKEN="short-Secret-77")
+    assert "short-Secret-77" not in str(refused.value)
+    long_enough = "x" * 24
+    token = _settings(monkeypatch, PAYSTREAM_OPERATOR_TOKEN=long_enough).operator_token
+    assert token is not None
+    assert long_enough == token.get_secret_value()
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "*",
+        "a b",
+        "évil.example",
+        "http://x.example",
+        "x.example:80",
+        "a..b",
+        "-a.example",
+        "a" * 64,
+    ],
+)
+def test_an_allowed_host_that_is_no_host_name_is_refused(
+    monkeypatch: pytest.MonkeyPatch, value: str
+) -> None:
+    """PAYSTREAM_WEB_ALLOWED_HOSTS holds host names (or `.domain`): a wildcard, a URL, a port,
+    a space, a label over 63 characters are refused at start."""
+    with pytest.raises(ValidationError, match="web_allowed_hosts"):
+        _settings(monkeypatch, PAYSTREAM_WEB_ALLOWED_HOSTS=f"ok.example,{value}")
+
+
+def test_allowed_hosts_add_to_loopbacks_names(monkeypatch: pytest.MonkeyPatch) -> None:
+    settings = _settings(monkeypatch, PAYSTREAM_WEB_ALLOWED_HOSTS=" Dash.Example.com , .corp.lan")
+    assert {"localhost", "127.0.0.1", "::1", "dash.example.com", ".corp.lan"} == (
+        settings.allowed_hosts
+    )

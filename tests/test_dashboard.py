@@ -64,7 +64,7 @@ async def test_dashboard_shows_live_numbers_and_replays(
     from playwright.async_api import async_playwright
 
     port = free_port()
-    settings = env.settings(web_port=port, operator_token="s3cret-token")
+    settings = env.settings(web_port=port, operator_token="s3cret-token-of-the-browser-test")
 
     def stored(count: int) -> str:  # the processor's own count, from 0 when it started
         return f"document.getElementById('t-stored').textContent === '{count:,.0f}'"
@@ -101,7 +101,7 @@ async def test_dashboard_shows_live_numbers_and_replays(
                 assert "1 payment, oldest" in await page.locator("#t-risk-detail").inner_text()
 
                 env.execute("INSERT INTO accounts (account_id, email) VALUES (9999, 'x@y.z')")
-                await page.fill("#token", "s3cret-token")
+                await page.fill("#token", "s3cret-token-of-the-browser-test")
                 kept_id = env.query("SELECT id FROM paystream.kept_records")[0][0]
                 await page.click(f"button.replay[data-id='{kept_id}']")
                 await page.wait_for_function(
@@ -140,7 +140,7 @@ async def test_replay_needs_the_token_and_refuses_cross_site(env: Env) -> None:
         await wait_http_status(f"http://127.0.0.1:{port}/health/live", 200)
         assert await _post(url, {"X-Paystream-Token": "anything"}) == 403
     port = free_port()
-    token = "t0k-Secret-5521"
+    token = "t0k-Secret-5521-of-the-replay-test"
     settings = env.settings(web_port=port, operator_token=token, gateway_token="gw-Secret-8804")
     async with processor(settings, serve_web=True):
         base = f"http://127.0.0.1:{port}"

@@ -16,6 +16,7 @@ from aiohttp import web
 from pyreqwest.client import Client
 
 from paystream import store
+from paystream.access import Access
 from paystream.brokers import check_access, choose_group_protocol
 from paystream.config import Settings
 from paystream.consumer import BatchConsumer, Membership
@@ -33,7 +34,7 @@ from paystream.replay import replay, revalidate
 from paystream.sealing import KeptCipher
 from paystream.stalls import Stalls
 from paystream.thirdparty import third_party_client
-from paystream.web import make_app
+from paystream.web import SERVER_LOG, make_app
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +73,10 @@ re-validation, the dashboard's replay button and the readiness probe, none of wh
 on a batch. (The monitor has a connection of its own: monitor_pool.)"""
 _SPARE_HTTP_CONNECTIONS = REPORTS_IN_FLIGHT
 """Third-party connections beyond the gateway's in-flight limit: the outbox relay's reports."""
+_IDLE_CONNECTION_S = 10.0
+"""A web connection that has sent no whole request for this long is closed: between requests,
+and while a request's head trickles in (slowloris). A response being streamed (the dashboard's
+feed) is not idle."""
 _READY_PROBE_S = 2.0
 """A readiness probe of the database that takes longer says "not ready"."""
 
@@ -245,7 +250,8 @@ async def run_processor(
         runner = None
         try:
             if serve_web:
-                runner = await serve_dashboard(settings, make_app(monitor.checks, dashboard))
+                app = make_app(monitor.checks, Access.of(settings), dashboard)
+                runner = await serve_dashboard(settings, app)
             async with asyncio.TaskGroup() as group:
                 group.create_task(monitor.run(stop))
                 group.create_task(consumer.run(stop))
@@ -320,7 +326,7 @@ def watch(
         can_replay=settings.operator_token is not None,
         instruments=Instruments.of_process(),
     )
-    return monitor, Dashboard(monitor, settings.operator_token, replay_one)
+    return monitor, Dashboard(monitor, Access.of(settings), replay_one)
 
 
 async def kafka_consumer(
@@ -347,7 +353,13 @@ async def kafka_consumer(
 async def serve_dashboard(settings: Settings, app: web.Application) -> web.AppRunner:
     """The dashboard, metrics and health endpoints listening; a taken port is a setting to fix."""
     warn_if_exposed(settings)
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=2.0)
+    runner = web.AppRunner(
+        app,
+        access_log=None,
+        shutdown_timeout=2.0,
+        keepalive_timeout=_IDLE_CONNECTION_S,
+        logger=SERVER_LOG,
+    )
     await runner.setup()
     try:
         await web.TCPSite(runner, settings.web_host, settings.web_port).start()
@@ -362,13 +374,12 @@ async def serve_dashboard(settings: Settings, app: web.Application) -> web.AppRu
 
 
 def warn_if_exposed(settings: Settings) -> None:
-    """Reading needs no credentials, so say loudly when anyone on the network can read."""
-    loopback = settings.web_host in ("127.0.0.1", "localhost", "::1")
-    if not loopback and settings.operator_token is None:
+    """Say at start what an exposed dashboard without a token serves: health and metrics only."""
+    if settings.web_exposed and settings.operator_token is None:
         log.warning(
-            "THE DASHBOARD IS EXPOSED on %s:%d without PAYSTREAM_OPERATOR_TOKEN: anyone who can "
-            "reach it reads payment metadata (replay stays disabled). Bind to 127.0.0.1 or set "
-            "a token.",
+            "the dashboard listens on %s:%d, beyond loopback, without PAYSTREAM_OPERATOR_TOKEN: "
+            "it is read-only and serves health and metrics only (no payment data, no replay). "
+            "Set a token to read and replay with it, or bind to 127.0.0.1.",
             settings.web_host,
             settings.web_port,
         )

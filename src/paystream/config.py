@@ -8,12 +8,13 @@ holds the path of a file whose content is the value of PAYSTREAM_<NAME> (for the
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import quote, urlsplit, urlunsplit
 
 import javaproperties
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import (
     BaseSettings,
@@ -24,6 +25,16 @@ from pydantic_settings import (
 from paystream.errors import ConfigurationError
 
 SECRET_FILE_FIELDS = ("database_url", "database_password", "gateway_token", "operator_token")
+
+MIN_OPERATOR_TOKEN_CHARS = 24
+"""The operator token guards replay and, beyond loopback, every page of payment data: one
+shorter than this is refused at start (`openssl rand -hex 16` makes one of 32)."""
+
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
+"""The names a server bound to loopback is reached by: always allowed as a request's Host."""
+
+_LABEL = r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?"  # one label of a DNS name
+_HOST_NAME = re.compile(rf"\.?{_LABEL}(\.{_LABEL})*")
 
 # librdkafka properties the processor's correctness depends on: paystream sets them, nobody else.
 FIXED_KAFKA_PROPERTIES = {
@@ -75,6 +86,7 @@ class Settings(BaseSettings):
         extra="ignore",
         frozen=True,
         env_nested_delimiter="__",
+        hide_input_in_errors=True,  # an error must not print a secret it refused
     )
 
     kafka_bootstrap_servers: str = "localhost:29092"
@@ -135,8 +147,64 @@ class Settings(BaseSettings):
 
     web_host: str = "127.0.0.1"
     web_port: int = Field(default=8000, ge=0, le=65535)
+    # Host names the web server answers to besides loopback's and IP addresses, comma-separated
+    # (`dashboard.example.com`, or `.example.com` for it and its subdomains): any other Host
+    # header is refused, so that a web page cannot read the dashboard by DNS rebinding.
+    web_allowed_hosts: str = ""
     operator_token: SecretStr | None = None
     log_level: str = "info"
+
+    @field_validator(*SECRET_FILE_FIELDS[1:], mode="before")
+    @classmethod
+    def _blank_is_unset(cls, value: Any) -> Any:
+        """An empty or blank secret (compose's `${VAR:-}`, a file holding only a newline) is
+        no secret: unset, never a value every empty guess matches."""
+        if isinstance(value, str | SecretStr):
+            text = value.get_secret_value() if isinstance(value, SecretStr) else value
+            if not text.strip():
+                return None
+        return value
+
+    @field_validator("database_url", mode="before")
+    @classmethod
+    def _blank_url_is_default(cls, value: Any) -> Any:
+        if isinstance(value, str) and not value.strip():
+            return cls.model_fields["database_url"].default
+        return value
+
+    @field_validator("operator_token")
+    @classmethod
+    def _long_enough(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value()) < MIN_OPERATOR_TOKEN_CHARS:
+            raise ValueError(
+                f"the operator token must be at least {MIN_OPERATOR_TOKEN_CHARS} characters "
+                "(openssl rand -hex 16 makes one)"
+            )
+        return value
+
+    @field_validator("web_allowed_hosts")
+    @classmethod
+    def _host_names(cls, value: str) -> str:
+        for name in value.split(","):
+            name = name.strip().lower()
+            if name and not _HOST_NAME.fullmatch(name):
+                raise ValueError(
+                    f"{name[:60]!r} is not a host name (a name such as dashboard.example.com, "
+                    "or .example.com for it and its subdomains)"
+                )
+        return value
+
+    @property
+    def allowed_hosts(self) -> frozenset[str]:
+        """The Host names the web server answers to (lower case; `.name` for a domain and its
+        subdomains); IP addresses are answered to as well (a rebinding needs a name)."""
+        names = (n.strip().lower() for n in self.web_allowed_hosts.split(","))
+        return frozenset(LOOPBACK_HOSTS) | {n for n in names if n}
+
+    @property
+    def web_exposed(self) -> bool:
+        """Whether the web server listens beyond loopback."""
+        return self.web_host not in LOOPBACK_HOSTS
 
     @classmethod
     def settings_customise_sources(

@@ -1,22 +1,22 @@
 """The live dashboard: a snapshot of this instance and the shared database, every second.
 
-Reading needs no credentials. Replaying needs the operator token (PAYSTREAM_OPERATOR_TOKEN) in an
-`X-Paystream-Token` header: a custom header cannot be sent cross-site without a CORS preflight,
-which we never grant, and a foreign Origin is refused outright. Without a token, read-only.
+Who may read and replay is paystream.access's to say: reading is open on loopback and needs the
+operator token beyond it; replaying needs the token in an `X-Paystream-Token` header (a custom
+header cannot be sent cross-site without a CORS preflight, which we never grant, and a foreign
+Origin is refused outright). Without a token, replay is disabled.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from importlib import resources
 
 from aiohttp import web
-from pydantic import SecretStr
 
+from paystream.access import Access
 from paystream.errors import DatabaseUnavailable, SealedRecordUnreadable
 from paystream.monitor import Monitor
 
@@ -28,7 +28,7 @@ class Dashboard:
     """What the page shows (the monitor's snapshot) and what its button does (a replay)."""
 
     monitor: Monitor
-    operator_token: SecretStr | None
+    access: Access
     replay: Replay
 
 
@@ -65,23 +65,18 @@ def add_routes(app: web.Application, state: Dashboard) -> None:
         return response
 
     async def replay(request: web.Request) -> web.Response:
-        token = state.operator_token
-        if token is None:
-            return web.json_response(
-                {"error": "read-only: set PAYSTREAM_OPERATOR_TOKEN to enable replay"}, status=403
-            )
-        origin = request.headers.get("Origin")
-        if origin is not None and origin.split("://", 1)[-1] != request.host:
+        access = state.access
+        if not access.same_origin(request):
             return web.json_response({"error": "cross-site request refused"}, status=403)
-        given = request.headers.get("X-Paystream-Token", "")
-        if not hmac.compare_digest(given.encode(), token.get_secret_value().encode()):
-            return web.json_response({"error": "missing or wrong operator token"}, status=401)
+        refused = access.refusal(request)
+        if refused is not None:
+            return refused
+        kept_id = request.match_info["id"]
+        if not kept_id.isascii() or not kept_id.isdigit() or not 0 < int(kept_id) < 2**63:
+            error = {"error": "a kept record's id is a positive integer"}
+            return web.json_response(error, status=400)
         try:
-            kept_id = int(request.match_info["id"])
-        except ValueError:
-            raise web.HTTPBadRequest() from None
-        try:
-            return web.json_response(await state.replay(kept_id))
+            return web.json_response(await state.replay(int(kept_id)))
         except SealedRecordUnreadable as exc:
             return web.json_response({"error": str(exc)}, status=409)
         except DatabaseUnavailable as exc:

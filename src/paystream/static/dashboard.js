@@ -1,4 +1,4 @@
-// paystream dashboard: one EventSource, a snapshot per second, no dependencies.
+// paystream dashboard: one feed, a snapshot per second, no dependencies.
 "use strict";
 
 let history = [];  // {at, processed, stored, kept}: the server's, then one point a snapshot
@@ -141,7 +141,6 @@ function render(s) {
 
   canReplay = s.can_replay;
   text("mode", canReplay ? "replay enabled with the operator token" : "read-only (no operator token configured)");
-  $("token").disabled = !canReplay;
   const latestBody = $("latest").tBodies[0];
   latestBody.replaceChildren();
   for (const k of s.database.latest || []) {
@@ -174,12 +173,49 @@ async function replay(id, button) {
     : "replay refused: " + body.error);
 }
 
-function connect() {
-  const source = new EventSource("/events");
-  source.onopen = () => badge("feed", true, "live");
-  source.onmessage = (event) => render(JSON.parse(event.data));
-  source.onerror = () => badge("feed", false, "reconnecting");
+// The feed is read with fetch rather than EventSource, which cannot send the operator token
+// (beyond loopback, payment data is served to the token only; never in the URL).
+let feed = null;
+
+async function connect() {
+  if (feed) feed.abort();
+  const controller = new AbortController();
+  feed = controller;
+  const token = $("token").value;
+  try {
+    const response = await fetch("/events", {
+      headers: token ? { "X-Paystream-Token": token } : {}, signal: controller.signal,
+    });
+    if (!response.ok) {
+      const body = await response.json().catch(() => ({}));
+      badge("feed", false, "not shown");
+      text("mode", body.error || "the feed answered " + response.status);
+      return;  // wait for a token to be entered
+    }
+    badge("feed", true, "live");
+    const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
+    let buffered = "";
+    for (;;) {
+      const { value, done } = await reader.read();
+      if (done) break;
+      buffered += value;
+      let end;
+      while ((end = buffered.indexOf("\n\n")) >= 0) {
+        const event = buffered.slice(0, end);
+        buffered = buffered.slice(end + 2);
+        if (event.startsWith("data: ")) render(JSON.parse(event.slice(6)));
+      }
+    }
+  } catch (error) {
+    if (controller.signal.aborted) return;
+  }
+  badge("feed", false, "reconnecting");
+  setTimeout(() => { if (feed === controller) connect(); }, 2000);
 }
 
 $("token").value = sessionStorage.getItem("paystream-token") || "";
+$("token").addEventListener("change", () => {
+  sessionStorage.setItem("paystream-token", $("token").value);
+  connect();
+});
 connect();
