@@ -46,6 +46,8 @@ ENCODED: dict[tuple[str, str], Callable[[], str]] = {
     ("ranges_beyond", "positions"): lambda: documents.positions({("online", 1): 3}),
     ("move_positions", "positions"): lambda: documents.positions({("online", 1): 3}),
     ("start_positions", "positions"): lambda: documents.positions({("online", 1): 3}),
+    ("position_logs", "partitions"): lambda: documents.partitions([("online", 1)]),
+    ("mark_logs", "logs"): lambda: documents.logs({("online", 1): ("AAAAAAAAAAAAAAAAAAAAAA", 9)}),
 }
 """One call of each statement's encoder, as the store makes it."""
 

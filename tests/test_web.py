@@ -53,7 +53,7 @@ async def test_readiness_follows_the_database(
             async with aiohttp.ClientSession() as session:
                 async with session.get(base + "/health/ready") as response:
                     body = await response.json()
-                assert body["checks"] == {"database": False, "broker": True}
+                assert body["checks"] == {"database": False, "broker": True, "intake": True}
                 async with session.get(base + "/health/live") as response:
                     assert response.status == 200
                 server.start()

@@ -17,11 +17,12 @@ from pyreqwest.client import Client
 
 from paystream import store
 from paystream.access import Access
+from paystream.backoff import Backoff, pause
 from paystream.brokers import check_access, choose_group_protocol
 from paystream.config import Settings
 from paystream.consumer import BatchConsumer, Membership
 from paystream.dashboard import Dashboard
-from paystream.errors import ConfigurationError, ReportFailed
+from paystream.errors import ConfigurationError, Interrupted, ReportFailed
 from paystream.gateway import CircuitBreaker, Gateway
 from paystream.kafka import KafkaConsumer
 from paystream.metrics import BROKER_UP, CIRCUIT_OPEN, RECORDS_EXPIRED, REWINDS
@@ -33,6 +34,7 @@ from paystream.pipeline import BatchResult, Pipeline
 from paystream.replay import replay, revalidate
 from paystream.sealing import KeptCipher
 from paystream.stalls import Stalls
+from paystream.text import visible
 from paystream.thirdparty import third_party_client
 from paystream.web import SERVER_LOG, make_app
 
@@ -67,6 +69,8 @@ _POOL_WAIT_S = 5.0
 the pool holds one per batch in flight and a few more, so a wait this long means none comes."""
 _POOL_OPEN_S = 15.0
 """Start-up: the first connections, after one direct attempt already succeeded."""
+_POOL_RETRY_FIRST_S = 0.5
+"""Start-up: the first pause while the database does not answer, doubling to _WAITING_LINE_S."""
 _SPARE_CONNECTIONS = 5
 """Database connections beyond one per batch in flight: the stamping pass, the outbox relay,
 re-validation, the dashboard's replay button and the readiness probe, none of which should wait
@@ -88,11 +92,48 @@ async def configure_session(conn: psycopg.AsyncConnection[Any]) -> None:
     await conn.commit()
 
 
+_NOT_ANSWERING = (
+    "is the server running",
+    "connection refused",
+    "timeout expired",
+    "timed out",
+    "failed to resolve host",
+    "could not translate host name",
+    "no route to host",
+    "network is unreachable",
+    "server closed the connection",
+    "the database system is starting up",
+    "the database system is shutting down",
+    "the database system is in recovery mode",
+    "the database system is not yet accepting connections",
+    "too many clients",
+    "connection slots are reserved",
+)
+"""What libpq says (it gives no SQLSTATE for a failed connection) when no server answers yet, or
+one answers that it cannot take us yet: a database still starting, restarting or failing over.
+Anything else it says of a connection is a server that answered and refused us (credentials, no
+such database, TLS), or a URL it cannot read: a setting to fix."""
+
+_WAITING_LINE_S = 5.0
+"""While the database does not answer at start, a line this often at most."""
+
+
+def not_answering(exc: psycopg.Error) -> bool:
+    """Whether a failed connection means the database is not there yet, as against refusing."""
+    text = str(exc).lower()
+    return isinstance(exc, psycopg.OperationalError) and any(w in text for w in _NOT_ANSWERING)
+
+
 @contextlib.asynccontextmanager
 async def open_pool(
-    settings: Settings, max_size: int = 10
+    settings: Settings, max_size: int = 10, *, until: asyncio.Event | None = None
 ) -> AsyncIterator[psycopg_pool.AsyncConnectionPool]:
-    """A connection pool that is up to date with our migrations, or a one-sentence error."""
+    """A connection pool that is up to date with our migrations, or a one-sentence error.
+
+    With `until` (the processor's stop event), a database that does not answer yet (refused,
+    timed out, not resolved, starting up) is waited for with back-off, a line every few seconds,
+    until it answers; Interrupted if `until` is set first. A database that answers and refuses
+    us, or a URL that cannot be read, fails at once either way: waiting would not fix it."""
 
     def unreachable(reason: str) -> ConfigurationError:
         return ConfigurationError(
@@ -100,12 +141,46 @@ async def open_pool(
             "check PAYSTREAM_DATABASE_URL and that the server is running."
         )
 
-    try:  # one direct attempt first: a refused connection fails at once, not after pool retries
-        first = await psycopg.AsyncConnection.connect(settings.database_dsn, **DATABASE_LINK)
-    except psycopg.OperationalError as exc:
-        # libpq's last line says why (refused, certificate, password), never the password.
-        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-        raise unreachable(f" ({lines[-1][:200]})" if lines else "") from exc
+    backoff = Backoff(initial_s=_POOL_RETRY_FIRST_S, max_s=_WAITING_LINE_S)
+    while True:
+        try:
+            pool = await _opened(settings, max_size)
+            break
+        except psycopg.Error as exc:
+            # libpq's last line says why (refused, certificate, password), never the password.
+            lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+            reason = f" ({visible(lines[-1])[:200]})" if lines else ""
+            if until is None or not not_answering(exc):
+                raise unreachable(reason) from exc
+            log.warning(
+                "the database at %s does not answer%s; waiting for it",
+                redacted(settings.database_url),
+                reason,
+            )
+        except psycopg_pool.PoolTimeout as exc:
+            if until is None:
+                raise unreachable("") from exc
+            log.warning(
+                "the database at %s does not answer; waiting for it",
+                redacted(settings.database_url),
+            )
+        await pause(backoff.next_s(), until)
+        if until.is_set():
+            raise Interrupted("stopped while waiting for the database")
+    try:
+        async with pool.connection() as conn:
+            applied = await migrate(conn)
+        if applied:
+            log.info("applied migrations %s", applied)
+        yield pool
+    finally:
+        await pool.close()
+
+
+async def _opened(settings: Settings, max_size: int) -> psycopg_pool.AsyncConnectionPool:
+    """A pool whose first connections are open. Raises what a connection raises."""
+    # One direct attempt first: a refused connection fails at once, not after pool retries.
+    first = await psycopg.AsyncConnection.connect(settings.database_dsn, **DATABASE_LINK)
     await first.close()
     pool = psycopg_pool.AsyncConnectionPool(
         settings.database_dsn,
@@ -119,17 +194,10 @@ async def open_pool(
     )
     try:
         await pool.open(wait=True, timeout=_POOL_OPEN_S)
-    except psycopg_pool.PoolTimeout as exc:
+    except BaseException:
         await pool.close()
-        raise unreachable("") from exc
-    try:
-        async with pool.connection() as conn:
-            applied = await migrate(conn)
-        if applied:
-            log.info("applied migrations %s", applied)
-        yield pool
-    finally:
-        await pool.close()
+        raise
+    return pool
 
 
 def topic_types(settings: Settings) -> dict[str, PaymentType]:
@@ -192,11 +260,18 @@ async def run_processor(
 ) -> None:
     """Run until `stop` is set; then finish in-flight batches, commit, and return."""
     totals = totals or Totals()
-    async with (
-        open_pool(settings, max_size=settings.batches_in_flight + _SPARE_CONNECTIONS) as pool,
-        third_party(settings, settings.gateway_max_in_flight + _SPARE_HTTP_CONNECTIONS) as client,
-        monitor_pool(settings) as watch_pool,
-    ):
+    if serve_web:
+        warn_if_exposed(settings)
+    async with contextlib.AsyncExitStack() as resources:
+        async with not_ready_meanwhile(settings) if serve_web else contextlib.nullcontext():
+            size = settings.batches_in_flight + _SPARE_CONNECTIONS
+            try:
+                pool = await resources.enter_async_context(open_pool(settings, size, until=stop))
+            except Interrupted:
+                return  # stopped before the database answered: nothing was begun
+        connections = settings.gateway_max_in_flight + _SPARE_HTTP_CONNECTIONS
+        client = await resources.enter_async_context(third_party(settings, connections))
+        watch_pool = await resources.enter_async_context(monitor_pool(settings))
         gateway = make_gateway(settings, client)
         log_client = LogClient(client, settings.log_url, settings.log_timeout_s)
         relay = OutboxRelay(
@@ -245,7 +320,7 @@ async def run_processor(
         # Counted from 0, so that an alert on their increase fires on the first one.
         for topic in (settings.online_topic, settings.offline_topic):
             RECORDS_EXPIRED.labels(topic=topic)
-            for cause in ("database_behind", "beyond_end"):
+            for cause in ("database_behind", "beyond_end", "recreated"):
                 REWINDS.labels(topic=topic, cause=cause)
         runner = None
         try:
@@ -300,11 +375,12 @@ def watch(
 ) -> tuple[Monitor, Dashboard]:
     """The monitor (on `watch_pool`), and the dashboard: the monitor's snapshot and the replay
     its button runs. Readiness says not ready while the database or every broker is away, and
-    while intake at a partition is stalled."""
+    while intake at a partition is stalled. The database counts as away while it answers but
+    refuses the batches' writes (read-only, say)."""
 
     async def ready() -> dict[str, bool]:
         return {
-            "database": await database_answers(pool),
+            "database": not stalls.failing_now() and await database_answers(pool),
             "broker": membership.broker_up,
             "intake": not stalls.stalled(),
         }
@@ -350,9 +426,24 @@ async def kafka_consumer(
     )
 
 
+@contextlib.asynccontextmanager
+async def not_ready_meanwhile(settings: Settings) -> AsyncIterator[None]:
+    """Health and metrics served while the processor waits for the database at start: live,
+    and not ready (the database does not answer yet), so that an orchestrator neither restarts
+    it nor counts on it."""
+
+    async def not_yet() -> dict[str, bool]:
+        return {"database": False}
+
+    runner = await serve_dashboard(settings, make_app(not_yet, Access.of(settings)))
+    try:
+        yield
+    finally:
+        await runner.cleanup()
+
+
 async def serve_dashboard(settings: Settings, app: web.Application) -> web.AppRunner:
     """The dashboard, metrics and health endpoints listening; a taken port is a setting to fix."""
-    warn_if_exposed(settings)
     runner = web.AppRunner(
         app,
         access_log=None,

@@ -422,11 +422,17 @@ class BatchConsumer:
         membership = self._membership
         # A position may leave the log while this runs: that is placed again, next time.
         lost = {key: membership.lost[key] for key in keys if key in membership.lost}
+        ids = await self._kafka.topic_ids(topic for topic, _ in keys)
         async with self._pool.connection() as conn, conn.transaction():
             recorded = await store.fold_positions(conn, keys)
+            logs = await store.position_logs(conn, keys)
+        # A position recorded in another log than the topic's now: deleted and created again.
+        other_log = {key for key, (was, _) in logs.items() if was not in (None, ids.get(key[0]))}
         committed = membership.commits.committed
         unknown = {
-            key for key in keys if key in lost or (key not in recorded and committed(key) is None)
+            key
+            for key in keys
+            if key in lost or key in other_log or (key not in recorded and committed(key) is None)
         }
         bounds = await self._kafka.bounds(unknown) if unknown else {}
         starts: dict[PartitionId, position.Start] = {}
@@ -438,11 +444,20 @@ class BatchConsumer:
                 # if further (the batches before it are durable by now).
                 furthest = max(lost.get(key, -1), recorded.get(key, -1))
                 wanted = None if furthest < 0 else furthest
-                start = position.resolve(wanted, committed(key), low, high)
+                start = position.resolve(
+                    wanted,
+                    committed(key),
+                    low,
+                    high,
+                    other_log=key in other_log,
+                    seen_end=logs.get(key, (None, None))[1],
+                )
                 starts[key] = start
                 await self._record_start(conn, key, start, recorded.get(key), low)
                 if key in lost or start.offset != membership.assigned_at.get(key):
                     seeks[key] = start.offset
+            # Each position now belongs to its topic's log as it is.
+            await store.mark_logs(conn, {key: (ids.get(key[0]), None) for key in keys})
         release = [key for key in starts if key not in lost and key not in membership.lost]
         if not await self._kafka.place(seeks, generation, release):
             return  # a rebalance ran meanwhile: the loop places what is still unplaced
@@ -478,6 +493,22 @@ class BatchConsumer:
             await store.fold_positions(conn, [key])
             RECORDS_EXPIRED.labels(topic=topic).inc(last - first + 1)
             log.error("%s/%s: records %d to %d left Kafka unread; kept as a gap", *key, first, last)
+        if start.recreated:
+            if start.gone is not None:
+                first, last = start.gone
+                await store.keep_gap(conn, key, first, last, recreated=True)
+                RECORDS_EXPIRED.labels(topic=topic).inc(last - first + 1)
+            await store.move_positions(conn, {key: start.offset}, overwrite=True)
+            REWINDS.labels(topic=topic, cause="recreated").inc()
+            log.error(
+                "%s/%s: the topic was deleted and created again (its id changed): reading the "
+                "new log from its start, %d; %s",
+                *key,
+                start.offset,
+                "the old log's records never processed are kept as a gap"
+                if start.gone
+                else "the old log had no record known to be unprocessed",
+            )
         if start.beyond_end:
             await store.move_positions(conn, {key: start.offset}, overwrite=True)
             REWINDS.labels(topic=topic, cause="beyond_end").inc()
@@ -508,8 +539,11 @@ class BatchConsumer:
             for key, offset in self._progress.durable.items()
             if key in keys and key not in waiting and self._progress.settled(key)
         }
+        ends = await self._kafka.seen_ends(keys)
         async with self._pool.connection() as conn, conn.transaction():
             recorded = await store.fold_positions(conn, keys)
+            # How far each log reached: what a gap can name if its topic is deleted.
+            await store.mark_logs(conn, {key: (None, end) for key, end in ends.items()})
         behind = {key: offset for key, offset in recorded.items() if offset < known.get(key, 0)}
         membership.unplaced |= keys - recorded.keys()
         if not behind or not await self._kafka.place(behind, generation):

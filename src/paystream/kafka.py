@@ -24,8 +24,10 @@ from confluent_kafka import (
     KafkaError,
     KafkaException,
     Message,
+    TopicCollection,
     TopicPartition,
 )
+from confluent_kafka.admin import AdminClient
 
 from paystream import tracing
 from paystream.brokers import GroupProtocol, group_settings, group_timing, rejected
@@ -186,6 +188,8 @@ class KafkaConsumer:
         self._pausing = False  # asked for on the loop; saves a thread hop per batch
         # Touched on the Kafka thread only.
         self._consumer: Consumer | None = None
+        self._admin_config = {**LINK_TIMEOUTS, **client, "error_cb": self._on_error}
+        self._admin: AdminClient | None = None  # made when topics' ids are first asked
         self._generation = 0  # one more with every rebalance callback
         self._paused = False
         self._unplaced: set[PartitionId] = set()  # paused until `place`: never committed, or lost
@@ -431,6 +435,39 @@ class KafkaConsumer:
     async def bounds(self, keys: Iterable[PartitionId]) -> dict[PartitionId, tuple[int, int]]:
         """The log start and end offsets of these partitions. Raises KafkaException."""
         return await self._call(self._bounds, list(keys))
+
+    def _topic_ids(self, topics: list[str]) -> dict[str, str]:
+        if self._admin is None:
+            self._admin = AdminClient(self._admin_config)
+        described = self._admin.describe_topics(
+            TopicCollection(topics), request_timeout=_COMMITTED_READ_S
+        )
+        return {
+            name: str(future.result(timeout=_COMMITTED_READ_S).topic_id)
+            for name, future in described.items()
+        }
+
+    async def topic_ids(self, topics: Iterable[str]) -> dict[str, str]:
+        """Each topic's id, which a topic created again under the same name does not share.
+        Raises KafkaException."""
+        return await self._call(self._topic_ids, sorted(set(topics)))
+
+    def _seen_ends(self, keys: list[PartitionId]) -> dict[PartitionId, int]:
+        assert self._consumer is not None
+        ends = {}
+        for topic, partition in keys:
+            # What the last fetch said, asked of no broker.
+            found = self._consumer.get_watermark_offsets(
+                TopicPartition(topic, partition), cached=True
+            )
+            if found is not None and found[1] >= 0:
+                ends[(topic, partition)] = int(found[1])
+        return ends
+
+    async def seen_ends(self, keys: Iterable[PartitionId]) -> dict[PartitionId, int]:
+        """How far each of these partitions' logs reached when it was last fetched from, where
+        known."""
+        return await self._call(self._seen_ends, list(keys))
 
     async def pause(self) -> None:
         """Stop fetching but keep group membership alive (consume() must still be called)."""

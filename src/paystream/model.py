@@ -38,10 +38,19 @@ class Reason(StrEnum):
     EXPIRED = "expired"
     """Records that left Kafka unread (retention, deleted records): one kept row per run of them,
     with no raw bytes; nothing can be replayed."""
+    TOPIC_RECREATED = "topic_recreated"
+    """Records of a log deleted with its topic (created again since) that were never processed,
+    as far as that log was seen to reach: one kept row, as for `expired`."""
 
     @property
     def error_type(self) -> ErrorType:
         return _ERROR_TYPES[self]
+
+    @property
+    def is_gap(self) -> bool:
+        """Whether a row kept for this reason stands for records that are gone, not one record
+        with its bytes: nothing to replay."""
+        return self in (Reason.EXPIRED, Reason.TOPIC_RECREATED)
 
     @property
     def waits(self) -> bool:
@@ -60,6 +69,7 @@ _ERROR_TYPES = {
     Reason.UNKNOWN_ACCOUNT: ErrorType.DATABASE,
     Reason.DATABASE_REJECTED: ErrorType.DATABASE,
     Reason.EXPIRED: ErrorType.OTHER,
+    Reason.TOPIC_RECREATED: ErrorType.OTHER,
 }
 
 

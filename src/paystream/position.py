@@ -45,13 +45,32 @@ class Start:
     """How far the recorded position is behind the group's committed offset (a database
     restored from a backup, or failed over with commits missing): that many records read again."""
     beyond_end: bool = False
-    """The wanted position is past the log end: the topic was deleted and created again, or a
-    leader election truncated it. Read what is there from its start."""
+    """The wanted position is past the log end: a leader election truncated it (or the topic
+    was created again before its id was recorded). Read what is there from its start."""
+    recreated: bool = False
+    """The recorded position is in another log: the topic was deleted and created again (its id
+    changed). Read the new log from its start."""
+    gone: tuple[int, int] | None = None
+    """With `recreated`: first and last offsets of the deleted log that were never processed,
+    as far as it was seen to reach; kept as a gap."""
 
 
-def resolve(recorded: int | None, committed: int | None, low: int, high: int) -> Start:
+def resolve(
+    recorded: int | None,
+    committed: int | None,
+    low: int,
+    high: int,
+    *,
+    other_log: bool = False,
+    seen_end: int | None = None,
+) -> Start:
     """The start of a partition whose log holds offsets `low` … `high` - 1, given the database's
-    `recorded` position and the group's `committed` offset (None: there is none)."""
+    `recorded` position and the group's `committed` offset (None: there is none). `other_log`:
+    the position was recorded in a log deleted since, which was last seen to end at `seen_end`
+    (None: not known)."""
+    if recorded is not None and other_log:
+        gone = (recorded, seen_end - 1) if seen_end is not None and seen_end > recorded else None
+        return Start(offset=low, source=Source.RECORDED, recreated=True, gone=gone)
     if recorded is not None:
         wanted, source = recorded, Source.RECORDED
     elif committed is not None:

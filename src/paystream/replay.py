@@ -42,11 +42,9 @@ async def replay(
         if not rows:
             return total
         after = rows[-1].id
-        # A gap (`expired`) has no record to replay: it stays kept, as it is.
+        # A gap (`expired`, `topic_recreated`) has no record to replay: it stays kept, as it is.
         records = [
-            r.record(pipeline.cipher)
-            for r in rows
-            if r.topic in topics and r.reason != Reason.EXPIRED
+            r.record(pipeline.cipher) for r in rows if r.topic in topics and not r.reason.is_gap
         ]
         if records:
             total.add(await pipeline.replay(records))

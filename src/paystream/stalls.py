@@ -56,6 +56,11 @@ class Stalls:
         """The batch is durable (or given up on as the process stops)."""
         self._failing.pop(batch, None)
 
+    def failing_now(self) -> bool:
+        """Whether a batch is failing now: the database is away, or refuses its writes (a
+        read-only server answers every read all the same)."""
+        return bool(self._failing)
+
     def stalled(self) -> dict[PartitionId, Blocked]:
         """Each stalled partition's longest-waiting blocker."""
         horizon = self._clock() - self.after_s

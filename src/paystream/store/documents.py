@@ -81,6 +81,11 @@ class PositionRow(PartitionRow):
     next_offset: int
 
 
+class LogRow(PartitionRow):
+    topic_id: str | None
+    seen_end: int | None
+
+
 class SpanRow(PartitionRow):
     first_offset: int
     end_offset: int
@@ -103,6 +108,8 @@ ROWS: dict[tuple[str, str], type] = {
     ("ranges_beyond", "positions"): PositionRow,
     ("move_positions", "positions"): PositionRow,
     ("start_positions", "positions"): PositionRow,
+    ("position_logs", "partitions"): PartitionRow,
+    ("mark_logs", "logs"): LogRow,
 }
 """Which row type each statement's document parameter holds, by (query, parameter)."""
 
@@ -195,6 +202,14 @@ def kept(
 def positions(offsets: Mapping[PartitionId, int]) -> str:
     rows: list[PositionRow] = [
         {"topic": t, "partition": p, "next_offset": o} for (t, p), o in sorted(offsets.items())
+    ]
+    return json(rows)
+
+
+def logs(marks: Mapping[PartitionId, tuple[str | None, int | None]]) -> str:
+    rows: list[LogRow] = [
+        {"topic": t, "partition": p, "topic_id": i, "seen_end": e}
+        for (t, p), (i, e) in sorted(marks.items())
     ]
     return json(rows)
 

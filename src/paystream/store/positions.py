@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 
-from paystream.model import PartitionId
+from paystream.model import PartitionId, Reason
 from paystream.store import documents
 from paystream.store.queries import Conn, query
 
@@ -62,13 +62,45 @@ async def start_positions(conn: Conn, positions: Mapping[PartitionId, int]) -> N
         await conn.execute(query("start_positions"), {"positions": documents.positions(positions)})
 
 
-async def keep_gap(conn: Conn, key: PartitionId, first: int, last: int) -> None:
-    """Records `first`…`last` of a partition left Kafka unread: keep the gap (reported once)."""
-    count = last - first + 1
-    description = (
-        f"{count} record{'s' if count != 1 else ''} of {key[0]}/{key[1]} (offsets {first}"
-        f" to {last}) left Kafka unread (retention or deleted records) before they were processed"
+Log = tuple[str | None, int | None]
+"""A position's log: its topic's id and how far it was seen to reach (None: not known)."""
+
+
+async def position_logs(conn: Conn, keys: Iterable[PartitionId]) -> dict[PartitionId, Log]:
+    """The log of each of these partitions that has a position."""
+    wanted = sorted(set(keys))
+    if not wanted:
+        return {}
+    cursor = await conn.execute(
+        query("position_logs"), {"partitions": documents.partitions(wanted)}
     )
+    return {(t, p): (i, e) for t, p, i, e in await cursor.fetchall()}
+
+
+async def mark_logs(conn: Conn, marks: Mapping[PartitionId, Log]) -> None:
+    """Record positions' logs: a topic id given replaces the position's (a seen end starts
+    afresh with another id); a seen end only moves forward within one log."""
+    if marks:
+        await conn.execute(query("mark_logs"), {"logs": documents.logs(marks)})
+
+
+async def keep_gap(
+    conn: Conn, key: PartitionId, first: int, last: int, *, recreated: bool = False
+) -> None:
+    """Records `first`…`last` of a partition left Kafka unread: keep the gap (reported once).
+    `recreated`: they were records of a log deleted with its topic (created again since)."""
+    count = last - first + 1
+    records = f"{count} record{'s' if count != 1 else ''}"
+    what = f"{records} of {key[0]}/{key[1]} (offsets {first} to {last})"
+    if recreated:
+        description = (
+            f"{what} were in a log deleted with its topic (the topic was created again) before "
+            "they were processed; records past the last end seen may be gone too"
+        )
+    else:
+        description = (
+            f"{what} left Kafka unread (retention or deleted records) before they were processed"
+        )
     await conn.execute(
         query("keep_gap"),
         {
@@ -76,6 +108,8 @@ async def keep_gap(conn: Conn, key: PartitionId, first: int, last: int) -> None:
             "partition": key[1],
             "first": first,
             "last": last,
+            "kafka_ts": -2 if recreated else -1,
+            "reason": (Reason.TOPIC_RECREATED if recreated else Reason.EXPIRED).value,
             "description": description,
         },
     )

@@ -56,9 +56,29 @@ ON CONFLICT (topic, "partition") DO NOTHING;
 
 -- keep_gap --
 -- Records that left Kafka unread, kept as one row per run of them; reported like any kept record.
+-- No record has a negative Kafka timestamp: -1 marks an expired run, -2 a deleted log's.
 INSERT INTO paystream.kept_records
     (topic, "partition", "offset", last_offset, kafka_ts, raw, payment_id, error_type, reason,
      description)
-VALUES (%(topic)s, %(partition)s, %(first)s, %(last)s, -1, NULL, NULL, 'other', 'expired',
-        %(description)s)
+VALUES (%(topic)s, %(partition)s, %(first)s, %(last)s, %(kafka_ts)s, NULL, NULL, 'other',
+        %(reason)s, %(description)s)
 ON CONFLICT (topic, "partition", "offset", kafka_ts) DO NOTHING;
+
+-- position_logs --
+-- The log each position belongs to (its topic's id) and how far that log was seen to reach.
+SELECT w.topic, w."partition", w.topic_id, w.seen_end
+FROM paystream.positions AS w
+JOIN json_to_recordset(%(partitions)s::json) AS r(topic text, "partition" int)
+    ON (w.topic, w."partition") = (r.topic, r."partition");
+
+-- mark_logs --
+-- Positions' logs: a topic id given (not NULL) becomes the position's, its seen end starting
+-- afresh when the id is another; a seen end only moves forward within one log.
+UPDATE paystream.positions AS w
+SET topic_id = coalesce(r.topic_id, w.topic_id),
+    seen_end = CASE WHEN r.topic_id IS DISTINCT FROM w.topic_id AND r.topic_id IS NOT NULL
+                    THEN r.seen_end
+                    ELSE greatest(w.seen_end, r.seen_end) END
+FROM json_to_recordset(%(logs)s::json) AS r(
+    topic text, "partition" int, topic_id text, seen_end bigint)
+WHERE (w.topic, w."partition") = (r.topic, r."partition");

@@ -408,6 +408,22 @@ def create_topics(
     raise DevenvError(f"Topics {names} have no leaders after 10 s")
 
 
+def delete_topics(bootstrap: str, names: list[str]) -> None:
+    """Delete topics and wait until the cluster no longer lists them (so that they can be
+    created again under the same names, as new logs with ids of their own)."""
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    for name, future in admin.delete_topics(names, operation_timeout=30).items():
+        try:
+            future.result(timeout=30)
+        except KafkaException as exc:
+            raise DevenvError(f"Could not delete topic {name}: {exc}") from exc
+    for _ in range(300):
+        if not set(names) & set(admin.list_topics(timeout=10).topics):
+            return
+        time.sleep(0.1)
+    raise DevenvError(f"Topics {names} are still listed 30 s after their deletion")
+
+
 class KafkaCluster:
     """`size` combined broker + controller nodes forming one cluster (a static quorum of every
     node), the internal topics replicated `size` times (at most 3) with two replicas in sync.

@@ -1,0 +1,193 @@
+"""The database on an operator's ordinary day, through the real processor: down when it starts,
+turned read-only mid-stream, or never there. Each is waited for with readiness false and a line
+in the log, or refused at once when waiting cannot help."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+import pytest
+from confluent_kafka import Producer
+
+from paystream.app import run_processor
+from paystream.errors import ConfigurationError
+from paystream_tooling.devenv.kafka import create_topics, delete_topics
+from paystream_tooling.devenv.processes import free_port
+from paystream_tooling.devenv.stack import Stack
+from tests.conftest import (
+    Env,
+    SimulatorClient,
+    async_wait_for,
+    caught_up,
+    new_env,
+    private_postgres,
+    processor,
+    unreported,
+    wait_http_status,
+)
+
+
+def _produce(env: Env, count: int, prefix: str) -> None:
+    producer = Producer({"bootstrap.servers": env.bootstrap})
+    for i in range(count):
+        payment = {
+            "payment_id": f"{prefix}-{i}",
+            "account_id": 1 + i,
+            "payment_type": "offline",
+            "credit_card": "",
+            "amount": 5,
+        }
+        producer.produce(env.offline_topic, orjson.dumps(payment))
+    assert 0 == producer.flush(10)
+
+
+async def _ready(base: str) -> Any:
+    async with aiohttp.ClientSession() as session, session.get(base + "/health/ready") as response:
+        return await response.json()
+
+
+async def test_a_database_down_at_start_is_waited_for_not_ready_meanwhile(
+    stack: Stack, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A processor started while its database is down stays up, live and not ready, saying so
+    every few seconds; once the server starts it migrates, becomes ready and stores what
+    waited."""
+    caplog.set_level(logging.WARNING, logger="paystream.app")
+    with private_postgres(tmp_path) as (server, url):
+        env = new_env(stack, database_url=url)
+        server.stop()
+        _produce(env, 30, "waited")
+        port = free_port()
+        base = f"http://127.0.0.1:{port}"
+        settings = env.settings(web_port=port)
+        async with processor(settings, serve_web=True):
+            await wait_http_status(base + "/health/ready", 503)
+            assert {"ready": False, "checks": {"database": False}} == await _ready(base)
+            await wait_http_status(base + "/health/live", 200)
+
+            def said_twice() -> bool:
+                waiting = [r for r in caplog.records if "does not answer" in r.getMessage()]
+                return len(waiting) >= 2
+
+            await async_wait_for(said_twice, 30, "the waiting to be said")
+            server.start()
+            await wait_http_status(base + "/health/ready", 200, timeout_s=60)
+            await async_wait_for(lambda: caught_up(env, settings), 60, "offsets at the end")
+        assert [(30,)] == env.query(
+            "SELECT count(*) FROM payments WHERE payment_id LIKE 'waited-%'"
+        )
+
+
+async def test_a_database_that_does_not_exist_stops_the_start_at_once(env: Env) -> None:
+    """A server that answers and refuses us (here: no such database) is a setting to fix: the
+    start fails in one sentence, without waiting."""
+    url = env.database_url.rsplit("/", 1)[0] + "/no_such_database"
+    stop = asyncio.Event()
+    with pytest.raises(ConfigurationError, match="does not exist"):
+        await asyncio.wait_for(
+            run_processor(env.settings(database_url=url), stop, serve_web=False), 30
+        )
+
+
+async def test_a_database_turned_read_only_mid_stream_is_waited_for(
+    stack: Stack, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The server turned read-only (as a demoted primary is) while payments arrive: nothing is
+    kept or lost, readiness says the database is away and the log says why; once writes are
+    taken again every payment is stored."""
+    caplog.set_level(logging.WARNING, logger="paystream.consumer")
+    with private_postgres(tmp_path) as (server, url):
+        env = new_env(stack, database_url=url)
+        port = free_port()
+        base = f"http://127.0.0.1:{port}"
+        admin = server.url()
+        settings = env.settings(web_port=port, db_retry_max_s=0.5)
+        async with processor(settings, serve_web=True):
+            await wait_http_status(base + "/health/ready", 200)
+            _produce(env, 20, "before")
+            await async_wait_for(lambda: caught_up(env, settings), 60, "the first payments")
+            _toggle_read_only(admin, True)
+            _produce(env, 40, "during")
+
+            async def refused() -> bool:
+                body = await _ready(base)
+                return body["checks"]["database"] is False
+
+            await async_wait_for(refused, 30, "readiness to say the database is away")
+            assert any("ReadOnlySqlTransaction 25006" in r.getMessage() for r in caplog.records)
+            assert [(0,)] == env.query("SELECT count(*) FROM paystream.kept_records")
+            _toggle_read_only(admin, False)
+            await async_wait_for(lambda: caught_up(env, settings), 60, "offsets at the end")
+            await wait_http_status(base + "/health/ready", 200)
+        assert [(60,)] == env.query("SELECT count(*) FROM payments")
+        assert [(0,)] == env.query("SELECT count(*) FROM paystream.kept_records")
+
+
+def _toggle_read_only(admin_url: str, read_only: bool) -> None:
+    """default_transaction_read_only for the whole server, reloaded: every session's next
+    transaction is read-only, as on a standby or a demoted primary."""
+    import psycopg
+
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        conn.execute("SET default_transaction_read_only = off")
+        if read_only:
+            conn.execute("ALTER SYSTEM SET default_transaction_read_only = on")
+        else:
+            conn.execute("ALTER SYSTEM RESET default_transaction_read_only")
+        conn.execute("SELECT pg_reload_conf()")
+
+
+def _refill(env: Env, per_partition: dict[int, int], prefix: str) -> None:
+    producer = Producer({"bootstrap.servers": env.bootstrap})
+    for partition, count in per_partition.items():
+        for i in range(count):
+            payment = {
+                "payment_id": f"{prefix}-{partition}-{i}",
+                "account_id": 1 + i,
+                "payment_type": "offline",
+                "credit_card": "",
+                "amount": 5,
+            }
+            producer.produce(env.offline_topic, orjson.dumps(payment), partition=partition)
+    assert 0 == producer.flush(10)
+
+
+async def test_a_topic_deleted_and_created_again_is_read_from_its_start(
+    env: Env, simulator: SimulatorClient
+) -> None:
+    """The processors catch up and stop; both topics are deleted and created again under the
+    same names; every partition is refilled past where its old log ended. Every payment of the
+    new logs is stored: a position belongs to its topic's id, not to its offsets. The old log's
+    records known unread (here: made known by moving one partition's seen end past its
+    position) are kept as one `topic_recreated` gap, reported once."""
+    first = {0: 12, 1: 9, 2: 15}
+    _refill(env, first, "old")
+    settings = env.settings()
+    async with processor(settings):
+        await async_wait_for(lambda: caught_up(env, settings), 60, "the old logs")
+    env.execute(
+        "UPDATE paystream.positions SET seen_end = next_offset + 4"
+        ' WHERE topic = %s AND "partition" = 1',
+        (env.offline_topic,),
+    )
+    topics = [env.online_topic, env.offline_topic]
+    delete_topics(env.bootstrap, topics)
+    create_topics(env.bootstrap, topics, env.stack.partitions)
+    second = {partition: count + 7 for partition, count in first.items()}
+    _refill(env, second, "new")
+    async with processor(settings):
+        await async_wait_for(lambda: caught_up(env, settings), 60, "the new logs")
+        await async_wait_for(lambda: unreported(env) == 0, 60, "the gap's report")
+    stored = env.query("SELECT count(*) FROM payments WHERE payment_id LIKE 'new-%'")
+    assert [(sum(second.values()),)] == stored
+    gaps = env.query(
+        'SELECT "partition", "offset", last_offset, reason FROM paystream.kept_records'
+    )
+    assert [(1, 9, 12, "topic_recreated")] == gaps
+    reports = [e for e in simulator.logs() if "deleted with its topic" in str(e)]
+    assert 1 == len(reports)
