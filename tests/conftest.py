@@ -249,6 +249,15 @@ async def processor(settings: Settings, *, serve_web: bool = False) -> AsyncIter
         await asyncio.wait_for(task, timeout=60)
 
 
+def migrated(env: Env) -> bool:
+    """Whether the processor's migrations have brought the database to this version's schema."""
+    from paystream.migrations import latest
+
+    if not env.query("SELECT to_regclass('paystream.schema_migrations') IS NOT NULL")[0][0]:
+        return False
+    return bool(env.query("SELECT max(version) FROM paystream.schema_migrations")[0][0] == latest())
+
+
 def unreported(env: Env) -> int:
     return int(
         env.query("SELECT count(*) FROM paystream.kept_records WHERE reported_at IS NULL")[0][0]

@@ -51,7 +51,7 @@ async def served(env: Env) -> AsyncIterator[int]:
     """A processor on loopback with an operator token; its web port."""
     port = free_port()
     async with processor(env.settings(web_port=port, operator_token=TOKEN), serve_web=True):
-        await wait_http_status(f"http://127.0.0.1:{port}/health/live", 200)
+        await wait_http_status(f"http://127.0.0.1:{port}/health/ready", 200)
         yield port
 
 
@@ -243,7 +243,7 @@ async def test_beyond_loopback_payment_data_needs_the_token(env: Env) -> None:
     port = free_port()
     settings = env.settings(web_port=port, web_host="0.0.0.0", operator_token=TOKEN)
     async with processor(settings, serve_web=True):
-        await wait_http_status(f"http://127.0.0.1:{port}/health/live", 200)
+        await wait_http_status(f"http://127.0.0.1:{port}/health/ready", 200)
         token = f"X-Paystream-Token: {TOKEN}".encode()
         assert 401 == (await _raw(port, _get("/api/state", port)))[0]
         assert 401 == (await _raw(port, _get("/api/state", port, b"X-Paystream-Token: x")))[0]

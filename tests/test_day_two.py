@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -17,17 +19,22 @@ from confluent_kafka import Producer
 from paystream.app import run_processor
 from paystream.errors import ConfigurationError
 from paystream_tooling.devenv.kafka import create_topics, delete_topics
-from paystream_tooling.devenv.processes import free_port
+from paystream_tooling.devenv.processes import ChildProcess, free_port, spawn_processor
 from paystream_tooling.devenv.stack import Stack
+from tests.chaos import RATE, RECORDS, chaos_settings, check, produced_at_least
 from tests.conftest import (
     Env,
     SimulatorClient,
     async_wait_for,
     caught_up,
+    cli,
+    migrated,
     new_env,
     private_postgres,
     processor,
+    running_simulator,
     unreported,
+    wait_for,
     wait_http_status,
 )
 
@@ -67,7 +74,8 @@ async def test_a_database_down_at_start_is_waited_for_not_ready_meanwhile(
         settings = env.settings(web_port=port)
         async with processor(settings, serve_web=True):
             await wait_http_status(base + "/health/ready", 503)
-            assert {"ready": False, "checks": {"database": False}} == await _ready(base)
+            waiting = await _ready(base)
+            assert (False, False) == (waiting["ready"], waiting["checks"]["database"])
             await wait_http_status(base + "/health/live", 200)
 
             def said_twice() -> bool:
@@ -170,10 +178,10 @@ async def test_a_topic_deleted_and_created_again_is_read_from_its_start(
     settings = env.settings()
     async with processor(settings):
         await async_wait_for(lambda: caught_up(env, settings), 60, "the old logs")
+    # The old log of partition 1 seen to reach 4 records past what was processed.
     env.execute(
-        "UPDATE paystream.positions SET seen_end = next_offset + 4"
-        ' WHERE topic = %s AND "partition" = 1',
-        (env.offline_topic,),
+        'UPDATE paystream.positions SET seen_end = %s WHERE topic = %s AND "partition" = 1',
+        (first[1] + 4, env.offline_topic),
     )
     topics = [env.online_topic, env.offline_topic]
     delete_topics(env.bootstrap, topics)
@@ -191,3 +199,90 @@ async def test_a_topic_deleted_and_created_again_is_read_from_its_start(
     assert [(1, 9, 12, "topic_recreated")] == gaps
     reports = [e for e in simulator.logs() if "deleted with its topic" in str(e)]
     assert 1 == len(reports)
+
+
+async def test_a_reason_a_newer_version_wrote_is_listed_and_reported_raw(
+    env: Env, simulator: SimulatorClient
+) -> None:
+    """A kept row whose reason this version does not know (a newer version beside it wrote it)
+    is relayed to the log API and listed by `paystream errors`, its reason shown as it is."""
+    settings = env.settings()
+    async with processor(settings):
+        await async_wait_for(lambda: migrated(env), 30, "the migrations")
+        env.execute(
+            'INSERT INTO paystream.kept_records (topic, "partition", "offset", kafka_ts, raw,'
+            " payment_id, error_type, reason, description) VALUES (%s, 0, 0, 1, '{}',"
+            " 'future-1', 'other', 'from_a_newer_version', 'kept by a newer version')",
+            (env.offline_topic,),
+        )
+        await async_wait_for(lambda: unreported(env) == 0, 30, "its report")
+    assert ["other"] == [e["error_type"] for e in simulator.logs() if e["payment_id"] == "future-1"]
+    listed = await asyncio.to_thread(cli, env, "errors", "--jsonl")
+    assert 0 == listed.returncode, listed.stderr
+    assert '"reason":"from_a_newer_version"' in listed.stdout.replace(" ", "")
+
+
+def _previous_version(folder: Path) -> Path:
+    """The runtime as it was before the newest migration, from this repository's history: the
+    `src` of the parent of the commit that added it."""
+    repo = Path(__file__).resolve().parent.parent
+    newest = sorted((repo / "src" / "paystream" / "sql").glob("[0-9]*.sql"))[-1]
+
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", "-C", str(repo), *args], capture_output=True, text=True, check=True
+        ).stdout.strip()
+
+    try:
+        added = git("log", "--diff-filter=A", "--format=%H", "-1", "--", str(newest))
+    except (OSError, subprocess.CalledProcessError) as exc:
+        pytest.skip(f"no git history to build the previous version from: {exc}")
+    if not added:
+        pytest.skip(f"{newest.name} is not committed yet: no previous version to run")
+    archive = subprocess.run(
+        ["git", "-C", str(repo), "archive", f"{added}^", "src"], capture_output=True, check=True
+    ).stdout
+    subprocess.run(["tar", "-x", "-C", str(folder)], input=archive, check=True)
+    return folder / "src"
+
+
+def test_the_previous_version_runs_beside_this_one(stack: Stack, tmp_path: Path) -> None:
+    """N-1 beside N: the code from before the newest migration and today's, in one group on one
+    database, while records flow; one of each is killed (-9) mid-stream and started again.
+    Nothing is lost or doubled, and each version took partitions in the group."""
+    old_src = _previous_version(tmp_path)
+    env = new_env(stack)
+    seed = 37
+    with running_simulator(env) as simulator:
+        settings = chaos_settings(env)
+        logs = tmp_path / "logs"
+        logs.mkdir()
+        started: list[ChildProcess] = []
+
+        def start(version: str) -> ChildProcess:
+            wrap = (lambda argv: argv) if version == "new" else _with_path(old_src)
+            proc = spawn_processor(settings, logs / f"{version}-{len(started)}.log", wrap=wrap)
+            started.append(proc)
+            return proc
+
+        try:
+            new, old = start("new"), start("old")
+            simulator.start(records=RECORDS, seed=seed, profile="original", rate=RATE)
+            wait_for(produced_at_least(simulator, 0.3), 60, "30 % of the stream")
+            new.kill()
+            new = start("new")
+            wait_for(produced_at_least(simulator, 0.6), 60, "60 % of the stream")
+            old.kill()
+            old = start("old")
+            check(env, simulator, settings, "previous-version-beside", seed, time.monotonic())
+        finally:
+            for proc in started:
+                if proc.running():
+                    proc.kill()
+    for version in ("new", "old"):
+        said = "".join(p.read_text() for p in logs.glob(f"{version}-*.log"))
+        assert "assigned [" in said, f"the {version} version never took partitions"
+
+
+def _with_path(src: Path) -> Any:
+    return lambda argv: ["env", f"PYTHONPATH={src}", *argv]

@@ -25,6 +25,7 @@ from tests.conftest import (
     async_wait_for,
     caught_up,
     cli,
+    migrated,
     processor,
     unreported,
     wait_http_status,
@@ -141,11 +142,7 @@ async def test_a_refusal_of_any_class_keeps_its_record_and_stores_the_rest(
     settings = env.settings()
     async with processor(settings):
         # Installed once the processor's migrations have made the table.
-        await async_wait_for(
-            lambda: bool(env.query("SELECT to_regclass('paystream.kept_records')")[0][0]),
-            30,
-            "the migrations",
-        )
+        await async_wait_for(lambda: migrated(env), 30, "the migrations")
         env.execute(
             "CREATE TRIGGER refuse_keeping BEFORE INSERT ON paystream.kept_records"
             " FOR EACH ROW EXECUTE FUNCTION refuse_keeping()"

@@ -22,13 +22,14 @@ from paystream.brokers import check_access, choose_group_protocol
 from paystream.config import Settings
 from paystream.consumer import BatchConsumer, Membership
 from paystream.dashboard import Dashboard
-from paystream.errors import ConfigurationError, Interrupted, ReportFailed
+from paystream.errors import ConfigurationError, DatabaseUnavailable, Interrupted, ReportFailed
 from paystream.gateway import CircuitBreaker, Gateway
 from paystream.kafka import KafkaConsumer
 from paystream.metrics import BROKER_UP, CIRCUIT_OPEN, RECORDS_EXPIRED, REWINDS
-from paystream.migrations import migrate
+from paystream.migrations import latest as latest_migration
+from paystream.migrations import migrate, schema_version
 from paystream.model import ErrorType, PaymentType
-from paystream.monitor import Instruments, Monitor
+from paystream.monitor import Checks, Instruments, Monitor
 from paystream.outbox import REPORTS_IN_FLIGHT, LogClient, OutboxRelay
 from paystream.pipeline import BatchResult, Pipeline
 from paystream.replay import replay, revalidate
@@ -168,13 +169,57 @@ async def open_pool(
         if until.is_set():
             raise Interrupted("stopped while waiting for the database")
     try:
-        async with pool.connection() as conn:
-            applied = await migrate(conn)
-        if applied:
-            log.info("applied migrations %s", applied)
+        await _at_schema(pool, settings, until)
         yield pool
     finally:
         await pool.close()
+
+
+async def _at_schema(
+    pool: psycopg_pool.AsyncConnectionPool, settings: Settings, until: asyncio.Event | None
+) -> None:
+    """The database at this version's schema: migrated here (PAYSTREAM_MIGRATE), or, with
+    migrations left to `paystream migrate`, waited for (with `until`; without it, a
+    ConfigurationError). A newer schema is a newer version rolling out beside this one: said in
+    one line, and left as it is."""
+    backoff = Backoff(initial_s=_POOL_RETRY_FIRST_S, max_s=_WAITING_LINE_S)
+    wanted = latest_migration()
+    while True:
+        try:
+            async with pool.connection() as conn:
+                if settings.migrate and (applied := await migrate(conn)):
+                    log.info("applied migrations %s", applied)
+                found = await schema_version(conn)
+        except store.DATABASE_ERRORS as exc:
+            if until is None:
+                raise
+            # Gone again, or refusing the migration (a read-only server): tried again.
+            log.warning(
+                "preparing the schema: %s; trying again", DatabaseUnavailable.caused_by(exc)
+            )
+            await pause(backoff.next_s(), until)
+            if until.is_set():
+                raise Interrupted("stopped while waiting for the schema") from exc
+            continue
+        if found > wanted:
+            log.warning(
+                "the database's schema is at migration %d, newer than this version knows (%d): "
+                "running beside a newer version, without migrating",
+                found,
+                wanted,
+            )
+        if found >= wanted:
+            return
+        behind = (
+            f"the database's schema is at migration {found} and this version needs {wanted}; "
+            "run `paystream migrate` (PAYSTREAM_MIGRATE is off)"
+        )
+        if until is None:
+            raise ConfigurationError(behind[0].upper() + behind[1:] + ".")
+        log.warning("%s; waiting for it", behind)
+        await pause(backoff.next_s(), until)
+        if until.is_set():
+            raise Interrupted("stopped while waiting for the schema")
 
 
 async def _opened(settings: Settings, max_size: int) -> psycopg_pool.AsyncConnectionPool:
@@ -251,6 +296,28 @@ class Totals:
         self.redelivered += result.redelivered
 
 
+class Serving:
+    """What the web server serves, which listens from the start: live at once, and not ready
+    while the processor waits for its database or starts (the dashboard's routes answer 503
+    meanwhile), so that an orchestrator neither restarts it nor counts on it."""
+
+    def __init__(self) -> None:
+        self.database = False
+        self._checks: Checks | None = None
+        self._dashboard: Dashboard | None = None
+
+    def started(self, checks: Checks, dashboard: Dashboard) -> None:
+        self._checks, self._dashboard = checks, dashboard
+
+    async def ready(self) -> dict[str, bool]:
+        if self._checks is None:
+            return {"database": self.database, "started": False}
+        return await self._checks()
+
+    def current(self) -> Dashboard | None:
+        return self._dashboard
+
+
 async def run_processor(
     settings: Settings,
     stop: asyncio.Event,
@@ -260,15 +327,19 @@ async def run_processor(
 ) -> None:
     """Run until `stop` is set; then finish in-flight batches, commit, and return."""
     totals = totals or Totals()
-    if serve_web:
-        warn_if_exposed(settings)
+    serving = Serving()
     async with contextlib.AsyncExitStack() as resources:
-        async with not_ready_meanwhile(settings) if serve_web else contextlib.nullcontext():
-            size = settings.batches_in_flight + _SPARE_CONNECTIONS
-            try:
-                pool = await resources.enter_async_context(open_pool(settings, size, until=stop))
-            except Interrupted:
-                return  # stopped before the database answered: nothing was begun
+        if serve_web:
+            warn_if_exposed(settings)
+            app = make_app(serving.ready, Access.of(settings), serving.current)
+            runner = await serve_dashboard(settings, app)
+            resources.push_async_callback(runner.cleanup)
+        size = settings.batches_in_flight + _SPARE_CONNECTIONS
+        try:
+            pool = await resources.enter_async_context(open_pool(settings, size, until=stop))
+        except Interrupted:
+            return  # stopped before the database answered: nothing was begun
+        serving.database = True
         connections = settings.gateway_max_in_flight + _SPARE_HTTP_CONNECTIONS
         client = await resources.enter_async_context(third_party(settings, connections))
         watch_pool = await resources.enter_async_context(monitor_pool(settings))
@@ -322,11 +393,8 @@ async def run_processor(
             RECORDS_EXPIRED.labels(topic=topic)
             for cause in ("database_behind", "beyond_end", "recreated"):
                 REWINDS.labels(topic=topic, cause=cause)
-        runner = None
+        serving.started(monitor.checks, dashboard)
         try:
-            if serve_web:
-                app = make_app(monitor.checks, Access.of(settings), dashboard)
-                runner = await serve_dashboard(settings, app)
             async with asyncio.TaskGroup() as group:
                 group.create_task(monitor.run(stop))
                 group.create_task(consumer.run(stop))
@@ -343,8 +411,6 @@ async def run_processor(
                     )
                 )
         finally:
-            if runner is not None:
-                await runner.cleanup()
             await kafka.close()
 
 
@@ -402,7 +468,7 @@ def watch(
         can_replay=settings.operator_token is not None,
         instruments=Instruments.of_process(),
     )
-    return monitor, Dashboard(monitor, Access.of(settings), replay_one)
+    return monitor, Dashboard(monitor, replay_one)
 
 
 async def kafka_consumer(
@@ -424,22 +490,6 @@ async def kafka_consumer(
         group_protocol=protocol,
         listener=membership.apply,
     )
-
-
-@contextlib.asynccontextmanager
-async def not_ready_meanwhile(settings: Settings) -> AsyncIterator[None]:
-    """Health and metrics served while the processor waits for the database at start: live,
-    and not ready (the database does not answer yet), so that an orchestrator neither restarts
-    it nor counts on it."""
-
-    async def not_yet() -> dict[str, bool]:
-        return {"database": False}
-
-    runner = await serve_dashboard(settings, make_app(not_yet, Access.of(settings)))
-    try:
-        yield
-    finally:
-        await runner.cleanup()
 
 
 async def serve_dashboard(settings: Settings, app: web.Application) -> web.AppRunner:

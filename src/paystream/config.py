@@ -135,6 +135,10 @@ class Settings(BaseSettings):
     # A partition whose batch has failed to become durable for this long counts as stalled:
     # alarmed in its metric, readiness, the dashboard and `paystream status` (paystream.stalls).
     stall_after_s: float = Field(default=60.0, gt=0, le=86_400)
+    # Apply the database migrations this version lacks at start (under a lock, safe with several
+    # instances). Off: `paystream migrate` does it, as a step before a rollout, and an instance
+    # waits until the schema is at its version.
+    migrate: bool = True
     revalidate_every_s: float = Field(default=30.0, gt=0)
     revalidate_max_attempts: int = Field(default=10, ge=0)
 

@@ -424,10 +424,19 @@ class BatchConsumer:
         lost = {key: membership.lost[key] for key in keys if key in membership.lost}
         ids = await self._kafka.topic_ids(topic for topic, _ in keys)
         async with self._pool.connection() as conn, conn.transaction():
-            recorded = await store.fold_positions(conn, keys)
             logs = await store.position_logs(conn, keys)
-        # A position recorded in another log than the topic's now: deleted and created again.
-        other_log = {key for key, (was, _) in logs.items() if was not in (None, ids.get(key[0]))}
+            # A position recorded in another log than the topic's now: deleted and created
+            # again. It is carried over the old log's done spans only: those from the group's
+            # offset on, where reading began at once on assignment, may be the new log's.
+            other_log = {
+                key for key, log in logs.items() if log.topic_id not in (None, ids[key[0]])
+            }
+            caps = {
+                key: at
+                for key in other_log
+                if (at := membership.commits.committed(key)) is not None
+            }
+            recorded = await store.fold_positions(conn, keys, caps=caps)
         committed = membership.commits.committed
         unknown = {
             key
@@ -450,7 +459,7 @@ class BatchConsumer:
                     low,
                     high,
                     other_log=key in other_log,
-                    seen_end=logs.get(key, (None, None))[1],
+                    seen_end=logs[key].seen_end if key in logs else None,
                 )
                 starts[key] = start
                 await self._record_start(conn, key, start, recorded.get(key), low)

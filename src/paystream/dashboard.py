@@ -28,7 +28,6 @@ class Dashboard:
     """What the page shows (the monitor's snapshot) and what its button does (a replay)."""
 
     monitor: Monitor
-    access: Access
     replay: Replay
 
 
@@ -39,7 +38,21 @@ def _static(name: str) -> bytes:
 _TYPES = {".html": "text/html", ".js": "text/javascript", ".css": "text/css"}
 
 
-def add_routes(app: web.Application, state: Dashboard) -> None:
+def add_routes(
+    app: web.Application, access: Access, current: Callable[[], Dashboard | None]
+) -> None:
+    """The page, its state, feed and replay; `current` gives the dashboard once the processor
+    has one (until then, the routes that need it answer 503)."""
+
+    def state() -> Dashboard:
+        found = current()
+        if found is None:
+            raise web.HTTPServiceUnavailable(
+                text='{"error": "starting: waiting for the database"}',
+                content_type="application/json",
+            )
+        return found
+
     async def page(_: web.Request) -> web.Response:
         return web.Response(body=_static("dashboard.html"), content_type="text/html")
 
@@ -50,22 +63,22 @@ def add_routes(app: web.Application, state: Dashboard) -> None:
         return web.Response(body=_static(name), content_type=_TYPES["." + name.rsplit(".")[-1]])
 
     async def api_state(_: web.Request) -> web.Response:
-        return web.Response(body=state.monitor.latest(), content_type="application/json")
+        return web.Response(body=state().monitor.latest(), content_type="application/json")
 
     async def events(request: web.Request) -> web.StreamResponse:
         """The monitor's snapshots as they are made (one a second, however many pages)."""
+        monitor = state().monitor
         response = web.StreamResponse(
             headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
         )
         await response.prepare(request)
         with contextlib.suppress(ConnectionResetError, asyncio.CancelledError):
-            async with contextlib.aclosing(state.monitor.feed()) as feed:
+            async with contextlib.aclosing(monitor.feed()) as feed:
                 async for data in feed:
                     await response.write(b"data: " + data + b"\n\n")
         return response
 
     async def replay(request: web.Request) -> web.Response:
-        access = state.access
         if not access.same_origin(request):
             return web.json_response({"error": "cross-site request refused"}, status=403)
         refused = access.refusal(request)
@@ -76,7 +89,7 @@ def add_routes(app: web.Application, state: Dashboard) -> None:
             error = {"error": "a kept record's id is a positive integer"}
             return web.json_response(error, status=400)
         try:
-            return web.json_response(await state.replay(int(kept_id)))
+            return web.json_response(await state().replay(int(kept_id)))
         except SealedRecordUnreadable as exc:
             return web.json_response({"error": str(exc)}, status=409)
         except DatabaseUnavailable as exc:

@@ -22,13 +22,34 @@ def _migrations() -> list[tuple[int, str, str]]:
     return sorted(found)
 
 
+def latest() -> int:
+    """The newest migration this version knows: the schema version it runs at."""
+    return _migrations()[-1][0]
+
+
+async def schema_version(conn: AsyncConnection[TupleRow]) -> int:
+    """The newest migration applied to this database (0: none)."""
+    cursor = await conn.execute("SELECT to_regclass('paystream.schema_migrations') IS NOT NULL")
+    row = await cursor.fetchone()
+    if row is None or not row[0]:
+        return 0
+    cursor = await conn.execute("SELECT coalesce(max(version), 0) FROM paystream.schema_migrations")
+    row = await cursor.fetchone()
+    return 0 if row is None else int(row[0])
+
+
 async def migrate(conn: AsyncConnection[TupleRow]) -> list[str]:
     """Apply the migrations this database lacks, each in its own transaction. Returns their names.
 
-    Never touches the retailer's tables; ours live in the `paystream` schema.
+    Never touches the retailer's tables; ours live in the `paystream` schema. A database at this
+    version's schema, or at a newer one (a newer version rolling out beside this one: migrations
+    only add), is left as it is without writing to it, so a read-only server does not stop an
+    instance that has nothing to apply.
     """
-    applied_now = []
     await conn.set_autocommit(True)
+    if await schema_version(conn) >= latest():
+        return []
+    applied_now = []
     # Waiting for another instance's migrations, or one backfilling a large table, may take
     # longer than the statement timeout our sessions run with (app.configure_session).
     cursor = await conn.execute("SELECT current_setting('statement_timeout')")

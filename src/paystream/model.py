@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import NamedTuple
+from typing import NamedTuple, TypeVar
+
+_E = TypeVar("_E", bound=StrEnum)
 
 PartitionId = tuple[str, int]
 """A partition of a topic: (topic, partition), as Kafka, the database's positions and the
@@ -16,12 +18,28 @@ class PaymentType(StrEnum):
     OFFLINE = "offline"
 
 
+def _written_by_a_newer_version(cls: type[_E], value: object) -> _E | None:
+    """A value of one of our sets that this version does not know, read back from the database:
+    written by a newer version running beside this one (a rolling upgrade). Kept as it is, so
+    that it is listed, shown and relayed raw; never fatal. Only text is taken."""
+    if not isinstance(value, str):
+        return None
+    unknown = str.__new__(cls, value)
+    unknown._name_ = value
+    unknown._value_ = value
+    return unknown
+
+
 class ErrorType(StrEnum):
     """The log service's closed set of error types."""
 
     DATABASE = "database"
     NETWORK = "network"
     OTHER = "other"
+
+    @classmethod
+    def _missing_(cls, value: object) -> ErrorType | None:
+        return _written_by_a_newer_version(cls, value)
 
 
 class Reason(StrEnum):
@@ -42,9 +60,14 @@ class Reason(StrEnum):
     """Records of a log deleted with its topic (created again since) that were never processed,
     as far as that log was seen to reach: one kept row, as for `expired`."""
 
+    @classmethod
+    def _missing_(cls, value: object) -> Reason | None:
+        return _written_by_a_newer_version(cls, value)
+
     @property
     def error_type(self) -> ErrorType:
-        return _ERROR_TYPES[self]
+        """The log's type for this reason (`other` for one a newer version wrote)."""
+        return _ERROR_TYPES.get(self, ErrorType.OTHER)
 
     @property
     def is_gap(self) -> bool:

@@ -4,6 +4,7 @@ dashboard, behind the rules of paystream.access."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
@@ -36,7 +37,11 @@ SERVER_LOG = logging.getLogger("paystream.web.server")
 SERVER_LOG.addFilter(_MalformedRequests())
 
 
-def make_app(ready: Checks, access: Access, dashboard: Dashboard | None = None) -> web.Application:
+def make_app(
+    ready: Checks, access: Access, dashboard: Callable[[], Dashboard | None] | None = None
+) -> web.Application:
+    """`dashboard`: the page's state once there is one (its routes answer 503 until then)."""
+
     async def metrics(_: web.Request) -> web.Response:
         return web.Response(body=generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
@@ -54,5 +59,5 @@ def make_app(ready: Checks, access: Access, dashboard: Dashboard | None = None) 
     app.router.add_get("/health/live", live)
     app.router.add_get("/health/ready", readiness)
     if dashboard is not None:
-        add_routes(app, dashboard)
+        add_routes(app, access, dashboard)
     return app

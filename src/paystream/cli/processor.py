@@ -10,7 +10,7 @@ from typing import Annotated, Any
 import typer
 from rich.text import Text
 
-from paystream.cli.common import app, console, fail, out, read_settings
+from paystream.cli.common import app, console, fail, out, read_settings, with_pool
 from paystream.errors import PaystreamError
 
 
@@ -110,6 +110,26 @@ def rebuild(
 
     with_pool(settings, work)
     out.print(f"{len(starts)} partitions will be read again from their start ({records:,} records)")
+
+
+@app.command(name="migrate", rich_help_panel="Processor")
+def migrate_schema() -> None:
+    """Bring the database's schema to this version's, and exit.
+
+    paystream's own tables only (the retailer's are never altered). A step before a rollout
+    whose instances run with PAYSTREAM_MIGRATE=false: they wait until the schema is at their
+    version. Safe beside running instances: migrations only add what the previous version does
+    not read.
+    """
+    from paystream.migrations import schema_version
+
+    settings = read_settings().model_copy(update={"migrate": True})
+
+    async def work(pool: Any) -> int:
+        async with pool.connection() as conn:
+            return await schema_version(conn)
+
+    out.print(f"the database's schema is at migration {with_pool(settings, work)}")
 
 
 _STATUS_TIMEOUT_S = 5.0

@@ -4,6 +4,7 @@ position. Every function takes a connection; the caller holds the transaction.""
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from typing import NamedTuple
 
 from paystream.model import PartitionId, Reason
 from paystream.store import documents
@@ -20,10 +21,14 @@ async def record_done(conn: Conn, spans: Mapping[PartitionId, Span]) -> None:
         await conn.execute(query("record_done"), {"spans": documents.spans(spans)})
 
 
-async def fold_positions(conn: Conn, keys: Iterable[PartitionId]) -> dict[PartitionId, int]:
+async def fold_positions(
+    conn: Conn, keys: Iterable[PartitionId], *, caps: Mapping[PartitionId, int] | None = None
+) -> dict[PartitionId, int]:
     """The recorded position of each of these partitions that has one: its stored position,
     carried over every done span that joins on, and stored so. Partitions with none are absent.
-    Locks their positions until the transaction ends."""
+    Locks their positions until the transaction ends. `caps`: a partition's spans that end past
+    its cap are not carried over (they may be another log's)."""
+    caps = caps or {}
     wanted = sorted(set(keys))
     if not wanted:
         return {}
@@ -37,8 +42,8 @@ async def fold_positions(conn: Conn, keys: Iterable[PartitionId]) -> dict[Partit
     folded = dict(stored)
     for topic, partition, first, end in await cursor.fetchall():
         key = (topic, partition)
-        if first <= folded[key] < end:  # spans come in order: the first one that leaves a hole
-            folded[key] = end  # stops the carrying, since the rest start later still
+        if first <= folded[key] < end <= caps.get(key, end):  # spans come in order: the
+            folded[key] = end  # first one that leaves a hole stops the carrying
     moved = {key: offset for key, offset in folded.items() if offset > stored[key]}
     await move_positions(conn, moved)
     return folded
@@ -62,22 +67,28 @@ async def start_positions(conn: Conn, positions: Mapping[PartitionId, int]) -> N
         await conn.execute(query("start_positions"), {"positions": documents.positions(positions)})
 
 
-Log = tuple[str | None, int | None]
-"""A position's log: its topic's id and how far it was seen to reach (None: not known)."""
+class Log(NamedTuple):
+    """A position as recorded, and the log it belongs to (None: not known)."""
+
+    next_offset: int
+    topic_id: str | None
+    seen_end: int | None
+    """How far the log was seen to reach."""
 
 
 async def position_logs(conn: Conn, keys: Iterable[PartitionId]) -> dict[PartitionId, Log]:
-    """The log of each of these partitions that has a position."""
+    """The position of each of these partitions that has one, as recorded (not folded), with
+    its log."""
     wanted = sorted(set(keys))
     if not wanted:
         return {}
     cursor = await conn.execute(
         query("position_logs"), {"partitions": documents.partitions(wanted)}
     )
-    return {(t, p): (i, e) for t, p, i, e in await cursor.fetchall()}
+    return {(t, p): Log(o, i, e) for t, p, o, i, e in await cursor.fetchall()}
 
 
-async def mark_logs(conn: Conn, marks: Mapping[PartitionId, Log]) -> None:
+async def mark_logs(conn: Conn, marks: Mapping[PartitionId, tuple[str | None, int | None]]) -> None:
     """Record positions' logs: a topic id given replaces the position's (a seen end starts
     afresh with another id); a seen end only moves forward within one log."""
     if marks:

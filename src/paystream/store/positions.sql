@@ -65,8 +65,9 @@ VALUES (%(topic)s, %(partition)s, %(first)s, %(last)s, %(kafka_ts)s, NULL, NULL,
 ON CONFLICT (topic, "partition", "offset", kafka_ts) DO NOTHING;
 
 -- position_logs --
--- The log each position belongs to (its topic's id) and how far that log was seen to reach.
-SELECT w.topic, w."partition", w.topic_id, w.seen_end
+-- Each position as recorded (not folded), the log it belongs to (its topic's id) and how far
+-- that log was seen to reach.
+SELECT w.topic, w."partition", w.next_offset, w.topic_id, w.seen_end
 FROM paystream.positions AS w
 JOIN json_to_recordset(%(partitions)s::json) AS r(topic text, "partition" int)
     ON (w.topic, w."partition") = (r.topic, r."partition");
