@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 from typing import Any
+from urllib.parse import urlsplit
 
 import orjson
 import psycopg
@@ -159,14 +160,44 @@ def test_run_drains_and_exits_zero_on_sigterm(env: Env, simulator: SimulatorClie
     assert orjson.loads(cli(env, "errors", "--json", "--type", "database").stdout) == []
 
 
-def test_run_with_unreachable_database_fails_in_one_sentence(env: Env) -> None:
-    """A wrong database URL ends `paystream run` with exit 2 and one clear sentence."""
-    result = cli(env, "run", PAYSTREAM_DATABASE_URL="postgresql://tech:pw@127.0.0.1:9/payments")
+def test_run_with_a_database_that_refuses_us_fails_in_one_sentence(env: Env) -> None:
+    """A database URL the server answers and refuses (here: no such database) ends `paystream
+    run` with exit 2 and one clear sentence, without the password."""
+    parts = urlsplit(env.database_url)
+    url = f"postgresql://tech:pw-Secret@{parts.hostname}:{parts.port}/nope"
+    result = cli(env, "run", PAYSTREAM_DATABASE_URL=url)
     assert result.returncode == 2
-    assert (
-        "Cannot connect to the database at postgresql://tech@127.0.0.1:9/payments" in result.stderr
+    assert "Cannot connect to the database at postgresql://" in result.stderr
+    assert 'database "nope" does not exist' in result.stderr
+    assert "pw-Secret" not in result.stderr
+
+
+def test_run_with_a_database_nobody_answers_at_waits_for_it(env: Env) -> None:
+    """A database nobody answers at (yet) is waited for: `paystream run` stays up, says so, and
+    exits 0 on SIGTERM."""
+    settings = env.settings(database_url="postgresql://tech:pw@127.0.0.1:9/payments")
+    run = subprocess.Popen(
+        [sys.executable, "-m", "paystream", "run"],
+        env=settings_env(settings),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
     )
-    assert "pw" not in result.stderr.replace("payments", "")
+    said: list[str] = []
+
+    def waiting_said_twice() -> bool:
+        assert run.stderr is not None
+        said.append(run.stderr.readline())
+        return sum("does not answer" in line for line in said) >= 2
+
+    try:
+        wait_for(waiting_said_twice, 60, "the waiting to be said twice")
+        assert run.poll() is None
+    finally:
+        run.send_signal(signal.SIGTERM)
+        run.communicate(timeout=30)
+    assert 0 == run.returncode
+    assert not any("pw" in line.replace("payments", "") for line in said)
 
 
 async def test_concurrent_migrations_apply_once(env: Env) -> None:
