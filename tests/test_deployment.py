@@ -7,6 +7,7 @@ import ast
 import re
 import subprocess
 import sys
+import tomllib
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ from typing import Any
 import pytest
 import yaml
 
+import paystream
 from paystream.config import Settings
 
 ROOT = Path(__file__).parent.parent
@@ -79,7 +81,18 @@ def test_image_build_step_makes_a_runtime_wheel_and_a_tooling_wheel(tmp_path: Pa
     assert not [n for n in names if n.startswith("paystream/")]
     assert "[paystream.commands]" in entry_points
     assert "tooling = paystream_tooling.cli" in entry_points
-    assert "paystream==0.1.0" in requires
+    assert f"paystream=={paystream.__version__}" in requires
+
+
+def test_the_release_has_one_version_and_a_changelog_entry() -> None:
+    """The runtime, the tooling and the changelog's newest entry name the same version."""
+    versions = {
+        tomllib.loads((folder / "pyproject.toml").read_text())["project"]["version"]
+        for folder in (ROOT, ROOT / "tooling")
+    }
+    newest = re.search(r"^## (\S+)$", (ROOT / "CHANGELOG.md").read_text(), re.MULTILINE)
+    assert newest is not None
+    assert {paystream.__version__} == versions | {newest.group(1)}
 
 
 def test_the_runtime_never_imports_its_tooling() -> None:

@@ -33,7 +33,8 @@ RECORDS_EXPIRED = Counter(
 REWINDS = Counter(
     "paystream_position_rewinds_total",
     "Partitions read again from an earlier position: the database behind what was made durable "
-    "(database_behind), or a position past the log's end (beyond_end)",
+    "(database_behind), a position past the log's end (beyond_end), or a topic deleted and "
+    "created again (recreated)",
     ["topic", "cause"],
 )
 STAMP_PASSES = Counter(
