@@ -8,6 +8,7 @@ import asyncio
 import logging
 import subprocess
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -39,17 +40,23 @@ from tests.conftest import (
 )
 
 
-def _produce(env: Env, count: int, prefix: str) -> None:
+def _produce(env: Env, prefix: str, per_partition: Mapping[int | None, int]) -> None:
+    """Offline payments `prefix-partition-i`, so many to each partition (None: any)."""
     producer = Producer({"bootstrap.servers": env.bootstrap})
-    for i in range(count):
-        payment = {
-            "payment_id": f"{prefix}-{i}",
-            "account_id": 1 + i,
-            "payment_type": "offline",
-            "credit_card": "",
-            "amount": 5,
-        }
-        producer.produce(env.offline_topic, orjson.dumps(payment))
+    for partition, count in per_partition.items():
+        for i in range(count):
+            payment = {
+                "payment_id": f"{prefix}-{partition}-{i}",
+                "account_id": 1 + i,
+                "payment_type": "offline",
+                "credit_card": "",
+                "amount": 5,
+            }
+            value = orjson.dumps(payment)
+            if partition is None:
+                producer.produce(env.offline_topic, value)
+            else:
+                producer.produce(env.offline_topic, value, partition=partition)
     assert 0 == producer.flush(10)
 
 
@@ -68,7 +75,7 @@ async def test_a_database_down_at_start_is_waited_for_not_ready_meanwhile(
     with private_postgres(tmp_path) as (server, url):
         env = new_env(stack, database_url=url)
         server.stop()
-        _produce(env, 30, "waited")
+        _produce(env, "waited", {None: 30})
         port = free_port()
         base = f"http://127.0.0.1:{port}"
         settings = env.settings(web_port=port)
@@ -117,10 +124,10 @@ async def test_a_database_turned_read_only_mid_stream_is_waited_for(
         settings = env.settings(web_port=port, db_retry_max_s=0.5)
         async with processor(settings, serve_web=True):
             await wait_http_status(base + "/health/ready", 200)
-            _produce(env, 20, "before")
+            _produce(env, "before", {None: 20})
             await async_wait_for(lambda: caught_up(env, settings), 60, "the first payments")
             _toggle_read_only(admin, True)
-            _produce(env, 40, "during")
+            _produce(env, "during", {None: 40})
 
             async def refused() -> bool:
                 body = await _ready(base)
@@ -150,21 +157,6 @@ def _toggle_read_only(admin_url: str, read_only: bool) -> None:
         conn.execute("SELECT pg_reload_conf()")
 
 
-def _refill(env: Env, per_partition: dict[int, int], prefix: str) -> None:
-    producer = Producer({"bootstrap.servers": env.bootstrap})
-    for partition, count in per_partition.items():
-        for i in range(count):
-            payment = {
-                "payment_id": f"{prefix}-{partition}-{i}",
-                "account_id": 1 + i,
-                "payment_type": "offline",
-                "credit_card": "",
-                "amount": 5,
-            }
-            producer.produce(env.offline_topic, orjson.dumps(payment), partition=partition)
-    assert 0 == producer.flush(10)
-
-
 async def test_a_topic_deleted_and_created_again_is_read_from_its_start(
     env: Env, simulator: SimulatorClient
 ) -> None:
@@ -173,8 +165,8 @@ async def test_a_topic_deleted_and_created_again_is_read_from_its_start(
     new logs is stored: a position belongs to its topic's id, not to its offsets. The old log's
     records known unread (here: made known by moving one partition's seen end past its
     position) are kept as one `topic_recreated` gap, reported once."""
-    first = {0: 12, 1: 9, 2: 15}
-    _refill(env, first, "old")
+    first: dict[int | None, int] = {0: 12, 1: 9, 2: 15}
+    _produce(env, "old", first)
     settings = env.settings()
     async with processor(settings):
         await async_wait_for(lambda: caught_up(env, settings), 60, "the old logs")
@@ -186,8 +178,8 @@ async def test_a_topic_deleted_and_created_again_is_read_from_its_start(
     topics = [env.online_topic, env.offline_topic]
     delete_topics(env.bootstrap, topics)
     create_topics(env.bootstrap, topics, env.stack.partitions)
-    second = {partition: count + 7 for partition, count in first.items()}
-    _refill(env, second, "new")
+    second: dict[int | None, int] = {p: count + 7 for p, count in first.items()}
+    _produce(env, "new", second)
     async with processor(settings):
         await async_wait_for(lambda: caught_up(env, settings), 60, "the new logs")
         await async_wait_for(lambda: unreported(env) == 0, 60, "the gap's report")
@@ -286,3 +278,69 @@ def test_the_previous_version_runs_beside_this_one(stack: Stack, tmp_path: Path)
 
 def _with_path(src: Path) -> Any:
     return lambda argv: ["env", f"PYTHONPATH={src}", *argv]
+
+
+async def test_a_lock_held_on_accounts_is_waited_out(
+    env: Env, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An operator holds ACCESS EXCLUSIVE on `accounts` for longer than the lock timeout while
+    payments arrive: the blocked batches fail on the lock (LockNotAvailable), wait and are
+    retried; once it is released every payment is stored. How long settling took after the
+    release is printed, not asserted."""
+    caplog.set_level(logging.WARNING, logger="paystream.consumer")
+    settings = env.settings(db_retry_max_s=0.5)
+    async with processor(settings):
+        await async_wait_for(lambda: migrated(env), 30, "the migrations")
+        with env.connect() as holder:
+            holder.autocommit = False
+            holder.execute("LOCK TABLE accounts IN ACCESS EXCLUSIVE MODE")
+            _produce(env, "locked", {None: 30})
+
+            def blocked_by_the_lock() -> bool:
+                waiting = env.query(
+                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                    " AND datname = current_database()"
+                )
+                return bool(waiting[0][0])
+
+            await async_wait_for(blocked_by_the_lock, 30, "a batch to wait on the lock")
+
+            def timed_out() -> bool:
+                return any("LockNotAvailable 55P03" in r.getMessage() for r in caplog.records)
+
+            await async_wait_for(timed_out, 30, "the lock timeout to end a wait")
+            holder.rollback()
+        released = time.monotonic()
+        await async_wait_for(lambda: caught_up(env, settings), 60, "offsets at the end")
+        print(f"lock-on-accounts: settled {time.monotonic() - released:.1f} s after the release")
+    stored = env.query("SELECT count(*) FROM payments WHERE payment_id LIKE 'locked-%'")
+    assert [(30,)] == stored
+
+
+async def test_topics_grown_mid_stream_are_read_in_full(env: Env) -> None:
+    """Both topics grown from 3 partitions to 6 while payments flow: the new partitions are
+    assigned and read from their start, and every payment is stored. How long settling took
+    after the last record is printed, not asserted."""
+    from confluent_kafka.admin import (  # type: ignore[attr-defined]  # as devenv's NewTopic
+        AdminClient,
+        NewPartitions,
+    )
+
+    settings = env.settings()
+    async with processor(settings):
+        _produce(env, "before", {0: 10, 1: 10, 2: 10})
+        await async_wait_for(lambda: caught_up(env, settings), 60, "the first payments")
+        admin = AdminClient({"bootstrap.servers": env.bootstrap})
+        grown = admin.create_partitions(
+            [NewPartitions(topic, 6) for topic in (env.online_topic, env.offline_topic)]
+        )
+        for future in grown.values():
+            future.result(timeout=30)
+        _produce(env, "after", dict.fromkeys(range(6), 8))
+        produced = time.monotonic()
+        await async_wait_for(lambda: caught_up(env, settings), 120, "offsets at the end")
+        print(
+            f"partitions-grown: settled {time.monotonic() - produced:.1f} s after the last record"
+        )
+    stored = env.query("SELECT count(*) FROM payments WHERE payment_id LIKE 'after-%'")
+    assert [(48,)] == stored

@@ -51,11 +51,14 @@ async def migrate(conn: AsyncConnection[TupleRow]) -> list[str]:
         return []
     applied_now = []
     # Waiting for another instance's migrations, or one backfilling a large table, may take
-    # longer than the statement timeout our sessions run with (app.configure_session).
-    cursor = await conn.execute("SELECT current_setting('statement_timeout')")
+    # longer than the statement and lock timeouts our sessions run with (app.configure_session).
+    cursor = await conn.execute(
+        "SELECT current_setting('statement_timeout'), current_setting('lock_timeout')"
+    )
     row = await cursor.fetchone()
-    before = "0" if row is None else str(row[0])
+    before = ("0", "0") if row is None else (str(row[0]), str(row[1]))
     await conn.execute("SELECT set_config('statement_timeout', '0', false)")
+    await conn.execute("SELECT set_config('lock_timeout', '0', false)")
     await conn.execute("SELECT pg_advisory_lock(%s)", (_LOCK_KEY,))
     try:
         await conn.execute("CREATE SCHEMA IF NOT EXISTS paystream")
@@ -78,5 +81,6 @@ async def migrate(conn: AsyncConnection[TupleRow]) -> list[str]:
             applied_now.append(name)
     finally:
         await conn.execute("SELECT pg_advisory_unlock(%s)", (_LOCK_KEY,))
-        await conn.execute("SELECT set_config('statement_timeout', %s, false)", (before,))
+        await conn.execute("SELECT set_config('statement_timeout', %s, false)", (before[0],))
+        await conn.execute("SELECT set_config('lock_timeout', %s, false)", (before[1],))
     return applied_now

@@ -15,6 +15,11 @@ SET idle_in_transaction_session_timeout = '30s';
 -- Our statements take milliseconds; one running for a minute is waiting on a lock held by such
 -- an abandoned transaction, and is better failed and retried than left hanging.
 SET statement_timeout = '60s';
+-- A statement waiting 10 s for a lock (an operator's ACCESS EXCLUSIVE on accounts, say) fails,
+-- and its batch waits and is retried with back-off, instead of holding its connection for up to
+-- the statement timeout; a lock held longer than PAYSTREAM_STALL_AFTER_S raises the stall alarm,
+-- which names the error (LockNotAvailable 55P03).
+SET lock_timeout = '10s';
 
 -- answers --
 SELECT 1;
