@@ -6,6 +6,7 @@ import asyncio
 import shutil
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import orjson
@@ -86,17 +87,17 @@ async def test_dashboard_shows_live_numbers_and_replays(
                 requests: list[str] = []
                 page.on("request", lambda request: requests.append(request.url))
                 await page.goto(f"http://127.0.0.1:{port}/")
-                await page.wait_for_function(stored(30), timeout=20_000)
+                await _until_shown(page, stored(30), timeout=20_000)
                 served = await page.evaluate("history.filter((h) => h.processed === 31).length")
                 assert served >= 1  # points made before the page opened
                 assert all(url.startswith(f"http://127.0.0.1:{port}/") for url in requests)
 
                 _produce(env, [_offline(f"q{i}", i + 100) for i in range(20)])
-                await page.wait_for_function(stored(50), timeout=20_000)
+                await _until_shown(page, stored(50), timeout=20_000)
                 assert "9999" in await page.locator("#latest").inner_text()
                 # The orphan's amount waits on its account: money at risk, at a glance.
-                await page.wait_for_function(
-                    "document.getElementById('t-risk').textContent === '12'", timeout=20_000
+                await _until_shown(
+                    page, "document.getElementById('t-risk').textContent === '12'", timeout=20_000
                 )
                 assert "1 payment, oldest" in await page.locator("#t-risk-detail").inner_text()
 
@@ -104,11 +105,13 @@ async def test_dashboard_shows_live_numbers_and_replays(
                 await page.fill("#token", "s3cret-token-of-the-browser-test")
                 kept_id = env.query("SELECT id FROM paystream.kept_records")[0][0]
                 await page.click(f"button.replay[data-id='{kept_id}']")
-                await page.wait_for_function(
+                await _until_shown(
+                    page,
                     "document.getElementById('replay-result').textContent.includes('stored 1')",
                     timeout=20_000,
                 )
-                await page.wait_for_function(
+                await _until_shown(
+                    page,
                     stored(51) + " && document.getElementById('t-risk').textContent === '0'",
                     timeout=20_000,
                 )
@@ -118,6 +121,17 @@ async def test_dashboard_shows_live_numbers_and_replays(
                 await browser.close()
     assert env.query("SELECT resolved_at IS NOT NULL FROM paystream.kept_records") == [(True,)]
     assert env.query("SELECT count(*) FROM payments WHERE payment_id = 'orphan'") == [(1,)]
+
+
+async def _until_shown(page: Any, expression: str, timeout: float) -> None:
+    """Poll an expression on the page until it holds (`timeout` in ms). Asked with evaluate:
+    Playwright's wait_for_function polls with an eval, which the page's Content-Security-Policy
+    refuses, as it should."""
+
+    async def holds() -> bool:
+        return bool(await page.evaluate(expression))
+
+    await async_wait_for(holds, timeout / 1000, expression)
 
 
 def _history_reaches(url: str, processed: int) -> bool:
@@ -137,7 +151,7 @@ async def test_replay_needs_the_token_and_refuses_cross_site(env: Env) -> None:
     port = free_port()
     async with processor(env.settings(web_port=port), serve_web=True):
         url = f"http://127.0.0.1:{port}/api/replay/1"
-        await wait_http_status(f"http://127.0.0.1:{port}/health/live", 200)
+        await wait_http_status(f"http://127.0.0.1:{port}/health/ready", 200)
         assert await _post(url, {"X-Paystream-Token": "anything"}) == 403
     port = free_port()
     token = "t0k-Secret-5521-of-the-replay-test"
@@ -145,7 +159,7 @@ async def test_replay_needs_the_token_and_refuses_cross_site(env: Env) -> None:
     async with processor(settings, serve_web=True):
         base = f"http://127.0.0.1:{port}"
         url = f"{base}/api/replay/1"
-        await wait_http_status(f"{base}/health/live", 200)
+        await wait_http_status(f"{base}/health/ready", 200)
         assert await _post(url, {"X-Paystream-Token": "wrong"}) == 401
         assert await _post(url, {"X-Paystream-Token": token, "Origin": "http://evil.test"}) == 403
         assert await _post(url, {"X-Paystream-Token": token}) == 200
@@ -176,7 +190,7 @@ async def test_many_pages_share_one_snapshot_on_one_connection(env: Env) -> None
     port = free_port()
     async with processor(env.settings(web_port=port), serve_web=True):
         base = f"http://127.0.0.1:{port}"
-        await wait_http_status(f"{base}/health/live", 200)
+        await wait_http_status(f"{base}/health/ready", 200)
         pages = [asyncio.create_task(_events(f"{base}/events", 4)) for _ in range(12)]
         await async_wait_for(lambda: all(p.done() for p in pages), 30, "every page's snapshots")
         connections = env.query(
