@@ -10,6 +10,12 @@ Every write is idempotent, so order between batches does not matter.
 
 Records read from Kafka and kept records being replayed differ only in how their outcomes are
 written (`FirstSight`, `Replay`).
+
+A write the database refuses is judged by what the database does, never by the error's class
+(`_judge`): if it takes a record like the batch's (a probe, rolled back) or has taken others
+meanwhile, the refused record is isolated and kept; if not, the database refuses records like
+these, and the batch waits (DatabaseRefusing). The batch is prepared once (`prepare`: decoded, and
+the gateway asked) and only its `write` is retried.
 """
 
 from __future__ import annotations
