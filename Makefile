@@ -31,7 +31,7 @@ tools: $(STAMP)
 # Every test, the fault-injection scenarios included at one seeded round each; then the branch
 # coverage of the runtime and the tooling (a figure to read, not a threshold to meet).
 test: lint tools
-	$(BIN)/python -m pytest -p no:cacheprovider --cov --cov-report=
+	$(BIN)/python -m pytest -p no:cacheprovider --cov --cov-report= --durations=25
 	@echo "branch coverage: $$($(BIN)/coverage report --format=total) % (coverage report: per file)"
 
 # The tests that need neither a broker, a database, Go, root nor the network: seconds, for every
