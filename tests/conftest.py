@@ -13,7 +13,7 @@ import sys
 import time
 import urllib.parse
 import urllib.request
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -247,6 +247,19 @@ async def processor(settings: Settings, *, serve_web: bool = False) -> AsyncIter
     finally:
         stop.set()
         await asyncio.wait_for(task, timeout=60)
+
+
+def produce(env: Env, topic: str, values: Iterable[tuple[bytes, int | None]]) -> None:
+    """Produce each value to its partition (None: any) of `topic`; every one delivered."""
+    from confluent_kafka import Producer
+
+    producer = Producer({"bootstrap.servers": env.bootstrap})
+    for value, partition in values:
+        if partition is None:
+            producer.produce(topic, value)
+        else:
+            producer.produce(topic, value, partition=partition)
+    assert 0 == producer.flush(10)
 
 
 def migrated(env: Env) -> bool:

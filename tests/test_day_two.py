@@ -15,7 +15,6 @@ from typing import Any
 import aiohttp
 import orjson
 import pytest
-from confluent_kafka import Producer
 
 from paystream.app import run_processor
 from paystream.errors import ConfigurationError
@@ -33,6 +32,7 @@ from tests.conftest import (
     new_env,
     private_postgres,
     processor,
+    produce,
     running_simulator,
     unreported,
     wait_for,
@@ -42,22 +42,13 @@ from tests.conftest import (
 
 def _produce(env: Env, prefix: str, per_partition: Mapping[int | None, int]) -> None:
     """Offline payments `prefix-partition-i`, so many to each partition (None: any)."""
-    producer = Producer({"bootstrap.servers": env.bootstrap})
-    for partition, count in per_partition.items():
-        for i in range(count):
-            payment = {
-                "payment_id": f"{prefix}-{partition}-{i}",
-                "account_id": 1 + i,
-                "payment_type": "offline",
-                "credit_card": "",
-                "amount": 5,
-            }
-            value = orjson.dumps(payment)
-            if partition is None:
-                producer.produce(env.offline_topic, value)
-            else:
-                producer.produce(env.offline_topic, value, partition=partition)
-    assert 0 == producer.flush(10)
+    payment = {"payment_type": "offline", "credit_card": "", "amount": 5}
+    values = (
+        (orjson.dumps({**payment, "payment_id": f"{prefix}-{p}-{i}", "account_id": 1 + i}), p)
+        for p, count in per_partition.items()
+        for i in range(count)
+    )
+    produce(env, env.offline_topic, values)
 
 
 async def _ready(base: str) -> Any:

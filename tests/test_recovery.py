@@ -26,6 +26,7 @@ from tests.conftest import (
     new_env,
     private_postgres,
     processor,
+    produce,
     running_simulator,
     unreported,
 )
@@ -35,21 +36,17 @@ pytestmark = pytest.mark.chaos
 
 def _produce(env: Env, first: int, count: int, *, partition: int | None = None) -> None:
     """Offline payments first … first + count - 1 (every tenth an invalid one, kept)."""
-    producer = Producer({"bootstrap.servers": env.bootstrap})
-    for i in range(first, first + count):
-        payment = {
+    payments = (
+        {
             "payment_id": f"p-{i}",
             "account_id": 1 + i % 2000,
             "payment_type": "offline",
             "credit_card": "",
             "amount": -1 if i % 10 == 0 else 1 + i,
         }
-        value = orjson.dumps(payment)
-        if partition is None:
-            producer.produce(env.offline_topic, value)
-        else:
-            producer.produce(env.offline_topic, value, partition=partition)
-    assert 0 == producer.flush(10)
+        for i in range(first, first + count)
+    )
+    produce(env, env.offline_topic, ((orjson.dumps(p), partition) for p in payments))
 
 
 def _outcomes(env: Env) -> tuple[int, int, int]:

@@ -14,7 +14,6 @@ from typing import Any
 import aiohttp
 import orjson
 import pytest
-from confluent_kafka import Producer
 
 from paystream import rules
 from paystream.codec import kept_id
@@ -27,6 +26,7 @@ from tests.conftest import (
     cli,
     migrated,
     processor,
+    produce,
     unreported,
     wait_http_status,
 )
@@ -90,10 +90,8 @@ def _payment(payment_id: str, account_id: int, online: bool = False) -> bytes:
 
 
 def _produce(env: Env, values: list[tuple[str, bytes]]) -> None:
-    producer = Producer({"bootstrap.servers": env.bootstrap})
-    for topic, value in values:
-        producer.produce(topic, value)
-    assert 0 == producer.flush(10)
+    for topic in {topic for topic, _ in values}:
+        produce(env, topic, ((value, None) for to, value in values if to == topic))
 
 
 async def _drained(env: Env, settings: Any) -> None:
