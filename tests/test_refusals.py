@@ -33,8 +33,11 @@ from tests.conftest import (
 
 # A class of every kind a server raises: data (22, 23, 54), transactions (40), access (42),
 # resources (53), state (55), cancelled (57), not supported (0A), PL/pgSQL (P0), internal (XX),
-# and an operator's own code.
+# an operator's own code, and the codes a connection failure or a shutdown has (08, 57P01), said
+# here of one record by a server that stays up.
 REFUSALS = [
+    "08006",
+    "57P01",
     "22023",
     "23514",
     "40001",

@@ -507,8 +507,7 @@ class BatchConsumer:
                 first, last = start.gone
                 await store.keep_gap(conn, key, first, last, recreated=True)
                 RECORDS_EXPIRED.labels(topic=topic).inc(last - first + 1)
-            await store.move_positions(conn, {key: start.offset}, overwrite=True)
-            REWINDS.labels(topic=topic, cause="recreated").inc()
+            await _read_from_start(conn, key, start.offset, "recreated")
             log.error(
                 "%s/%s: the topic was deleted and created again (its id changed): reading the "
                 "new log from its start, %d; %s",
@@ -519,8 +518,7 @@ class BatchConsumer:
                 else "the old log had no record known to be unprocessed",
             )
         if start.beyond_end:
-            await store.move_positions(conn, {key: start.offset}, overwrite=True)
-            REWINDS.labels(topic=topic, cause="beyond_end").inc()
+            await _read_from_start(conn, key, start.offset, "beyond_end")
             log.warning(
                 "%s/%s: its position is past the log's end (the topic was created again, "
                 "or truncated): reading it from its start, %d",
@@ -591,3 +589,9 @@ class BatchConsumer:
             with tracing.span("paystream.commit", attributes={"paystream.partitions": len(due)}):
                 if not await self._membership.send(self._kafka, due):
                     return
+
+
+async def _read_from_start(conn: store.Conn, key: PartitionId, offset: int, cause: str) -> None:
+    """The partition's position moved back to its log's start, its spans dropped; counted."""
+    await store.move_positions(conn, {key: offset}, overwrite=True)
+    REWINDS.labels(topic=key[0], cause=cause).inc()

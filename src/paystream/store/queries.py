@@ -30,15 +30,13 @@ value too wide for an index as an OperationalError and a read-only server as an 
 Where no record is being written (positions, stamps, reports, watching), each means: not now,
 retry later."""
 
-_AWAY_STATES = ("08", "57P01", "57P02", "57P03", "53300")
-"""SQLSTATEs (classes or codes) said only of a connection: it failed, the server is shutting
-down, starting or crashed, or it has no connection slot left."""
-
 
 def away(exc: BaseException) -> bool:
     """Whether the database, rather than the statement, failed: no connection came from the
-    pool, the connection broke (psycopg raises that with no SQLSTATE), or the server said so of
-    the connection itself. Any other error came from a server that answered."""
+    pool, or the connection broke (psycopg raises that with no SQLSTATE). An error with a
+    SQLSTATE came from a server that answered, whatever its code says: a trigger can raise
+    08006 or 57P01 as well as a server shutting down. Which it was, the write's probe tells
+    (paystream.pipeline): a server that is going away does not take the probe either."""
     if isinstance(exc, psycopg_pool.PoolTimeout):
         return True
     if not isinstance(exc, psycopg.Error):
@@ -48,7 +46,7 @@ def away(exc: BaseException) -> bool:
         # A value the driver refuses to send (a NUL in text) is a DataError with no SQLSTATE
         # either; a lost connection is an OperationalError or an InterfaceError.
         return isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError)
-    return state.startswith(_AWAY_STATES)
+    return False
 
 
 _REFUSAL_CHARS = 300
