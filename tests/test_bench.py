@@ -68,6 +68,11 @@ def test_bench_quick_reports_every_workload(tmp_path: Path) -> None:
     assert {"cluster-rolling-restart", "cluster-quiet"} == set(rolling)
     for row in rolling.values():
         assert 0 < row["longest_gap_ms"] <= row["seconds"] * 1000
+    # What the database holds per stored payment, the retailer's table and paystream's.
+    mix = next(w for w in report["workloads"] if w["name"] == "original-mix")
+    sizes = mix["bytes_per_payment"]
+    assert {"payments", "paystream.payment_origins", "paystream (all)"} <= set(sizes)
+    assert all(size > 0 for size in sizes.values())
     offline = next(w for w in report["workloads"] if w["name"] == "offline")
     # An offline drain's headline ceiling: the bare idempotent insert (or the consumer, if lower).
     ceilings = report["ceilings"]

@@ -5,20 +5,25 @@ in the log, or refused at once when waiting cannot help."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
 import subprocess
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import orjson
+import psycopg
 import pytest
 
 from paystream.app import run_processor
 from paystream.errors import ConfigurationError
+from paystream.migrations import migrate
 from paystream_tooling.devenv.kafka import create_topics, delete_topics
+from paystream_tooling.devenv.postgres import EmbeddedPostgres
 from paystream_tooling.devenv.processes import ChildProcess, free_port, spawn_processor
 from paystream_tooling.devenv.stack import Stack
 from tests.chaos import RATE, RECORDS, chaos_settings, check, produced_at_least
@@ -125,7 +130,13 @@ async def test_a_database_turned_read_only_mid_stream_is_waited_for(
                 return body["checks"]["database"] is False
 
             await async_wait_for(refused, 30, "readiness to say the database is away")
-            assert any("ReadOnlySqlTransaction 25006" in r.getMessage() for r in caplog.records)
+            await async_wait_for(
+                lambda: any(
+                    "ReadOnlySqlTransaction 25006" in r.getMessage() for r in caplog.records
+                ),
+                30,
+                "the consumer to say why it waits",
+            )
             assert [(0,)] == env.query("SELECT count(*) FROM paystream.kept_records")
             _toggle_read_only(admin, False)
             await async_wait_for(lambda: caught_up(env, settings), 60, "offsets at the end")
@@ -137,8 +148,6 @@ async def test_a_database_turned_read_only_mid_stream_is_waited_for(
 def _toggle_read_only(admin_url: str, read_only: bool) -> None:
     """default_transaction_read_only for the whole server, reloaded: every session's next
     transaction is read-only, as on a standby or a demoted primary."""
-    import psycopg
-
     with psycopg.connect(admin_url, autocommit=True) as conn:
         conn.execute("SET default_transaction_read_only = off")
         if read_only:
@@ -335,3 +344,119 @@ async def test_topics_grown_mid_stream_are_read_in_full(env: Env) -> None:
         )
     stored = env.query("SELECT count(*) FROM payments WHERE payment_id LIKE 'after-%'")
     assert [(48,)] == stored
+
+
+async def test_a_url_pointing_at_a_standby_is_waited_on_until_it_is_promoted(
+    stack: Stack, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """During a failover the processor's URL names a real streaming standby: it starts, says
+    the server is read-only, stays not ready and keeps nothing; once the standby is promoted
+    every payment that waited is stored."""
+    caplog.set_level(logging.WARNING)
+    with private_postgres(tmp_path) as (primary, url):
+        async with await psycopg.AsyncConnection.connect(url) as first:
+            await migrate(first)
+        standby = EmbeddedPostgres(tmp_path / "standby")
+        primary.base_backup(standby.data_dir / "pgdata", standby=True)
+        standby.start()
+        try:
+            primary.stop()  # the old primary is gone; the URL names the standby
+            at_standby = url.replace(f":{primary.port}/", f":{standby.port}/")
+            env = new_env(stack, database_url=at_standby)
+            port = free_port()
+            base = f"http://127.0.0.1:{port}"
+            settings = env.settings(web_port=port, db_retry_max_s=0.5)
+            async with processor(settings, serve_web=True):
+                _produce(env, "failover", {None: 40})
+
+                async def refused() -> bool:
+                    with contextlib.suppress(aiohttp.ClientError):
+                        return (await _ready(base))["checks"]["database"] is False
+                    return False
+
+                await async_wait_for(refused, 60, "readiness to say the database is away")
+
+                def said_read_only() -> bool:
+                    lines = (r.getMessage() for r in caplog.records if r.name.endswith("consumer"))
+                    return any("ReadOnlySqlTransaction 25006" in line for line in lines)
+
+                await async_wait_for(said_read_only, 30, "the consumer to say why it waits")
+                with psycopg.connect(standby.url(), autocommit=True) as conn:
+                    conn.execute("SELECT pg_promote(true, 30)")
+                promoted = time.monotonic()
+                await async_wait_for(lambda: caught_up(env, settings), 60, "offsets at the end")
+                await wait_http_status(base + "/health/ready", 200)
+                print(f"standby-promoted: settled {time.monotonic() - promoted:.1f} s after")
+            assert [(40,)] == env.query("SELECT count(*) FROM payments")
+            assert [(0,)] == env.query("SELECT count(*) FROM paystream.kept_records")
+        finally:
+            standby.stop()
+
+
+async def test_a_full_file_system_under_the_database_loses_nothing(
+    stack: Stack, tmp_path: Path
+) -> None:
+    """The database's file system filled to the last byte while payments arrive (the server may
+    stop on it): nothing is stored, kept or lost meanwhile; once space is freed (and the server
+    started again, if it stopped) every payment is stored, none kept. How long settling took
+    after the space was freed is printed, not asserted."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small file system for the database needs root (CI runs as root)")
+    with (
+        _small_file_system(tmp_path / "small") as folder,
+        private_postgres(folder) as (server, url),
+    ):
+        env = new_env(stack, database_url=url)
+        port = free_port()
+        base = f"http://127.0.0.1:{port}"
+        settings = env.settings(web_port=port, db_retry_max_s=0.5)
+        async with processor(settings, serve_web=True):
+            _produce(env, "before", {None: 30})
+            await async_wait_for(lambda: caught_up(env, settings), 60, "the first payments")
+            filler = folder / "filler"
+            _fill(filler)
+            _produce(env, "full", {None: 300})
+
+            async def refused() -> bool:
+                if not server.running():
+                    return True
+                with contextlib.suppress(aiohttp.ClientError):
+                    return (await _ready(base))["checks"]["database"] is False
+                return False
+
+            await async_wait_for(refused, 60, "the full disk to stop the writes")
+            assert [(0,)] == env.query("SELECT count(*) FROM paystream.kept_records")
+            filler.unlink()
+            freed = time.monotonic()
+            stopped = not server.running()
+            if stopped:
+                server.stop()
+                server.start()
+            await async_wait_for(lambda: caught_up(env, settings), 90, "offsets at the end")
+            print(
+                f"disk-full (server {'stopped' if stopped else 'up'}): settled"
+                f" {time.monotonic() - freed:.1f} s after space was freed"
+            )
+        assert [(330,)] == env.query("SELECT count(*) FROM payments")
+        assert [(0,)] == env.query("SELECT count(*) FROM paystream.kept_records")
+
+
+@contextlib.contextmanager
+def _small_file_system(folder: Path) -> Iterator[Path]:
+    """A 400 MB file system of its own at `folder` (tmpfs), unmounted on exit."""
+    folder.mkdir()
+    options = "size=400m,mode=0777"
+    subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)], check=True)
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "--lazy", str(folder)], check=False)
+
+
+def _fill(path: Path) -> None:
+    """A file taking every free byte of its file system."""
+    with path.open("wb", buffering=0) as out:
+        for size in (1 << 20, 4096, 1):
+            with contextlib.suppress(OSError):
+                while True:
+                    out.write(bytes(size))

@@ -527,9 +527,10 @@ def warn_if_exposed(settings: Settings) -> None:
 
 
 async def database_answers(pool: psycopg_pool.AsyncConnectionPool) -> bool:
+    """Whether the database answers and takes writes (readiness)."""
     try:
         async with asyncio.timeout(_READY_PROBE_S), pool.connection(timeout=_READY_PROBE_S) as conn:
-            await conn.execute(store.query("answers"))
+            row = await (await conn.execute(store.query("answers"))).fetchone()
     except (TimeoutError, psycopg.Error, psycopg_pool.PoolTimeout):
         return False
-    return True
+    return bool(row and row[0])

@@ -112,6 +112,49 @@ def rebuild(
     out.print(f"{len(starts)} partitions will be read again from their start ({records:,} records)")
 
 
+@app.command(rich_help_panel="Processor")
+def prune(
+    days: Annotated[
+        int,
+        typer.Option("--older-than-days", min=1, help="keep what is younger than this"),
+    ] = 90,
+    yes: Annotated[
+        bool, typer.Option("--yes", help="do it (without: count what it would remove)")
+    ] = False,
+) -> None:
+    """Remove paystream's bookkeeping that nothing needs any more.
+
+    The history of replays older than the retention; spans already folded into their
+    partition's position; positions of topics no longer read, untouched for the retention; and
+    origins of payments no longer stored (or stored again since). Kept records are never
+    removed, nor a stored payment's origin. Safe beside running processors.
+
+    Example: paystream prune --older-than-days 30 --yes
+    """
+    from datetime import timedelta
+
+    from paystream.store import retention
+
+    settings = read_settings()
+    topics = [settings.online_topic, settings.offline_topic]
+
+    async def work(pool: Any) -> dict[str, int]:
+        import psycopg
+
+        async with pool.connection() as conn, conn.transaction():
+            counts = await retention.prune(conn, timedelta(days=days), topics)
+            if not yes:
+                raise psycopg.Rollback  # counted, not removed
+        return counts
+
+    counts = with_pool(settings, work)
+    said = ", ".join(f"{counts[name]:,} {name}" for name in retention.PRUNED)
+    if yes:
+        out.print(f"removed {said}")
+    else:
+        console.print(f"would remove {said}: pass --yes")
+
+
 @app.command(name="migrate", rich_help_panel="Processor")
 def migrate_schema() -> None:
     """Bring the database's schema to this version's, and exit.

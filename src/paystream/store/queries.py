@@ -67,7 +67,14 @@ def refusal(exc: psycopg.Error, conceal: str | None = None) -> str:
 Conn = AsyncConnection[TupleRow]
 Row = TypeVar("Row")
 
-_FILES = ("batch.sql", "kept.sql", "positions.sql", "reports.sql", "session.sql")
+_FILES = (
+    "batch.sql",
+    "kept.sql",
+    "positions.sql",
+    "reports.sql",
+    "retention.sql",
+    "session.sql",
+)
 _HEADER = re.compile(r"^-- ([a-z_]+) --$", re.MULTILINE)
 
 

@@ -22,4 +22,6 @@ SET statement_timeout = '60s';
 SET lock_timeout = '10s';
 
 -- answers --
-SELECT 1;
+-- Answering is not enough: a standby, a demoted primary or a server turned read-only answers
+-- and refuses every write.
+SELECT NOT pg_is_in_recovery() AND current_setting('transaction_read_only') = 'off';

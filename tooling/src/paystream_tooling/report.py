@@ -38,6 +38,9 @@ class Workload:
     broker), next to the processor's `cpu_s_per_1000`."""
     longest_gap_ms: float | None = None
     """Under a steady load: the longest stretch with no payment stored."""
+    bytes_per_payment: dict[str, int] | None = None
+    """After the drain: bytes on disk per stored payment of the retailer's payments table and of
+    each of paystream's own tables (indexes and TOAST included), and of paystream's in all."""
 
 
 def _bound(
@@ -101,7 +104,14 @@ def tables(result: dict[str, Any]) -> list[Table | str]:
         f.name
         for f in fields(Workload)
         if f.name
-        not in ("seconds", "run_ratios", "ratios", "others_cpu_s_per_1000", "longest_gap_ms")
+        not in (
+            "seconds",
+            "run_ratios",
+            "ratios",
+            "others_cpu_s_per_1000",
+            "longest_gap_ms",
+            "bytes_per_payment",
+        )
     ]
     for column in columns:
         table.add_column(column, justify="left" if column in ("name", "bound_by") else "right")
@@ -128,6 +138,11 @@ def tables(result: dict[str, Any]) -> list[Table | str]:
             shown.append(
                 f"{row['name']}: the longest stretch with no payment stored: {gap:,.0f} ms,"
                 f" the worst produce → stored latency {row['max_ms']:,.0f} ms"
+            )
+        if sizes := row.get("bytes_per_payment"):
+            shown.append(
+                f"{row['name']}: bytes on disk per stored payment: "
+                + ", ".join(f"{name} {size:,}" for name, size in sizes.items())
             )
         if ratios := row["run_ratios"]:
             shown.append(

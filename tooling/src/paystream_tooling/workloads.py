@@ -13,6 +13,8 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 
+import psycopg
+
 from paystream.config import Settings
 from paystream_tooling.ceilings import (
     Ceilings,
@@ -260,7 +262,31 @@ def original_mix(run: Run) -> list[Workload]:
         ),
         "Little's law": run.ceilings.littles_law(20) * len(planned) / validations,
     }
-    return [workload("original-mix", records, drained, ceilings)]
+    row = workload("original-mix", records, drained, ceilings)
+    row.bytes_per_payment = bytes_per_payment(settings)
+    return [row]
+
+
+def bytes_per_payment(settings: Settings) -> dict[str, int]:
+    """What the retailer's payments table and paystream's own take on disk per stored payment
+    (each of paystream's tables, and all of them), and the kept records per kept record. Tables
+    of a few rows weigh their first pages: read them from a drain of many records."""
+    from paystream.store.queries import query
+
+    with psycopg.connect(settings.database_dsn, autocommit=True) as conn:
+        conn.execute("VACUUM ANALYZE")  # what autovacuum would have reclaimed by now
+        sizes = conn.execute(query("table_sizes")).fetchall()
+        counted = conn.execute(
+            "SELECT (SELECT count(*) FROM payments), (SELECT count(*) FROM paystream.kept_records)"
+        ).fetchone()
+    stored, kept = (max(int(n), 1) for n in counted or (0, 0))
+    shown = {
+        ("paystream." if ours else "") + name: round(size / stored) for name, ours, size in sizes
+    }
+    shown["paystream (all)"] = round(sum(size for _, ours, size in sizes if ours) / stored)
+    kept_bytes = sum(size for name, ours, size in sizes if ours and name == "kept_records")
+    shown["paystream.kept_records, per kept record"] = round(kept_bytes / kept)
+    return shown
 
 
 def steady(run: Run, *, rate: int = 1000) -> list[Workload]:

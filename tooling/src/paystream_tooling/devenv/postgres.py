@@ -173,6 +173,10 @@ class EmbeddedPostgres:
         except psycopg.OperationalError:
             return False
 
+    def running(self) -> bool:
+        """Whether the server's process is up (it may have stopped of itself, on a full disk)."""
+        return self._process is not None and self._process.running()
+
     def kill(self) -> None:
         if self._process is not None:
             self._process.kill()
