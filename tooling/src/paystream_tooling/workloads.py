@@ -54,6 +54,8 @@ class Sizes:
     """Steady load during which a second instance joins (join-pause workloads)."""
     probe_s: float = 3.0
     """How long each capacity probe of the third party runs."""
+    quiet_s: float | None = None
+    """How long the rolling restart's quiet twin runs (None: as long as the restart took)."""
     capacity_drains: int = 3
     """Drains of a workload whose ceiling is the gateway's measured capacity: the probe and the
     drain share the cores with everything else, so one drain's ratio is a noisy draw
@@ -73,6 +75,7 @@ class Sizes:
             steady_warmup_s=0.5,
             join_s=3.0,
             probe_s=0.5,
+            quiet_s=3.0,
             capacity_drains=1,
         )
 
@@ -367,8 +370,9 @@ def rolling_restart(run: Run, *, rate: int = 1000) -> list[Workload]:
                 load.produce(sizes.steady_warmup_s)
                 meter = Meter(procs)
                 if name == "cluster-quiet":
-                    bench.progress(f"{name}: {rate}/s for {restart_s:.0f} s")
-                    measured = load.produce(restart_s)
+                    quiet_s = restart_s if sizes.quiet_s is None else sizes.quiet_s
+                    bench.progress(f"{name}: {rate}/s for {quiet_s:.0f} s")
+                    measured = load.produce(quiet_s)
                 else:
                     bench.progress(f"{name}: {rate}/s while each node restarts in turn")
                     stop = threading.Event()
