@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import subprocess
@@ -20,6 +21,7 @@ import psycopg
 import pytest
 
 from paystream.app import run_processor
+from paystream.config import Settings
 from paystream.errors import ConfigurationError
 from paystream.migrations import migrate
 from paystream_tooling.devenv.kafka import create_topics, delete_topics
@@ -61,6 +63,21 @@ async def _ready(base: str) -> Any:
         return await response.json()
 
 
+async def _database_away(base: str) -> bool:
+    """Whether the processor's readiness says its database is away (False: no answer yet)."""
+    with contextlib.suppress(aiohttp.ClientError):
+        return (await _ready(base))["checks"]["database"] is False
+    return False
+
+
+def _watched(stack: Stack, url: str, **settings: Any) -> tuple[Env, Settings, str]:
+    """A test's env on the database at `url`, its processor's settings with the web server on a
+    port of its own, and that server's base URL."""
+    env = new_env(stack, database_url=url)
+    port = free_port()
+    return env, env.settings(web_port=port, **settings), f"http://127.0.0.1:{port}"
+
+
 async def test_a_database_down_at_start_is_waited_for_not_ready_meanwhile(
     stack: Stack, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -69,12 +86,9 @@ async def test_a_database_down_at_start_is_waited_for_not_ready_meanwhile(
     waited."""
     caplog.set_level(logging.WARNING, logger="paystream.app")
     with private_postgres(tmp_path) as (server, url):
-        env = new_env(stack, database_url=url)
+        env, settings, base = _watched(stack, url)
         server.stop()
         _produce(env, "waited", {None: 30})
-        port = free_port()
-        base = f"http://127.0.0.1:{port}"
-        settings = env.settings(web_port=port)
         async with processor(settings, serve_web=True):
             await wait_http_status(base + "/health/ready", 503)
             waiting = await _ready(base)
@@ -113,11 +127,8 @@ async def test_a_database_turned_read_only_mid_stream_is_waited_for(
     taken again every payment is stored."""
     caplog.set_level(logging.WARNING, logger="paystream.consumer")
     with private_postgres(tmp_path) as (server, url):
-        env = new_env(stack, database_url=url)
-        port = free_port()
-        base = f"http://127.0.0.1:{port}"
+        env, settings, base = _watched(stack, url, db_retry_max_s=0.5)
         admin = server.url()
-        settings = env.settings(web_port=port, db_retry_max_s=0.5)
         async with processor(settings, serve_web=True):
             await wait_http_status(base + "/health/ready", 200)
             _produce(env, "before", {None: 20})
@@ -125,11 +136,8 @@ async def test_a_database_turned_read_only_mid_stream_is_waited_for(
             _toggle_read_only(admin, True)
             _produce(env, "during", {None: 40})
 
-            async def refused() -> bool:
-                body = await _ready(base)
-                return body["checks"]["database"] is False
-
-            await async_wait_for(refused, 30, "readiness to say the database is away")
+            away = functools.partial(_database_away, base)
+            await async_wait_for(away, 30, "readiness to say the database is away")
             await async_wait_for(
                 lambda: any(
                     "ReadOnlySqlTransaction 25006" in r.getMessage() for r in caplog.records
@@ -362,19 +370,11 @@ async def test_a_url_pointing_at_a_standby_is_waited_on_until_it_is_promoted(
         try:
             primary.stop()  # the old primary is gone; the URL names the standby
             at_standby = url.replace(f":{primary.port}/", f":{standby.port}/")
-            env = new_env(stack, database_url=at_standby)
-            port = free_port()
-            base = f"http://127.0.0.1:{port}"
-            settings = env.settings(web_port=port, db_retry_max_s=0.5)
+            env, settings, base = _watched(stack, at_standby, db_retry_max_s=0.5)
             async with processor(settings, serve_web=True):
                 _produce(env, "failover", {None: 40})
-
-                async def refused() -> bool:
-                    with contextlib.suppress(aiohttp.ClientError):
-                        return (await _ready(base))["checks"]["database"] is False
-                    return False
-
-                await async_wait_for(refused, 60, "readiness to say the database is away")
+                away = functools.partial(_database_away, base)
+                await async_wait_for(away, 60, "readiness to say the database is away")
 
                 def said_read_only() -> bool:
                     lines = (r.getMessage() for r in caplog.records if r.name.endswith("consumer"))
@@ -406,10 +406,7 @@ async def test_a_full_file_system_under_the_database_loses_nothing(
         _small_file_system(tmp_path / "small") as folder,
         private_postgres(folder) as (server, url),
     ):
-        env = new_env(stack, database_url=url)
-        port = free_port()
-        base = f"http://127.0.0.1:{port}"
-        settings = env.settings(web_port=port, db_retry_max_s=0.5)
+        env, settings, base = _watched(stack, url, db_retry_max_s=0.5)
         async with processor(settings, serve_web=True):
             _produce(env, "before", {None: 30})
             await async_wait_for(lambda: caught_up(env, settings), 60, "the first payments")
@@ -418,11 +415,7 @@ async def test_a_full_file_system_under_the_database_loses_nothing(
             _produce(env, "full", {None: 300})
 
             async def refused() -> bool:
-                if not server.running():
-                    return True
-                with contextlib.suppress(aiohttp.ClientError):
-                    return (await _ready(base))["checks"]["database"] is False
-                return False
+                return not server.running() or await _database_away(base)
 
             await async_wait_for(refused, 60, "the full disk to stop the writes")
             assert [(0,)] == env.query("SELECT count(*) FROM paystream.kept_records")

@@ -109,30 +109,38 @@ class Deployment:
         for secret in self.secrets.iterdir():
             secret.chmod(0o444)  # the image's user (uid 10001) reads them; nobody writes
 
-    @property
-    def common(self) -> list[str]:
-        return [
-            *("--network", NETWORK),
-            *("-e", f"PAYSTREAM_KAFKA_BOOTSTRAP_SERVERS={self.broker.from_containers}"),
-            *("-e", f"PAYSTREAM_ONLINE_TOPIC={self.online}"),
-            *("-e", f"PAYSTREAM_OFFLINE_TOPIC={self.offline}"),
-        ]
+    def _start(
+        self, name: str, port: str, env: dict[str, str], image: str, *argv: str, volume: str = ""
+    ) -> None:
+        """A container `name` of `image` on the network that reaches this host, publishing
+        `port` (host:container) on this host's loopback, with the topics and the broker set."""
+        env = {
+            "PAYSTREAM_KAFKA_BOOTSTRAP_SERVERS": self.broker.from_containers,
+            "PAYSTREAM_ONLINE_TOPIC": self.online,
+            "PAYSTREAM_OFFLINE_TOPIC": self.offline,
+            "PAYSTREAM_DATABASE_URL": self.container_db,
+            **env,
+        }
+        self.engine.run(
+            *("run", "--detach", "--name", name, "--network", NETWORK),
+            *("-p", f"127.0.0.1:{port}"),
+            *(("-v", volume) if volume else ()),
+            *(arg for variable, value in env.items() for arg in ("-e", f"{variable}={value}")),
+            f"{image}:{TAG}",
+            *argv,
+        )
+        self.started.append(name)
 
     def start_simulator(self, records: int, rate: float) -> None:
         name = f"{self.name}-simulator"
-        self.engine.run(
-            "run",
-            "--detach",
-            *("--name", name),
-            *self.common,
-            *("-p", f"127.0.0.1:{self.sim_port}:8080"),
-            *("-e", f"PAYSTREAM_DATABASE_URL={self.container_db}"),
-            *("-e", f"PAYSTREAM_DATABASE_PASSWORD={DB_PASSWORD}"),
-            f"paystream-simulator:{TAG}",
+        self._start(
+            name,
+            f"{self.sim_port}:8080",
+            {"PAYSTREAM_DATABASE_PASSWORD": DB_PASSWORD},
+            "paystream-simulator",
             *("simulator", "--host", "0.0.0.0", "--port", "8080"),
             *("--records", str(records), "--rate", str(rate), "--latency-ms", "5"),
         )
-        self.started.append(name)
         wait_for(
             lambda: self.status(f"{self.sim_url}/status") == 200,
             60,
@@ -141,23 +149,19 @@ class Deployment:
         )
 
     def start_processor(self, n: int) -> str:
+        """A processor container whose database password and operator token come from files
+        mounted read-only."""
         name = f"{self.name}-processor-{n}"
-        self.engine.run(
-            "run",
-            "--detach",
-            *("--name", name),
-            *self.common,
-            *("-p", f"127.0.0.1:{self.web_port}:8000"),
-            *("-v", f"{self.secrets}:/run/secrets:ro"),
-            *("-e", f"PAYSTREAM_DATABASE_URL={self.container_db}"),
-            *("-e", "PAYSTREAM_DATABASE_PASSWORD_FILE=/run/secrets/database_password"),
-            *("-e", "PAYSTREAM_OPERATOR_TOKEN_FILE=/run/secrets/operator_token"),
-            *("-e", f"PAYSTREAM_GATEWAY_URL=http://{HOST_FROM_CONTAINER}:{self.sim_port}"),
-            *("-e", f"PAYSTREAM_LOG_URL=http://{HOST_FROM_CONTAINER}:{self.sim_port}"),
-            *("-e", f"PAYSTREAM_GROUP_ID={self.name}"),
-            f"paystream-processor:{TAG}",
-        )
-        self.started.append(name)
+        third_party = f"http://{HOST_FROM_CONTAINER}:{self.sim_port}"
+        env = {
+            "PAYSTREAM_DATABASE_PASSWORD_FILE": "/run/secrets/database_password",
+            "PAYSTREAM_OPERATOR_TOKEN_FILE": "/run/secrets/operator_token",
+            "PAYSTREAM_GATEWAY_URL": third_party,
+            "PAYSTREAM_LOG_URL": third_party,
+            "PAYSTREAM_GROUP_ID": self.name,
+        }
+        volume = f"{self.secrets}:/run/secrets:ro"
+        self._start(name, f"{self.web_port}:8000", env, "paystream-processor", volume=volume)
         return name
 
     @property
