@@ -1,4 +1,5 @@
-"""What `paystream prune` removes, and what each table takes on disk (retention.sql)."""
+"""What `paystream prune` removes (retention.sql, which also says what each table takes on
+disk, for `make bench`)."""
 
 from __future__ import annotations
 
@@ -29,8 +30,3 @@ async def prune(conn: Conn, keep: timedelta, topics: Sequence[str]) -> dict[str,
             counts[name] = max(cursor.rowcount, 0)
     return counts
 
-
-async def table_sizes(conn: Conn) -> list[tuple[str, bool, int]]:
-    """Each table's name, whether it is paystream's own, and its bytes on disk."""
-    cursor = await conn.execute(query("table_sizes"))
-    return [(str(name), bool(ours), int(size)) for name, ours, size in await cursor.fetchall()]
