@@ -29,4 +29,3 @@ async def prune(conn: Conn, keep: timedelta, topics: Sequence[str]) -> dict[str,
         else:
             counts[name] = max(cursor.rowcount, 0)
     return counts
-
