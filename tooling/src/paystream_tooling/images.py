@@ -235,6 +235,7 @@ def build(
         engine.run(
             "build",
             *engine.build_args,
+            "--network=none",  # hermetic: a step that reached for the network would fail
             *("--build-arg", f"BASE={base}"),
             *("--target", target),
             *("--tag", image),
