@@ -56,6 +56,8 @@ class Sizes:
     """How long each capacity probe of the third party runs."""
     quiet_s: float | None = None
     """How long the rolling restart's quiet twin runs (None: as long as the restart took)."""
+    restarted_nodes: int | None = None
+    """How many of the cluster's three nodes the rolling restart restarts (None: all)."""
     capacity_drains: int = 3
     """Drains of a workload whose ceiling is the gateway's measured capacity: the probe and the
     drain share the cores with everything else, so one drain's ratio is a noisy draw
@@ -76,6 +78,7 @@ class Sizes:
             join_s=3.0,
             probe_s=0.5,
             quiet_s=3.0,
+            restarted_nodes=1,
             capacity_drains=1,
         )
 
@@ -379,7 +382,10 @@ def rolling_restart(run: Run, *, rate: int = 1000) -> list[Workload]:
                     with ThreadPoolExecutor(1) as producing:
                         produced = producing.submit(load.produce, 3600, stop)
                         try:
-                            cluster.rolling_restart([settings.online_topic, settings.offline_topic])
+                            cluster.rolling_restart(
+                                [settings.online_topic, settings.offline_topic],
+                                nodes=sizes.restarted_nodes,
+                            )
                         finally:
                             stop.set()
                         measured = produced.result()

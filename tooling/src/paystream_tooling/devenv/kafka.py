@@ -498,11 +498,13 @@ class KafkaCluster:
         node.launch()
         node.wait_ready(timeout_s)
 
-    def rolling_restart(self, topics: list[str], timeout_s: float = 120.0) -> None:
-        """As an operator upgrades a cluster: each node in turn stopped cleanly and started
-        again, the next only once no replica of `topics` or of the group offsets is out of
-        sync."""
-        for node in self.nodes:
+    def rolling_restart(
+        self, topics: list[str], timeout_s: float = 120.0, nodes: int | None = None
+    ) -> None:
+        """As an operator upgrades a cluster: each node in turn (the first `nodes` of them, if
+        given) stopped cleanly and started again, the next only once no replica of `topics` or
+        of the group offsets is out of sync."""
+        for node in self.nodes[:nodes]:
             node.stop()
             self.restart(node.node_id, timeout_s)
             self.wait_in_sync(topics, timeout_s)
