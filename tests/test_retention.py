@@ -4,6 +4,7 @@ retention that nothing needs, and never a kept record or a stored payment's orig
 from __future__ import annotations
 
 import orjson
+import pytest
 
 from tests.conftest import Env, async_wait_for, caught_up, cli, processor, produce
 
@@ -108,7 +109,11 @@ async def test_prune_removes_only_bookkeeping_past_its_retention(env: Env) -> No
     assert "removed 0 replays, 0 done ranges, 0 positions, 0 origins" in again.stdout
 
 
-def test_prune_refuses_a_retention_under_a_day(env: Env) -> None:
-    refused = cli(env, "prune", "--older-than-days", "0")
+@pytest.mark.parametrize("days", ["0", str(10**12), "1e3", ""])
+def test_prune_refuses_a_retention_it_cannot_use(env: Env, days: str) -> None:
+    """Under a day, beyond a century (no date is that old), or not a whole number of days: one
+    line naming the option, exit 2, nothing removed."""
+    refused = cli(env, "prune", "--older-than-days", days, "--yes")
     assert 2 == refused.returncode
     assert "older-than-days" in refused.stderr
+    assert "Traceback" not in refused.stderr

@@ -116,7 +116,7 @@ def rebuild(
 def prune(
     days: Annotated[
         int,
-        typer.Option("--older-than-days", min=1, help="keep what is younger than this"),
+        typer.Option("--older-than-days", min=1, max=36_500, help="keep what is younger than this"),
     ] = 90,
     yes: Annotated[
         bool, typer.Option("--yes", help="do it (without: count what it would remove)")
