@@ -257,6 +257,7 @@ def test_the_demo_runs_in_the_images_and_reconciles(deployment: Deployment) -> N
 
     d.get(f"{d.sim_url}/start?profile=original")
     wait_for(lambda: d.stored() >= 300, 60, "payments stored before the stop")
+    assert not d.get(f"{d.sim_url}/status")["done"], "the stream ended before the stop"
     began = time.monotonic()
     d.engine.run("stop", "--time", str(GRACE_S), first, timeout=GRACE_S + 30)
     stopped_s = time.monotonic() - began
