@@ -393,6 +393,45 @@ async def test_a_url_pointing_at_a_standby_is_waited_on_until_it_is_promoted(
             standby.stop()
 
 
+async def test_a_primary_turned_read_only_fails_over_to_the_urls_next_host(
+    stack: Stack, tmp_path: Path
+) -> None:
+    """The URL names a primary and its streaming standby (target_session_attrs=read-write). The
+    primary turns read-only mid-stream, still answering, and the standby is promoted: the
+    processor leaves the connections it holds to the old primary and reaches the new one
+    through the URL's next host. Every payment is stored there, none kept."""
+    with private_postgres(tmp_path) as (primary, url):
+        standby = EmbeddedPostgres(tmp_path / "standby")
+        primary.base_backup(standby.data_dir / "pgdata", standby=True)
+        standby.start()
+        try:
+            both = url.replace(
+                f"@{primary.host}:{primary.port}/",
+                f"@{primary.host}:{primary.port},{standby.host}:{standby.port}/",
+            )
+            env, settings, base = _watched(
+                stack, both + "?target_session_attrs=read-write", db_retry_max_s=0.5
+            )
+            async with processor(settings, serve_web=True):
+                _produce(env, "before", {None: 30})
+                await async_wait_for(lambda: caught_up(env, settings), 60, "the first payments")
+                _toggle_read_only(primary.url(), True)
+                _produce(env, "during", {None: 40})
+                away = functools.partial(_database_away, base)
+                await async_wait_for(away, 30, "readiness to say the database is away")
+                with psycopg.connect(standby.url(), autocommit=True) as conn:
+                    conn.execute("SELECT pg_promote(true, 30)")
+                promoted = time.monotonic()
+                await async_wait_for(lambda: caught_up(env, settings), 60, "offsets at the end")
+                print(f"read-only-failover: settled {time.monotonic() - promoted:.1f} s after")
+            with psycopg.connect(standby.url("payments"), autocommit=True) as conn:
+                stored = conn.execute("SELECT count(*) FROM payments").fetchall()
+                kept = conn.execute("SELECT count(*) FROM paystream.kept_records").fetchall()
+            assert ([(70,)], [(0,)]) == (stored, kept)
+        finally:
+            standby.stop()
+
+
 async def test_a_full_file_system_under_the_database_loses_nothing(
     stack: Stack, tmp_path: Path
 ) -> None:
