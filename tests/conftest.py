@@ -369,6 +369,31 @@ def private_postgres(
         server.stop()
 
 
+@contextlib.contextmanager
+def streaming_standby(primary: EmbeddedPostgres, folder: Path) -> Iterator[EmbeddedPostgres]:
+    """A streaming standby of `primary` (from a base backup of it now), started; stopped on
+    exit."""
+    standby = EmbeddedPostgres(folder)
+    primary.base_backup(standby.data_dir / "pgdata", standby=True)
+    standby.start()
+    try:
+        yield standby
+    finally:
+        standby.stop()
+
+
+def at_hosts(url: str, *servers: EmbeddedPostgres, **query: str) -> str:
+    """`url`, of one of `servers`' databases, naming `servers` in its place, in order (libpq
+    tries each), with `query` as its parameters."""
+    parts = urllib.parse.urlsplit(url)
+    credentials = parts.netloc.rpartition("@")[0]
+    hosts = ",".join(f"{server.host}:{server.port}" for server in servers)
+    netloc = f"{credentials}@{hosts}" if credentials else hosts
+    return urllib.parse.urlunsplit(
+        (parts.scheme, netloc, parts.path, urllib.parse.urlencode(query), "")
+    )
+
+
 async def http_status(url: str) -> int | None:
     import aiohttp
 

@@ -25,7 +25,6 @@ from paystream.config import Settings
 from paystream.errors import ConfigurationError
 from paystream.migrations import migrate
 from paystream_tooling.devenv.kafka import create_topics, delete_topics
-from paystream_tooling.devenv.postgres import EmbeddedPostgres
 from paystream_tooling.devenv.processes import ChildProcess, free_port, spawn_processor
 from paystream_tooling.devenv.stack import Stack
 from tests.chaos import RATE, RECORDS, chaos_settings, check, produced_at_least
@@ -33,6 +32,7 @@ from tests.conftest import (
     Env,
     SimulatorClient,
     async_wait_for,
+    at_hosts,
     caught_up,
     cli,
     migrated,
@@ -41,6 +41,7 @@ from tests.conftest import (
     processor,
     produce,
     running_simulator,
+    streaming_standby,
     unreported,
     wait_for,
     wait_http_status,
@@ -364,12 +365,9 @@ async def test_a_url_pointing_at_a_standby_is_waited_on_until_it_is_promoted(
     with private_postgres(tmp_path) as (primary, url):
         async with await psycopg.AsyncConnection.connect(url) as first:
             await migrate(first)
-        standby = EmbeddedPostgres(tmp_path / "standby")
-        primary.base_backup(standby.data_dir / "pgdata", standby=True)
-        standby.start()
-        try:
+        with streaming_standby(primary, tmp_path / "standby") as standby:
             primary.stop()  # the old primary is gone; the URL names the standby
-            at_standby = url.replace(f":{primary.port}/", f":{standby.port}/")
+            at_standby = at_hosts(url, standby)
             env, settings, base = _watched(stack, at_standby, db_retry_max_s=0.5)
             async with processor(settings, serve_web=True):
                 _produce(env, "failover", {None: 40})
@@ -389,8 +387,6 @@ async def test_a_url_pointing_at_a_standby_is_waited_on_until_it_is_promoted(
                 print(f"standby-promoted: settled {time.monotonic() - promoted:.1f} s after")
             assert [(40,)] == env.query("SELECT count(*) FROM payments")
             assert [(0,)] == env.query("SELECT count(*) FROM paystream.kept_records")
-        finally:
-            standby.stop()
 
 
 async def test_a_primary_turned_read_only_fails_over_to_the_urls_next_host(
@@ -400,36 +396,28 @@ async def test_a_primary_turned_read_only_fails_over_to_the_urls_next_host(
     primary turns read-only mid-stream, still answering, and the standby is promoted: the
     processor leaves the connections it holds to the old primary and reaches the new one
     through the URL's next host. Every payment is stored there, none kept."""
-    with private_postgres(tmp_path) as (primary, url):
-        standby = EmbeddedPostgres(tmp_path / "standby")
-        primary.base_backup(standby.data_dir / "pgdata", standby=True)
-        standby.start()
-        try:
-            both = url.replace(
-                f"@{primary.host}:{primary.port}/",
-                f"@{primary.host}:{primary.port},{standby.host}:{standby.port}/",
-            )
-            env, settings, base = _watched(
-                stack, both + "?target_session_attrs=read-write", db_retry_max_s=0.5
-            )
-            async with processor(settings, serve_web=True):
-                _produce(env, "before", {None: 30})
-                await async_wait_for(lambda: caught_up(env, settings), 60, "the first payments")
-                _toggle_read_only(primary.url(), True)
-                _produce(env, "during", {None: 40})
-                away = functools.partial(_database_away, base)
-                await async_wait_for(away, 30, "readiness to say the database is away")
-                with psycopg.connect(standby.url(), autocommit=True) as conn:
-                    conn.execute("SELECT pg_promote(true, 30)")
-                promoted = time.monotonic()
-                await async_wait_for(lambda: caught_up(env, settings), 60, "offsets at the end")
-                print(f"read-only-failover: settled {time.monotonic() - promoted:.1f} s after")
-            with psycopg.connect(standby.url("payments"), autocommit=True) as conn:
-                stored = conn.execute("SELECT count(*) FROM payments").fetchall()
-                kept = conn.execute("SELECT count(*) FROM paystream.kept_records").fetchall()
-            assert ([(70,)], [(0,)]) == (stored, kept)
-        finally:
-            standby.stop()
+    with (
+        private_postgres(tmp_path) as (primary, url),
+        streaming_standby(primary, tmp_path / "standby") as standby,
+    ):
+        both = at_hosts(url, primary, standby, target_session_attrs="read-write")
+        env, settings, base = _watched(stack, both, db_retry_max_s=0.5)
+        async with processor(settings, serve_web=True):
+            _produce(env, "before", {None: 30})
+            await async_wait_for(lambda: caught_up(env, settings), 60, "the first payments")
+            _toggle_read_only(primary.url(), True)
+            _produce(env, "during", {None: 40})
+            away = functools.partial(_database_away, base)
+            await async_wait_for(away, 30, "readiness to say the database is away")
+            with psycopg.connect(standby.url(), autocommit=True) as conn:
+                conn.execute("SELECT pg_promote(true, 30)")
+            promoted = time.monotonic()
+            await async_wait_for(lambda: caught_up(env, settings), 60, "offsets at the end")
+            print(f"read-only-failover: settled {time.monotonic() - promoted:.1f} s after")
+        with psycopg.connect(standby.url("payments"), autocommit=True) as conn:
+            stored = conn.execute("SELECT count(*) FROM payments").fetchall()
+            kept = conn.execute("SELECT count(*) FROM paystream.kept_records").fetchall()
+        assert ([(70,)], [(0,)]) == (stored, kept)
 
 
 async def test_a_full_file_system_under_the_database_loses_nothing(

@@ -22,12 +22,14 @@ from paystream_tooling.devenv.stack import Stack
 from tests.conftest import (
     Env,
     async_wait_for,
+    at_hosts,
     caught_up,
     new_env,
     private_postgres,
     processor,
     produce,
     running_simulator,
+    streaming_standby,
     unreported,
 )
 
@@ -222,35 +224,29 @@ async def test_a_failover_to_a_standby_that_missed_commits_loses_nothing(
     under load and the standby promoted — an asynchronous failover that loses the last
     commits. The processor, never restarted, reconnects to the new primary, notices it is behind
     and reads the lost records again: 0 lost, 0 doubled."""
-    with private_postgres(tmp_path) as (primary, url):
-        standby = EmbeddedPostgres(tmp_path / "standby")
-        await asyncio.to_thread(primary.base_backup, standby.data_dir / "pgdata", standby=True)
-        await asyncio.to_thread(standby.start)
-        try:
-            both = url.replace(
-                f"@{primary.host}:{primary.port}/",
-                f"@{primary.host}:{primary.port},{standby.host}:{standby.port}/",
-            )
-            env = new_env(stack, database_url=both + "?target_session_attrs=read-write")
-            with running_simulator(env):
-                settings = env.settings(batch_size=50)
-                before = _rewinds(env.offline_topic)
-                async with processor(settings):
-                    _produce(env, 0, 300)
-                    await _until_done(env, settings, 270, 30)
-                    await async_wait_for(lambda: _replicated(primary.url()), 30, "the standby")
-                    with psycopg.connect(standby.url(), autocommit=True) as conn:
-                        conn.execute("ALTER SYSTEM SET primary_conninfo = ''")  # held back
-                        conn.execute("SELECT pg_reload_conf()")
-                    await async_wait_for(lambda: not _receiving(standby), 30, "the hold-back")
-                    _produce(env, 300, 300)
-                    await _until_done(env, settings, 540, 60)
-                    primary.kill()
-                    with psycopg.connect(standby.url(), autocommit=True) as conn:
-                        conn.execute("SELECT pg_promote(true, 30)")
-                    await _until_done(env, settings, 540, 60)
-                assert _rewinds(env.offline_topic) > before
-                ids = env.query("SELECT payment_id FROM payments")
-                assert len(ids) == len(set(ids)) == 540
-        finally:
-            standby.stop()
+    with (
+        private_postgres(tmp_path) as (primary, url),
+        streaming_standby(primary, tmp_path / "standby") as standby,
+    ):
+        both = at_hosts(url, primary, standby, target_session_attrs="read-write")
+        env = new_env(stack, database_url=both)
+        with running_simulator(env):
+            settings = env.settings(batch_size=50)
+            before = _rewinds(env.offline_topic)
+            async with processor(settings):
+                _produce(env, 0, 300)
+                await _until_done(env, settings, 270, 30)
+                await async_wait_for(lambda: _replicated(primary.url()), 30, "the standby")
+                with psycopg.connect(standby.url(), autocommit=True) as conn:
+                    conn.execute("ALTER SYSTEM SET primary_conninfo = ''")  # held back
+                    conn.execute("SELECT pg_reload_conf()")
+                await async_wait_for(lambda: not _receiving(standby), 30, "the hold-back")
+                _produce(env, 300, 300)
+                await _until_done(env, settings, 540, 60)
+                primary.kill()
+                with psycopg.connect(standby.url(), autocommit=True) as conn:
+                    conn.execute("SELECT pg_promote(true, 30)")
+                await _until_done(env, settings, 540, 60)
+            assert _rewinds(env.offline_topic) > before
+            ids = env.query("SELECT payment_id FROM payments")
+            assert len(ids) == len(set(ids)) == 540

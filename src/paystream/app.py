@@ -527,10 +527,14 @@ def warn_if_exposed(settings: Settings) -> None:
 
 
 async def database_answers(pool: psycopg_pool.AsyncConnectionPool) -> bool:
-    """Whether the database answers and takes writes (readiness)."""
+    """Whether the database answers and takes writes (readiness). One that answers and takes
+    none has the pool's connections renewed: an idle instance finds the promoted host too."""
     try:
         async with asyncio.timeout(_READY_PROBE_S), pool.connection(timeout=_READY_PROBE_S) as conn:
             row = await (await conn.execute(store.query("answers"))).fetchone()
     except (TimeoutError, psycopg.Error, psycopg_pool.PoolTimeout):
         return False
-    return bool(row and row[0])
+    writable = bool(row and row[0])
+    if not writable:
+        await store.leave_refusing_server(pool)
+    return writable

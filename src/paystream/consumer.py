@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from typing import TypeVar
 from uuid import UUID, uuid4
 
-import psycopg
 import psycopg_pool
 from confluent_kafka import KafkaException
 
@@ -406,12 +405,7 @@ class BatchConsumer:
                     await self._check_positions(membership.generation)
             except (*store.DATABASE_ERRORS, DatabaseUnavailable, KafkaException) as exc:
                 log.warning("placing partitions: %s (%s); trying again", type(exc).__name__, exc)
-                cause = exc.__cause__ if isinstance(exc, DatabaseUnavailable) else exc
-                if isinstance(cause, psycopg.Error) and not store.away(cause):
-                    # Refused by a server that answers. As a refused batch does (pipeline): the
-                    # pooled connections may lead to one that no longer takes writes while the
-                    # URL names another that does.
-                    await self._pool.drain()
+                await store.leave_refusing_server(self._pool, exc)
                 await pause(backoff.next_s(), stop)
                 continue
             backoff.reset()

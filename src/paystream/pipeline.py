@@ -337,10 +337,7 @@ class Pipeline:
                 continue
             failure = await self._probe(items, triaged)
             if failure is not None:
-                # The pooled connections may lead to a server that no longer takes writes (a
-                # demoted primary) while the URL names another that does (its next host, with
-                # target_session_attrs=read-write): the next attempt opens new ones.
-                await self._pool.drain()
+                await store.leave_refusing_server(self._pool, failure)
                 raise DatabaseRefusing(
                     f"the database refuses {kind} like this batch's: {store.refusal(failure)}",
                     cause=named(failure),

@@ -43,7 +43,15 @@ from paystream.store.positions import (
     record_done,
     start_positions,
 )
-from paystream.store.queries import DATABASE_ERRORS, Conn, away, json, query, refusal
+from paystream.store.queries import (
+    DATABASE_ERRORS,
+    Conn,
+    away,
+    json,
+    leave_refusing_server,
+    query,
+    refusal,
+)
 from paystream.store.reports import (
     Report,
     claim_reports,
@@ -80,6 +88,7 @@ __all__ = [
     "keep_gap",
     "kept_by_reason",
     "latest_kept",
+    "leave_refusing_server",
     "leave_stamps_due",
     "list_kept",
     "mark_logs",

@@ -49,6 +49,21 @@ def away(exc: BaseException) -> bool:
     return False
 
 
+async def leave_refusing_server(
+    pool: psycopg_pool.AsyncConnectionPool, exc: BaseException | None = None
+) -> None:
+    """Renew the pool's connections after a server that answers refused a write (`exc`, or the
+    driver's error it wraps; None: the server said it takes no writes). They may lead to a
+    server that no longer takes writes (a demoted primary, a standby) while the URL names
+    another that does (its next host, with target_session_attrs=read-write): libpq chooses the
+    host only when it opens a connection. An error from no server (`away`) leaves them."""
+    if exc is not None:
+        cause = exc if isinstance(exc, psycopg.Error) else exc.__cause__
+        if not isinstance(cause, psycopg.Error) or away(cause):
+            return
+    await pool.drain()
+
+
 _REFUSAL_CHARS = 300
 """The server's message in a description is cut to this: a trigger's may be of any length."""
 

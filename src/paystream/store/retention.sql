@@ -19,18 +19,19 @@ WHERE d.topic = p.topic AND d."partition" = p."partition" AND d.end_offset <= p.
 -- Where the partitions of topics no longer read were done, untouched for the retention: with
 -- their spans and their writers. Should such a topic be read again, its records are read from
 -- the log's start, and each already stored is recognised by its origin.
-WITH gone AS (
-    DELETE FROM paystream.positions
-    WHERE topic <> ALL(%(topics)s) AND updated_at < now() - %(keep)s
-    RETURNING topic, "partition"
-), spans AS (
-    DELETE FROM paystream.done_ranges AS d USING gone
-    WHERE d.topic = gone.topic AND d."partition" = gone."partition"
+-- (Every statement of a query sees the same snapshot: the spans and writers go with the positions
+-- the last statement removes.)
+WITH spans AS (
+    DELETE FROM paystream.done_ranges AS d USING paystream.positions AS p
+    WHERE (d.topic, d."partition") = (p.topic, p."partition")
+        AND p.topic <> ALL(%(topics)s) AND p.updated_at < now() - %(keep)s
 ), writers AS (
-    DELETE FROM paystream.partition_writers AS w USING gone
-    WHERE w.topic = gone.topic AND w."partition" = gone."partition"
+    DELETE FROM paystream.partition_writers AS w USING paystream.positions AS p
+    WHERE (w.topic, w."partition") = (p.topic, p."partition")
+        AND p.topic <> ALL(%(topics)s) AND p.updated_at < now() - %(keep)s
 )
-SELECT count(*) FROM gone;
+DELETE FROM paystream.positions
+WHERE topic <> ALL(%(topics)s) AND updated_at < now() - %(keep)s;
 
 -- prune_origins --
 -- Origins older than the retention whose payment is no longer stored (the retailer purged it),
